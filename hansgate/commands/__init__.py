@@ -1,0 +1,1 @@
+"""One module per ``hansgate`` subcommand (see ``hansgate.cli``)."""

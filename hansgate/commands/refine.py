@@ -1,0 +1,40 @@
+"""``hansgate refine``: refine a user's model on verified data and write a bundle."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("refine", help="refine a model on verified samples and export a bundle",
+                       description="Loads a model without unpickling (package.module:factory, torchvision:ARCH, "
+                                   "torchscript:PATH or a built-in name, plus --weights), keeps the samples it "
+                                   "predicts correctly as the verified set, refines, checks the ONNX export and "
+                                   "writes the bundle atomically.")
+    p.add_argument("--model", required=True, help="model spec")
+    p.add_argument("--weights", help="weights file (.safetensors or a plain state dict)")
+    p.add_argument("--data", required=True, help="verified data: .npz (x, y) or an ImageFolder directory")
+    p.add_argument("--method", default="pca-egem", help="egem, pca-egem, rgem, ridge, retrain")
+    p.add_argument("--slack", type=float, default=0.05, help="relative validation-accuracy slack (default 0.05)")
+    p.add_argument("--layers", nargs="+", help="module names to refine (default: automatic, paper Sec. 4.4)")
+    p.add_argument("--schedule", choices=["deep", "shallow"], default="deep")
+    p.add_argument("--test-data", help="optional labelled test data for before/after accuracy")
+    p.add_argument("--poisoned-data", help="optional labelled data with the suspected artifact")
+    p.add_argument("--classes", nargs="+", help="class names (default: from the data)")
+    p.add_argument("--image-size", type=int, nargs=2, default=(28, 28), metavar=("H", "W"),
+                   help="resize for ImageFolder data")
+    p.add_argument("--channels", type=int, default=1, help="channels for ImageFolder data")
+    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel the model expects")
+    p.add_argument("--std", type=float, nargs="+", help="normalisation std per channel the model expects")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from refinement.cli_refine import refine_command
+
+    print(refine_command(args))
+    return 0
