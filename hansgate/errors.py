@@ -6,7 +6,8 @@
     ├── InputError                bad user input: missing file, wrong shape, unknown name
     │   ├── DataError             a dataset that cannot be read or has the wrong shape/dtype
     │   ├── ModelLoadError        a model spec or weights file that cannot be loaded safely
-    │   └── ConfigError           an unknown method/option or an invalid hyper-parameter
+    │   ├── ConfigError           an unknown method/option or an invalid hyper-parameter
+    │   └── RequestError          a service request the gateway refuses; ``reason`` names why (counted)
     ├── ModelRunError             the model does not run on the data (shape mismatch, NaN, ...)
     ├── BundleError               a bundle that is missing, tampered with or inconsistent
     │   ├── BundleHashError       a file's sha256 differs from the manifest
@@ -25,6 +26,7 @@ __all__ = [
     "DataError",
     "ModelLoadError",
     "ConfigError",
+    "RequestError",
     "ModelRunError",
     "BundleError",
     "BundleHashError",
@@ -51,6 +53,14 @@ class ModelLoadError(InputError):
 
 class ConfigError(InputError):
     """An unknown method name, option, or an invalid hyper-parameter value."""
+
+
+class RequestError(InputError):
+    """A request the service refuses; ``reason`` is a short bounded token it is counted under."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelRunError(HansgateError):
