@@ -1,0 +1,192 @@
+"""Signed receipts for feedback, and the store of recent predictions (DESIGN.md, Monitoring).
+
+Feedback must know what was predicted, and it may reach another worker or replica than
+the prediction did. Each prediction therefore returns a **receipt**::
+
+    v1.<base64url(payload)>.<base64url(HMAC-SHA256(key, "v1." + base64url(payload)))>
+    payload = {"r": request id, "c": predicted class index, "m": model sha256,
+               "s": concept signs of the predicted class ("+"/"-" per concept), "t": issued (unix s)}
+
+Any gateway holding the key verifies it without shared state. Feedback rules, in order:
+
+* a receipt whose signature does not verify -> 403 ``forged_receipt``;
+* a receipt for another model (``m`` differs from the served bundle) -> 409 ``wrong_model``;
+* a receipt older than ``receipt_ttl_s`` -> 410 ``expired``;
+* only a ``request_id``: looked up in the store of recent predictions of this machine
+  (shared by its workers); not there (never issued here, evicted, or older than the TTL)
+  -> 404 ``unknown_request``;
+* a prediction that already took feedback on this machine -> 409 ``duplicate_feedback``
+  (the first label counts; later ones are refused, not overwritten).
+
+The store is an SQLite file in the state directory (WAL mode), bounded to ``store_size``
+predictions (oldest evicted first, checked every 1,000 insertions) and to the TTL. Duplicate detection uses the same file;
+it covers the workers of one machine. Across replicas a receipt could be replayed once per
+replica: put the replicas' ``HANSGATE_STATE_DIR`` on shared storage if that matters.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hansgate.errors import RequestError
+
+__all__ = ["Receipt", "ReceiptSigner", "PredictionStore"]
+
+_VERSION = "v1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a receipt vouches for."""
+
+    request_id: str
+    class_index: int
+    model_sha256: str
+    concept_signs: str
+    issued_at: float
+
+
+class ReceiptSigner:
+    """Signs and verifies receipts with one HMAC key for one model."""
+
+    def __init__(self, key: bytes, model_sha256: str, ttl_s: float) -> None:
+        if len(key) < 16:
+            raise ValueError("receipt key must have at least 16 bytes")
+        self._key = key
+        self.model_sha256 = model_sha256
+        self.ttl_s = ttl_s
+
+    def _mac(self, message: bytes) -> bytes:
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def sign(self, r: Receipt) -> str:
+        payload = json.dumps({"r": r.request_id, "c": r.class_index, "m": r.model_sha256, "s": r.concept_signs,
+                              "t": round(r.issued_at, 3)}, separators=(",", ":")).encode()
+        head = f"{_VERSION}.{_b64(payload)}"
+        return f"{head}.{_b64(self._mac(head.encode()))}"
+
+    def verify(self, token: str, now: float | None = None) -> Receipt:
+        """The receipt's content, or a ``RequestError`` (forged, wrong model, expired)."""
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != _VERSION:
+            raise RequestError("receipt is malformed", "forged_receipt")
+        head = f"{parts[0]}.{parts[1]}"
+        try:
+            sig = _unb64(parts[2])
+        except (ValueError, TypeError):
+            raise RequestError("receipt is malformed", "forged_receipt") from None
+        if not hmac.compare_digest(sig, self._mac(head.encode())):
+            raise RequestError("receipt signature does not verify", "forged_receipt")
+        try:
+            p = json.loads(_unb64(parts[1]))
+            receipt = Receipt(str(p["r"]), int(p["c"]), str(p["m"]), str(p["s"]), float(p["t"]))
+        except (ValueError, KeyError, TypeError):  # signed by us, so only a key compromise gets here
+            raise RequestError("receipt payload is malformed", "forged_receipt") from None
+        if receipt.model_sha256 != self.model_sha256:
+            raise RequestError("receipt is for another model than the one served", "wrong_model")
+        now = time.time() if now is None else now
+        if now - receipt.issued_at > self.ttl_s:
+            raise RequestError(f"receipt expired ({self.ttl_s:g} s TTL)", "expired")
+        return receipt
+
+
+class PredictionStore:
+    """Recent predictions and the ids that already took feedback, shared by a machine's workers.
+
+    ``path``: SQLite file; ``max_size``: predictions kept (oldest evicted); ``ttl_s``: age
+    limit of a lookup.
+    """
+
+    _PRUNE_EVERY = 1000
+
+    def __init__(self, path: Path, max_size: int, ttl_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_size = max_size
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS predictions (id TEXT PRIMARY KEY, class INTEGER NOT NULL, "
+                         "signs TEXT NOT NULL, issued REAL NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS predictions_issued ON predictions (issued)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, received REAL NOT NULL)")
+        self._since_prune = 0
+
+    def add(self, rows: list[tuple[str, int, str, float]]) -> None:
+        """Remember ``(request_id, class_index, concept_signs, issued_at)`` rows."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._since_prune += len(rows)
+            if self._since_prune >= self._PRUNE_EVERY:
+                self._since_prune = 0
+                self._prune()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - self.ttl_s
+        self._db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
+        self._db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
+                         "LIMIT -1 OFFSET ?)", (self.max_size,))
+        self._db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
+
+    def prune(self) -> None:
+        """Evict now (normally every ``_PRUNE_EVERY`` insertions)."""
+        with self._lock:
+            self._prune()
+
+    def lookup(self, request_id: str, model_sha256: str, now: float | None = None) -> Receipt:
+        """The stored prediction, or ``RequestError('unknown_request')``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute("SELECT class, signs, issued FROM predictions WHERE id = ?",
+                                   (request_id,)).fetchone()
+        if row is None or now - row[2] > self.ttl_s:
+            raise RequestError(f"no recent prediction with request_id {request_id[:64]!r} on this replica "
+                               "(send the receipt instead)", "unknown_request")
+        return Receipt(request_id, int(row[0]), model_sha256, str(row[1]), float(row[2]))
+
+    def claim(self, request_id: str, now: float | None = None) -> None:
+        """Mark a prediction as labelled; ``RequestError('duplicate_feedback')`` when it already was."""
+        now = time.time() if now is None else now
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO feedback VALUES (?, ?)", (request_id, now))
+            except sqlite3.IntegrityError:
+                raise RequestError(f"prediction {request_id[:64]!r} already took feedback",
+                                   "duplicate_feedback") from None
+
+    def release(self, request_id: str) -> None:
+        """Undo ``claim`` (when counting the feedback failed afterwards)."""
+        with self._lock:
+            self._db.execute("DELETE FROM feedback WHERE id = ?", (request_id,))
+
+    def size(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM predictions").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

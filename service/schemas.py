@@ -1,0 +1,87 @@
+"""Request and response bodies of the gateway (pydantic; they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["PredictJSON", "Prediction", "PredictResponse", "FeedbackRequest", "FeedbackResponse",
+           "ErrorResponse"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictJSON(_Body):
+    """A JSON prediction request: exactly one of ``tensor`` or ``images``.
+
+    ``tensor``: nested lists ``[N, C, H, W]`` (a batch) or ``[C, H, W]`` (one sample) of
+    pixel values scaled to the manifest's ``input.value_range``; the gateway applies the
+    manifest's mean/std. ``images``: base64-encoded PNG or JPEG files, resized and
+    normalised per the manifest. Raw bodies work too: ``Content-Type: image/png`` or
+    ``image/jpeg`` (one image) and ``application/x-npy`` (a float32 ``.npy`` array).
+    """
+
+    tensor: list[Any] | None = Field(None, description="[N,C,H,W] or [C,H,W] nested lists of numbers")
+    images: list[str] | None = Field(None, description="base64 PNG/JPEG files", min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PredictJSON":
+        if (self.tensor is None) == (self.images is None):
+            raise ValueError("send exactly one of 'tensor' or 'images'")
+        return self
+
+
+class Prediction(BaseModel):
+    """One row's prediction and the receipt to send back with its true label."""
+
+    request_id: str = Field(description="id of this prediction; feedback refers to it")
+    class_index: int
+    class_name: str = Field(alias="class", serialization_alias="class")
+    probabilities: list[float] = Field(description="softmax of the logits, in manifest class order")
+    concept_scores: dict[str, float] = Field(default_factory=dict)
+    receipt: str = Field(description="HMAC-signed receipt (request id, class, model hash, concept signs)")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class PredictResponse(BaseModel):
+    request_id: str = Field(description="id of the HTTP request; each prediction's id extends it")
+    model_sha256: str
+    predictions: list[Prediction]
+
+
+class FeedbackRequest(_Body):
+    """Delayed ground truth for one prediction.
+
+    Identify the prediction by ``receipt`` (works on any replica; preferred) or by
+    ``request_id`` alone (looked up in the replica's store of recent predictions). ``label``
+    is a class name from the manifest; ``attributes`` maps declared subgroup attributes to
+    declared values. Each prediction takes feedback once.
+    """
+
+    receipt: str | None = Field(None, max_length=1024)
+    request_id: str | None = Field(None, max_length=128)
+    label: str = Field(max_length=256)
+    attributes: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+    @model_validator(mode="after")
+    def _identified(self) -> "FeedbackRequest":
+        if self.receipt is None and self.request_id is None:
+            raise ValueError("send 'receipt' or 'request_id'")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    predicted: str
+    label: str
+    correct: bool
+    attributes: dict[str, str]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="reason token, counted in hansgate_rejected_requests_total")
+    detail: str
