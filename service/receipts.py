@@ -145,17 +145,17 @@ class PredictionStore:
                 self._since_prune = 0
                 self._prune()
 
-    def _prune(self) -> None:
-        cutoff = time.time() - self.ttl_s
+    def _prune(self, now: float | None = None) -> None:
+        cutoff = (time.time() if now is None else now) - self.ttl_s
         self._db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
         self._db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
                          "LIMIT -1 OFFSET ?)", (self.max_size,))
         self._db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
 
-    def prune(self) -> None:
+    def prune(self, now: float | None = None) -> None:
         """Evict now (normally every ``_PRUNE_EVERY`` insertions)."""
         with self._lock:
-            self._prune()
+            self._prune(now)
 
     def lookup(self, request_id: str, model_sha256: str, now: float | None = None) -> Receipt:
         """The stored prediction, or ``RequestError('unknown_request')``."""

@@ -1,0 +1,60 @@
+"""service.receipts: signed receipts (forged, other model, expired) and the bounded shared store."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hansgate.errors import RequestError
+from service.receipts import PredictionStore, Receipt, ReceiptSigner
+
+SHA = "a" * 64
+
+
+def reason(fn, *args, **kw):
+    with pytest.raises(RequestError) as info:
+        fn(*args, **kw)
+    return info.value.reason
+
+
+@given(st.text(min_size=1, max_size=40), st.integers(0, 999), st.text(alphabet="+-", max_size=8))
+def test_roundtrip(rid, cls, signs):
+    s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60)
+    r = Receipt(rid, cls, SHA, signs, 1000.0)
+    assert s.verify(s.sign(r), now=1001.0) == r
+
+
+def test_forged_other_model_expired():
+    s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60)
+    token = s.sign(Receipt("r1", 2, SHA, "+-", 1000.0))
+    head, payload, sig = token.split(".")
+    tampered = s.sign(Receipt("r1", 1, SHA, "+-", 1000.0)).split(".")[1]
+    assert reason(s.verify, f"{head}.{tampered}.{sig}", now=1000) == "forged_receipt"  # class changed
+    assert reason(ReceiptSigner(b"x" * 32, SHA, 60).verify, token, now=1000) == "forged_receipt"  # other key
+    assert reason(s.verify, "garbage", now=1000) == "forged_receipt"
+    assert reason(s.verify, f"{head}.{payload}.!!", now=1000) == "forged_receipt"
+    other = ReceiptSigner(b"k" * 32, "b" * 64, 60)
+    assert reason(other.verify, token, now=1000) == "wrong_model"
+    assert reason(s.verify, token, now=1061) == "expired"
+
+
+def test_store_lookup_claim_and_bounds(tmp_path):
+    store = PredictionStore(tmp_path / "s.sqlite", max_size=5, ttl_s=100)
+    store.add([(f"r{i}", i % 3, "+", 1000.0 + i) for i in range(8)])
+    assert store.lookup("r7", SHA, now=1010).class_index == 1
+    store.prune(now=1010)
+    assert store.size() == 5
+    assert reason(store.lookup, "r0", SHA, now=1010) == "unknown_request"  # evicted (oldest first)
+    assert reason(store.lookup, "r7", SHA, now=1200) == "unknown_request"  # older than the TTL
+    assert reason(store.lookup, "nope", SHA) == "unknown_request"
+    store.claim("r7", now=1010)
+    assert reason(store.claim, "r7", now=1011) == "duplicate_feedback"
+    store.release("r7")
+    store.claim("r7", now=1012)
+    # a second connection (another worker) sees the same claims and predictions
+    other = PredictionStore(tmp_path / "s.sqlite", max_size=5, ttl_s=100)
+    assert reason(other.claim, "r7") == "duplicate_feedback"
+    assert other.lookup("r6", SHA, now=1010).class_index == 0
+    store.close()
+    other.close()

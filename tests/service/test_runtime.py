@@ -1,0 +1,68 @@
+"""service.runtime: provider choice, the check of the provider in use, outputs vs onnxruntime."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from hansgate.bundle import load_bundle
+from hansgate.errors import ConfigError
+from service.runtime import CPU, CUDA, OnnxRuntime, cuda_device_count, provider_in_use, select_providers
+
+
+@pytest.mark.parametrize("pref, available, devices, expected", [
+    ("auto", [CUDA, CPU], 1, [CUDA, CPU]),
+    ("auto", [CUDA, CPU], 0, [CPU]),          # onnxruntime-gpu without a device: do not ask for CUDA
+    ("auto", [CPU], 2, [CPU]),
+    ("cpu", [CUDA, CPU], 1, [CPU]),
+    ("cuda", [CUDA, CPU], 1, [CUDA, CPU]),
+])
+def test_select_providers(pref, available, devices, expected):
+    assert select_providers(pref, available, devices) == expected
+
+
+def test_cuda_demanded_but_unusable_is_refused():
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        select_providers("cuda", [CUDA, CPU], 0)
+    with pytest.raises(ConfigError, match="no CUDA provider"):
+        select_providers("cuda", [CPU], 1)
+
+
+def test_silent_fallback_is_detected(caplog):
+    assert provider_in_use([CUDA, CPU], [CPU], "auto") == CPU
+    assert "fell back" in caplog.text
+    with pytest.raises(ConfigError, match="runs on CPUExecutionProvider"):
+        provider_in_use([CUDA, CPU], [CPU], "cuda")
+    assert provider_in_use([CPU], [CPU], "cpu") == CPU
+
+
+def test_cuda_device_count_is_an_int():
+    assert cuda_device_count() >= 0
+
+
+def test_runtime_matches_plain_onnxruntime(concept_bundle):
+    import onnxruntime as ort
+
+    bundle = load_bundle(concept_bundle)
+    rt = OnnxRuntime(bundle, "auto", threads=1, cuda_devices=0)
+    assert rt.provider_ == CPU
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    out = rt.run(x)
+    ref = ort.InferenceSession(str(bundle.onnx_path), providers=[CPU]).run(None, {"input": x})
+    np.testing.assert_allclose(out.logits, ref[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.concept_scores, ref[1], rtol=1e-6, atol=1e-6)
+    assert out.concept_sensitivity.shape == (5, 2, 3)
+    off = OnnxRuntime(bundle, "cpu", threads=1, monitoring=False).run(x)
+    assert off.concept_scores is None and np.allclose(off.logits, out.logits)
+
+
+def test_service_package_is_torch_free():
+    import subprocess
+
+    code = ("import sys, service, service.app, service.gateway; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'prometheus_client' not in sys.modules, 'prometheus_client imported at import time'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
