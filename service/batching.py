@@ -97,7 +97,20 @@ class MicroBatcher(Generic[T, R]):
                         i.future.set_result(r)
             self.batches_ += 1
 
-    def close(self) -> None:
-        if self._task is not None:
+    async def aclose(self) -> None:
+        """Stop the batching task (from its event loop)."""
+        if self._task is not None and not self._task.done():
             self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            try:
+                self._task.get_loop().call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:  # its loop is already closed
+                pass
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -64,10 +64,12 @@ class Preprocessor:
         if isinstance(data, list) and len(data) == 0:
             raise RequestError("empty batch", "empty_batch")
         try:
-            arr = np.asarray(data, dtype=np.float64)
-        except (ValueError, TypeError) as exc:
-            kind = "shape" if "inhomogeneous" in str(exc) or "sequence" in str(exc) else "dtype"
-            raise RequestError(f"tensor must be nested lists of numbers with a regular shape ({kind})", kind) from None
+            arr = np.asarray(data)
+        except (ValueError, TypeError):
+            raise RequestError("tensor must be nested lists with a regular shape", "shape") from None
+        if arr.dtype.kind not in "fi":  # strings ("NaN" included), booleans, objects, nulls
+            raise RequestError(f"tensor must hold numbers only, got {arr.dtype.name}", "dtype")
+        arr = arr.astype(np.float64)
         if arr.size and not np.isfinite(arr).all():
             raise RequestError("tensor contains NaN or infinity", "non_finite")
         if arr.size and np.abs(arr).max() > np.finfo(np.float32).max:
