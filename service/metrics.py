@@ -182,6 +182,8 @@ class GatewayMetrics:
             self.feedback_requests.labels(result)
         for route in ROUTES:
             self.request_seconds.labels(route)
+            for reason in REASONS:
+                self.rejected.labels(route, reason)
 
     # -- recording -----------------------------------------------------------------------------------
     def observe_batch(self, stats: BatchStats, seconds: float, rows: int) -> None:
