@@ -1,0 +1,57 @@
+"""``hansgate audit``: the compliance report of a bundle on labelled data with subgroup attributes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit", help="write the compliance report (subgroup bias, attributions, artifact tests, influence)",
+        description="Audits BUNDLE on labelled DATA whose subgroup attributes are in ATTRS.csv (one row per sample, "
+                    "header 'index,<attribute>,...'; see audit/inputs.py). Compares the bundle with its source model "
+                    "(weights next to the bundle) or with --before BUNDLE, and writes DIR/report.{html,json,pdf} "
+                    "and DIR/figures/ atomically.")
+    p.add_argument("bundle", help="bundle directory (model.onnx + manifest.json)")
+    p.add_argument("--data", required=True, help="labelled data: .npz (x, y) or an ImageFolder directory")
+    p.add_argument("--attributes", required=True, help="subgroup attributes CSV, one row per sample")
+    p.add_argument("--out", required=True, help="report directory to write")
+    p.add_argument("--before", help="compare with this bundle instead of the source model")
+    p.add_argument("--source-weights", help="weights of the source model (default: manifest's file next to the bundle)")
+    p.add_argument("--no-source", action="store_true", help="do not load the source model (no attributions)")
+    p.add_argument("--train-data", help="training data .npz (x, y, optional bool 'artifact') for the influence ranking")
+    p.add_argument("--artifacts", nargs="*", default=["corner", "frame", "stamp", "dot"],
+                   help="built-in artifacts to test (the first is the one the influence check pastes)")
+    p.add_argument("--patch", action="append", metavar="NAME=PATH@ROW,COL",
+                   help="user artifact: a .npy or image patch pasted at ROW,COL (repeatable)")
+    p.add_argument("--region-mask", help="[H, W] .npy mask of where relevance should lie (verification rule)")
+    p.add_argument("--accept-share", type=float, default=0.75, help="verification rule threshold (default 0.75)")
+    p.add_argument("--gap-threshold", type=float, default=0.10,
+                   help="flag subgroup recall this far below the overall figure (default 0.10)")
+    p.add_argument("--min-samples", type=int, default=30, help="no subgroup flag from fewer positives (default 30)")
+    p.add_argument("--flip-threshold", type=float, default=0.10, help="artifact flagged at this flip rate")
+    p.add_argument("--accuracy-drop-threshold", type=float, default=0.05,
+                   help="artifact flagged at this accuracy drop")
+    p.add_argument("--heatmaps", type=int, default=32, help="samples with LRP heatmaps (default 32)")
+    p.add_argument("--max-samples", type=int, help="audit a seeded subset of the data")
+    p.add_argument("--no-concepts", action="store_true", help="skip TCAV concept evidence")
+    p.add_argument("--no-influence", action="store_true", help="skip the influence ranking")
+    p.add_argument("--no-pdf", action="store_true", help="skip the PDF (needs headless Chromium)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from audit.runner import audit_command
+    from hansgate.errors import ConfigError
+
+    try:
+        print(audit_command(args))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return 0
