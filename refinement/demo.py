@@ -99,4 +99,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> str
     save_file({k: v.contiguous() for k, v in run.original.state_dict().items()}, str(out / "source_model.safetensors"))
     _save_data(run, out / "data")
     paths = write_results(result, out)
-    return paths["markdown"].read_text() + f"\nbundle: {out / 'bundle'}  ({result.seconds:.0f} s)\n"
+    from audit.demo import write_demo_audit  # the audit of original vs refined: DIR/audit/report.{html,json,pdf}
+
+    audit = write_demo_audit(run, refined.model, out, progress=progress)
+    return (paths["markdown"].read_text() + f"\nbundle: {out / 'bundle'}  ({result.seconds:.0f} s)\n"
+            f"audit: {audit['html']}\n")
