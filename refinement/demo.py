@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from hansgate.errors import ConfigError
 from hansgate.manifest import Evaluation, InputSpec, SourceModel, SubgroupAttribute
+from refinement.concept_heads import ConceptHeads, watch_concept
 from refinement.datasets import save_npz
 from refinement.evaluation import BenchmarkConfig, SeedRun, run_benchmark, write_results
 from refinement.methods import METHODS, RefineConfig
@@ -81,6 +82,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> str
     before = run.scores["original"]
     after = run.scores[cfg.bundle_method]
     preds = predict_logits(refined.model, d.x_deploy).argmax(1).numpy()
+    # the demo's artifact as a watched concept: its CAV on the bundled model's activations at the
+    # last conv layer, clean verified samples vs the same samples with the artifact pasted
+    watched = watch_concept(refined.model, d.config.artifact, run.x_verified, d.artifact.apply(run.x_verified),
+                            run.x_verified, run.y_verified, d.classes, seed=run.seed)
     out.mkdir(parents=True, exist_ok=True)
     build_bundle(
         out / "bundle",
@@ -94,6 +99,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> str
         evaluation=Evaluation(data=f"embedded digits, artifact '{d.config.artifact}', seed {run.seed}",
                               before=before, after=after),
         subgroups=subgroup_specs(run, preds),
+        concepts=ConceptHeads([watched]),
         overwrite=True,
     )
     save_file({k: v.contiguous() for k, v in run.original.state_dict().items()}, str(out / "source_model.safetensors"))

@@ -74,6 +74,9 @@ def build_bundle(
     """Export ``result.model``, check it against torch on ``x_check`` and write the bundle atomically."""
     graph, names = bundle_graph(result.model, concepts)
     onnx_bytes, diff = export_checked(graph, x_check, names)
+    if concepts is not None:  # the heads' sensitivity must match autograd (refinement.concept_heads)
+        concepts.check(onnx_bytes, result.model, x_check)
+        concept_specs = concept_specs if concept_specs is not None else concepts.specs()
     k, m = len(classes), len(concept_specs or [])
     shapes: dict[str, list[int | None]] = {"logits": [None, k], "concept_scores": [None, m],
                                            "concept_sensitivity": [None, m, k]}

@@ -1,0 +1,274 @@
+"""Concept heads in the exported graph: ``concept_scores`` and ``concept_sensitivity`` (DESIGN.md, the bundle).
+
+The model is split at the concept layer into ``features`` and ``head`` (``split_at``,
+torch.fx, sharing the model's modules). The exported module (``ConceptGraph``) returns
+
+- ``logits`` ``[N, K]`` = ``head(a)`` with ``a = features(x)``;
+- ``concept_scores`` ``[N, M]`` = ``(pool(a) - center_m) . h_m`` for unit CAVs ``h_m``
+  (channel pooling as in ``audit.cav``, mean by default), centred on the refinement
+  data's mean pooled activation;
+- ``concept_sensitivity`` ``[N, M, K]``: the directional derivative of every logit along
+  every CAV, ``d/de f_k(a + e h_m)`` with ``h_m`` added at every spatial position (the
+  same direction ``audit.tcav`` differentiates along). The graph computes it **without
+  autograd**, by finite differences through the head: ``central``
+  ``(f(a + e h) - f(a - e h)) / 2e`` (2M extra head rows per sample) or ``forward``
+  ``(f(a + e h) - f(a)) / e`` (M extra rows). The perturbed activations run through the
+  head as one batch of ``(1 + 2M) N`` (or ``(1 + M) N``) rows.
+
+The step ``e`` is ``epsilon_scale`` times the RMS activation per element on the
+refinement data, a scale where float32 rounding and crossing a ReLU kink are both small.
+``ConceptHeads.check`` runs the exported graph with onnxruntime and compares the
+sensitivity with torch autograd; it refuses the export (``ExportError``) when
+``|s_onnx - s_autograd| > tolerance * (1 + max |s_autograd|)`` anywhere, per concept
+(the scale-aware tolerance recorded in the manifest as ``sensitivity_tolerance``).
+
+``watch_concept`` fits a watched concept from clean samples and the same samples with
+the concept (for the demo: the artifact pasted): its signal-CAV, the centre, the
+presence threshold (the score threshold with the best balanced accuracy between clean
+and concept samples) and the baseline TCAV per class on the refinement data (per class
+of the samples, the share whose sensitivity of that class's logit is positive —
+what the service counts for predicted classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from audit.cav import ConceptActivationVector, default_concept_layer, layer_activations, pool_channels
+from audit.tcav import latent_gradients
+from hansgate.errors import ConfigError, DataError, ExportError
+from hansgate.manifest import ConceptSpec
+
+__all__ = ["split_at", "ConceptGraph", "WatchedConcept", "ConceptHeads", "watch_concept", "presence_threshold",
+           "SENSITIVITY_TOLERANCE"]
+
+#: Default agreement of the graph's sensitivity with autograd, relative to ``1 + max |s|`` per concept.
+SENSITIVITY_TOLERANCE = 1e-2
+
+
+class _PathTracer(torch.fx.Tracer):
+    """Traces only into the modules on the path to ``layer``; everything else stays one call."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        name = module_qualified_name
+        return not (name == "" or self.layer.startswith(name + ".")) or name == self.layer
+
+
+def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """``(features, head)`` with ``head(features(x)) == model(x)``; both share ``model``'s modules.
+
+    ``layer`` must run once and be a cut of the graph: nothing after it may read a value
+    computed before it (a conv inside a residual block is not; the block is).
+    """
+    try:
+        model.get_submodule(layer)
+    except AttributeError:
+        raise ConfigError(f"model has no module named {layer!r}") from None
+    try:
+        graph = _PathTracer(layer).trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... for dynamic control flow
+        raise ConfigError(f"cannot trace the model to split it at {layer!r}: {str(exc).splitlines()[0]}") from exc
+    nodes = list(graph.nodes)
+    hits = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
+    if len(hits) != 1:
+        raise ConfigError(f"layer {layer!r} is called {len(hits)} times in the traced graph; need exactly once")
+    cut = hits[0]
+    before = set(nodes[:cut])
+    for n in nodes[cut + 1 :]:
+        if n.op == "placeholder" or any(a in before for a in n.all_input_nodes):
+            raise ConfigError(f"layer {layer!r} is not a cut of the model: {n.name} reads a value computed before "
+                              "it (e.g. a skip connection); choose the enclosing block")
+
+    fg = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in nodes[: cut + 1]:
+        env[n] = fg.node_copy(n, lambda a: env[a])
+    fg.output(env[nodes[cut]])
+    hg = torch.fx.Graph()
+    env = {nodes[cut]: hg.placeholder("a")}
+    for n in nodes[cut + 1 :]:
+        env[n] = hg.node_copy(n, lambda a: env[a])
+    features = torch.fx.GraphModule(model, fg)
+    features.graph.eliminate_dead_code()
+    features.recompile()
+    return features, torch.fx.GraphModule(model, hg)
+
+
+class ConceptGraph(nn.Module):
+    """``x -> (logits, concept_scores, concept_sensitivity)``; see the module docstring."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, cavs: torch.Tensor, centers: torch.Tensor,
+                 epsilon: float, pooling: str = "mean", scheme: Literal["central", "forward"] = "central") -> None:
+        super().__init__()
+        if scheme not in ("central", "forward"):
+            raise ConfigError(f"unknown finite-difference scheme {scheme!r}")
+        self.features = features
+        self.head = head
+        self.pooling = pooling
+        self.scheme = scheme
+        self.epsilon = float(epsilon)
+        m, c = cavs.shape
+        self.register_buffer("cavs", cavs.float().clone())  # [M, C]
+        self.register_buffer("bias", (centers.float() * cavs.float()).sum(1))  # [M]: center_m . h_m
+        steps = [torch.zeros(c)]
+        for h in cavs.float():
+            steps += [self.epsilon * h, -self.epsilon * h] if scheme == "central" else [self.epsilon * h]
+        self.register_buffer("offsets", torch.stack(steps))  # [R, C]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.features(x)
+        scores = pool_channels(a, self.pooling) @ self.cavs.T - self.bias
+        r, c = self.offsets.shape
+        shape = (r, 1, c) + (1,) * (a.dim() - 2)
+        rows = (a.unsqueeze(0) + self.offsets.view(shape)).reshape((-1,) + tuple(a.shape[1:]))
+        out = self.head(rows)
+        out = out.reshape(r, -1, out.shape[-1])
+        if self.scheme == "central":
+            sens = (out[1::2] - out[2::2]) / (2 * self.epsilon)
+        else:
+            sens = (out[1:] - out[0:1]) / self.epsilon
+        return out[0], scores, sens.permute(1, 0, 2)
+
+
+@dataclass
+class WatchedConcept:
+    """A concept the bundle watches: unit CAV ``[C]`` at ``layer``, its centre and deployment baselines."""
+
+    name: str
+    layer: str
+    cav: torch.Tensor
+    center: torch.Tensor
+    cav_kind: str = "signal"
+    pooling: str = "mean"
+    baseline_tcav: dict[str, float] = field(default_factory=dict)
+    presence_threshold: float = 0.0
+    activation_rms: float = 1.0
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+class ConceptHeads:
+    """The object ``refinement.pipeline.build_bundle(concepts=...)`` takes.
+
+    All concepts must share one layer and pooling. ``epsilon_scale`` times the mean of
+    the concepts' ``activation_rms`` is the finite-difference step.
+    """
+
+    def __init__(self, concepts: list[WatchedConcept], scheme: Literal["central", "forward"] = "central",
+                 epsilon_scale: float = 3e-4, tolerance: float = SENSITIVITY_TOLERANCE) -> None:
+        if not concepts:
+            raise ConfigError("no concepts to watch")
+        if len({c.layer for c in concepts}) != 1 or len({c.pooling for c in concepts}) != 1:
+            raise ConfigError("all watched concepts of a bundle must share one layer and pooling")
+        if len({c.name for c in concepts}) != len(concepts):
+            raise ConfigError("watched concept names must be unique")
+        self.concepts = list(concepts)
+        self.scheme = scheme
+        self.epsilon_scale = epsilon_scale
+        self.tolerance = tolerance
+        self.layer = concepts[0].layer
+        self.pooling = concepts[0].pooling
+        self.epsilon = epsilon_scale * float(np.mean([c.activation_rms for c in concepts]))
+
+    def graph(self, model: nn.Module) -> ConceptGraph:
+        features, head = split_at(model.eval(), self.layer)
+        cavs = torch.stack([c.cav.float() for c in self.concepts])
+        centers = torch.stack([c.center.float() for c in self.concepts])
+        return ConceptGraph(features, head, cavs, centers, self.epsilon, self.pooling, self.scheme).eval()
+
+    def specs(self) -> list[ConceptSpec]:
+        return [ConceptSpec(name=c.name, layer=c.layer, cav_kind=c.cav_kind, pooling=c.pooling,
+                            baseline_tcav=c.baseline_tcav, presence_threshold=c.presence_threshold,
+                            sensitivity_tolerance=self.tolerance) for c in self.concepts]
+
+    def reference_sensitivity(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Torch autograd: ``[N, M, K]`` directional derivatives of every logit along every CAV."""
+        grads = latent_gradients(model, self.layer, x)  # [N, K, C]
+        cavs = torch.stack([c.cav.float() for c in self.concepts])  # [M, C]
+        return torch.einsum("nkc,mc->nmk", grads.float(), cavs)
+
+    def sensitivity_errors(self, onnx_sensitivity: np.ndarray, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        """Per concept: max absolute error, the reference scale ``max |s|`` and the relative error."""
+        ref = self.reference_sensitivity(model, x).numpy()
+        got = np.asarray(onnx_sensitivity, dtype=np.float64)
+        out: dict[str, Any] = {}
+        for m, c in enumerate(self.concepts):
+            err = float(np.abs(got[:, m] - ref[:, m]).max())
+            scale = float(np.abs(ref[:, m]).max())
+            out[c.name] = {"max_abs_error": err, "max_abs_sensitivity": scale, "relative_error": err / (1 + scale),
+                           "sign_agreement": float((np.sign(got[:, m]) == np.sign(ref[:, m])).mean())}
+        return out
+
+    def check(self, onnx_bytes: bytes, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        """Run the graph with onnxruntime on ``x`` and compare with autograd; ``ExportError`` past tolerance."""
+        from refinement.export import run_onnx
+
+        outs = run_onnx(onnx_bytes, x.numpy().astype(np.float32))
+        if len(outs) != 3:
+            raise ExportError(f"the exported graph has {len(outs)} outputs, expected 3 with concept heads")
+        errors = self.sensitivity_errors(outs[2], model, x)
+        for name, e in errors.items():
+            if not np.isfinite(e["relative_error"]) or e["relative_error"] > self.tolerance:
+                raise ExportError(f"concept {name!r}: graph sensitivity differs from autograd by {e['max_abs_error']:.3g} "
+                                  f"(> {self.tolerance:g} x (1 + {e['max_abs_sensitivity']:.3g})); no bundle written")
+        return errors
+
+
+def presence_threshold(clean_scores: torch.Tensor, concept_scores: torch.Tensor) -> float:
+    """Score threshold with the best balanced accuracy of ``score > threshold`` (midpoints of sorted scores)."""
+    s = torch.cat([clean_scores, concept_scores]).double()
+    t = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(concept_scores))]).bool()
+    order = s.argsort()
+    s, t = s[order], t[order]
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise DataError("the presence threshold needs samples with and without the concept")
+    # threshold after position i: negatives at <= i count as correct, positives above i as correct
+    neg_below = torch.cumsum((~t).double(), 0)
+    pos_above = n_pos - torch.cumsum(t.double(), 0)
+    bal = 0.5 * (neg_below / n_neg + pos_above / n_pos)
+    bal[:-1][s[1:] == s[:-1]] = -1.0  # cannot split between equal scores
+    i = int(bal.argmax())
+    return float((s[i] + s[i + 1]) / 2) if i + 1 < len(s) else float(s[i] + 1.0)
+
+
+def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.Tensor,
+                  x_reference: torch.Tensor, y_reference: torch.Tensor, classes: list[str], layer: str | None = None,
+                  kind: str = "signal", pooling: str = "mean", seed: int = 0) -> WatchedConcept:
+    """Fit a watched concept (see the module docstring).
+
+    ``x_clean`` / ``x_concept``: samples without / with the concept (e.g. clean refinement
+    samples and the same with the artifact pasted); ``x_reference``, ``y_reference``: the
+    refinement data, for the centre and the baseline TCAV per class.
+    """
+    model = model.eval()
+    layer = layer or default_concept_layer(model, x_reference[:1])
+    a_clean = pool_channels(layer_activations(model, layer, x_clean), pooling)
+    a_concept = pool_channels(layer_activations(model, layer, x_concept), pooling)
+    cav = ConceptActivationVector(kind, seed=seed).fit(torch.cat([a_clean, a_concept]),
+                                                     torch.cat([torch.zeros(len(a_clean)),
+                                                                torch.ones(len(a_concept))]).bool())
+    ref_full = layer_activations(model, layer, x_reference)
+    center = pool_channels(ref_full, pooling).mean(0)
+    rms = float(ref_full.double().pow(2).mean().sqrt())
+    threshold = presence_threshold((a_clean - center) @ cav.cav_, (a_concept - center) @ cav.cav_)
+    sens = latent_gradients(model, layer, x_reference).float() @ cav.cav_  # [N, K]
+    baseline = {}
+    for k, cname in enumerate(classes):
+        members = y_reference == k
+        if members.any():
+            baseline[cname] = float((sens[members, k] > 0).float().mean())
+    evidence = {"cav": cav.as_dict(), "n_clean": len(x_clean), "n_concept": len(x_concept),
+                "n_reference": len(x_reference)}
+    return WatchedConcept(name=name, layer=layer, cav=cav.cav_, center=center, cav_kind=kind, pooling=pooling,
+                          baseline_tcav=baseline, presence_threshold=threshold, activation_rms=rms or 1.0,
+                          evidence=evidence)
