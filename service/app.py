@@ -22,7 +22,7 @@ from typing import Any, Callable
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from hansgate.errors import HansgateError, RequestError
 from service.errors import Rejection, rejection
@@ -44,7 +44,7 @@ _FEEDBACK_ERRORS = _ERRORS | {code: {"model": ErrorResponse, "description": text
     (409, "duplicate feedback, or a receipt for another model"), (410, "receipt expired")]}
 
 
-def _json_body(model: type) -> dict:
+def _json_body(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
@@ -73,7 +73,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(model: type, body: bytes) -> Any:
+def _parse(model: type[BaseModel], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -114,9 +114,9 @@ class Preprocessor:
                     raise RequestError(f"image format {img.format} is not PNG or JPEG", "bad_image")
                 if img.width * img.height > _MAX_IMAGE_PIXELS:
                     raise RequestError(f"image of {img.width}x{img.height} pixels is too large", "bad_image")
-                img = img.convert(self.spec.color_mode).resize((self.spec.width, self.spec.height),
-                                                               Image.Resampling.BILINEAR)
-                pixels = np.asarray(img, dtype=np.float32) / 255.0
+                resized = img.convert(self.spec.color_mode).resize((self.spec.width, self.spec.height),
+                                                                   Image.Resampling.BILINEAR)
+                pixels = np.asarray(resized, dtype=np.float32) / 255.0
         except RequestError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

@@ -157,10 +157,10 @@ class GatewayMetrics:
         baseline_recall = Gauge("hansgate_baseline_recall", "Baseline recall per subgroup and class (manifest)",
                                 ["attribute", "value", "class"], registry=reg, multiprocess_mode="max")
         for a in manifest.subgroups:
-            for value, per_class in a.baseline_recall.items():
+            for group, per_class in a.baseline_recall.items():
                 for cls, r in per_class.items():
-                    if value in a.values and cls in classes:
-                        baseline_recall.labels(a.name, value, cls).set(r)
+                    if group in a.values and cls in classes:
+                        baseline_recall.labels(a.name, group, cls).set(r)
         alert = Gauge("hansgate_alert_threshold", "Margins and guards of the alert rules and compliance flags",
                       ["name"], registry=reg, multiprocess_mode="max")
         for name, value in thresholds.items():
@@ -193,8 +193,8 @@ class GatewayMetrics:
             self.predictions.labels(self._classes[i]).inc(int(stats.classes[i]))
         if len(stats.present) == 0:
             return
-        for m in np.flatnonzero(stats.present):
-            self.present.labels(self._concepts[m]).inc(int(stats.present[m]))
+        for j in np.flatnonzero(stats.present):
+            self.present.labels(self._concepts[j]).inc(int(stats.present[j]))
         for m, name in enumerate(self._concepts):
             for i in np.flatnonzero(stats.classes):
                 self.tcav_samples.labels(name, self._classes[i]).inc(int(stats.classes[i]))
