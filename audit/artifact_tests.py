@@ -161,9 +161,12 @@ class ArtifactTestConfig(BaseModel):
 
 
 def artifact_prediction_test(predict: PredictFn, x_clean: np.ndarray, y: np.ndarray, x_pasted: np.ndarray,
-                             classes: list[str], config: ArtifactTestConfig) -> dict[str, Any]:
-    """Flip rate, accuracy drop and most-flipped-to class of one model on clean vs pasted images."""
-    p0, p1 = predict(x_clean).argmax(1), predict(x_pasted).argmax(1)
+                             classes: list[str], config: ArtifactTestConfig,
+                             clean_pred: np.ndarray | None = None) -> dict[str, Any]:
+    """Flip rate, accuracy drop and most-flipped-to class of one model on clean vs pasted images
+    (``clean_pred``: the model's predicted classes on ``x_clean`` when already known)."""
+    p0 = predict(x_clean).argmax(1) if clean_pred is None else np.asarray(clean_pred)
+    p1 = predict(x_pasted).argmax(1)
     flips = p0 != p1
     acc0, acc1 = float((p0 == y).mean()), float((p1 == y).mean())
     flip_rate = float(flips.mean())
@@ -179,13 +182,15 @@ def artifact_prediction_test(predict: PredictFn, x_clean: np.ndarray, y: np.ndar
 
 def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[str, Any], x: Any, y: Any,
                          classes: list[str], artifacts: list[ArtifactLike], config: ArtifactTestConfig,
-                         concept_test: Callable[[str, Any, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+                         concept_test: Callable[[str, Any, Any], dict[str, Any]] | None = None,
+                         clean_preds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Run every artifact against every model.
 
     ``predictors``: ``{model: numpy [N, C, H, W] -> logits [N, K]}`` (ONNX or torch);
     ``torch_models``: the subset with a torch module, for the relevance share (LRP
     ``EpsilonPlusFlat``); ``x`` ``[N, C, H, W]`` / ``y`` ``[N]`` torch tensors;
-    ``concept_test(model, x_clean, x_pasted)``: optional TCAV of the artifact concept.
+    ``concept_test(model, x_clean, x_pasted)``: optional TCAV of the artifact concept;
+    ``clean_preds``: ``{model: predicted classes [N] on x}`` to skip predicting the clean samples again.
     Returns ``{"config", "artifacts": {name: {...per model...}}, "heatmaps": {name: (images, rows)}}``.
     """
     import torch
@@ -210,7 +215,8 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
         entry: dict[str, Any] = {"localized": bool(art.localized), "n_clean": int(len(idx)),
                                  "mask_area_share": float(mask.mean()) if art.localized else None, "models": {}}
         for model, predict in predictors.items():
-            res = artifact_prediction_test(predict, xc.numpy(), yc.numpy(), xp.numpy(), classes, config)
+            known = None if clean_preds is None or model not in clean_preds else clean_preds[model][idx]
+            res = artifact_prediction_test(predict, xc.numpy(), yc.numpy(), xp.numpy(), classes, config, known)
             if model in torch_models and art.localized and config.relevance_samples:
                 sub = xp[: config.relevance_samples]
                 net = torch_models[model]

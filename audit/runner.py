@@ -220,7 +220,7 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
                                  relevance_samples=min(32, cfg.heatmaps) if cfg.heatmaps else 0, seed=cfg.seed)
     # artifact tests work in raw pixel space (artifacts are pasted on raw images); predictors normalise
     torch_norm = {m: _Normalised(net, manifest) for m, net in torch_models.items() if m in predictors}
-    arts = known_artifact_tests(predictors, torch_norm, x, y, classes, artifacts, art_cfg)
+    arts = known_artifact_tests(predictors, torch_norm, x, y, classes, artifacts, art_cfg, clean_preds=preds)
     figure_data["artifact_heatmaps"] = arts.pop("heatmaps")
     timings["artifact_tests"] = time.perf_counter() - t0
 
