@@ -58,7 +58,7 @@ def _table(row: Any, n_classes: int) -> np.ndarray:
 def class_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """One-vs-rest counts ``[K, 4]`` (tp, fn, fp, tn per class) over all samples."""
     frame = MetricFrame(metrics=_metrics(n_classes), y_true=np.asarray(y_true), y_pred=np.asarray(y_pred),
-                        sensitive_features=np.zeros(len(y_true), dtype=int))
+                        sensitive_features={"all": np.zeros(len(y_true), dtype=int)})
     return _table(frame.overall, n_classes)
 
 
@@ -67,7 +67,7 @@ def subgroup_counts(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray,
     """Overall counts ``[K, 4]`` and ``{group value: counts [K, 4]}`` through one ``MetricFrame``."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     frame = MetricFrame(metrics=_metrics(n_classes), y_true=y_true, y_pred=y_pred,
-                        sensitive_features=np.asarray(groups).astype(str))
+                        sensitive_features={"group": np.asarray(groups).astype(str)})
     by_group = {str(v): _table(frame.by_group.loc[v], n_classes) for v in frame.by_group.index}
     return _table(frame.overall, n_classes), by_group
 
