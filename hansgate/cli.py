@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from pydantic import ValidationError
+
 from hansgate import __version__
 from hansgate.errors import HansgateError
 
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except HansgateError as exc:
         print(f"hansgate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValidationError as exc:  # a pydantic config built from the command line
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        print(f"hansgate: error: invalid option {where}: {first['msg']}".replace("Value error, ", ""), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("hansgate: interrupted", file=sys.stderr)

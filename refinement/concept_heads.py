@@ -40,7 +40,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from audit.cav import ConceptActivationVector, default_concept_layer, layer_activations, pool_channels
+from audit.cav import ConceptActivationVector, default_concept_layer, layer_activations, lift_cav, pool_channels
 from audit.tcav import latent_gradients
 from hansgate.errors import ConfigError, DataError, ExportError
 from hansgate.manifest import ConceptSpec
@@ -128,9 +128,9 @@ class ConceptGraph(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.features(x)
         scores = pool_channels(a, self.pooling) @ self.cavs.T - self.bias
-        r, c = self.offsets.shape
-        shape = (r, 1, c) + (1,) * (a.dim() - 2)
-        rows = (a.unsqueeze(0) + self.offsets.view(shape)).reshape((-1,) + tuple(a.shape[1:]))
+        r = self.offsets.shape[0]
+        lifted = torch.stack([lift_cav(o, a, self.pooling)[0] for o in self.offsets])  # [R, C, ...]
+        rows = (a.unsqueeze(0) + lifted.unsqueeze(1)).reshape((-1,) + tuple(a.shape[1:]))
         out = self.head(rows)
         out = out.reshape(r, -1, out.shape[-1])
         if self.scheme == "central":
@@ -192,7 +192,7 @@ class ConceptHeads:
 
     def reference_sensitivity(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Torch autograd: ``[N, M, K]`` directional derivatives of every logit along every CAV."""
-        grads = latent_gradients(model, self.layer, x)  # [N, K, C]
+        grads = latent_gradients(model, self.layer, x, pooling=self.pooling)  # [N, K, D]
         cavs = torch.stack([c.cav.float() for c in self.concepts])  # [M, C]
         return torch.einsum("nkc,mc->nmk", grads.float(), cavs)
 
@@ -261,7 +261,7 @@ def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept:
     center = pool_channels(ref_full, pooling).mean(0)
     rms = float(ref_full.double().pow(2).mean().sqrt())
     threshold = presence_threshold((a_clean - center) @ cav.cav_, (a_concept - center) @ cav.cav_)
-    sens = latent_gradients(model, layer, x_reference).float() @ cav.cav_  # [N, K]
+    sens = latent_gradients(model, layer, x_reference, pooling=pooling).float() @ cav.cav_  # [N, K]
     baseline = {}
     for k, cname in enumerate(classes):
         members = y_reference == k

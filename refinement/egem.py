@@ -203,16 +203,26 @@ def _units(a: torch.Tensor, per_element: bool) -> torch.Tensor:
     return a.flatten(2).sum(2)
 
 
+_SPATIAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
+
+
 def _consumed_by_linear(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, bool]:
-    """For each layer, whether the next conv/linear module to run after it is a linear layer."""
+    """For each layer, whether a linear layer reads it element-wise (next weighted module, no pooling between)."""
     from refinement.layers import trace_calls
 
     calls = trace_calls(model, x)
     out: dict[str, bool] = {}
     for name in layers:
         idx = [i for i, c in enumerate(calls) if c.name == name or c.name.startswith(name + ".")]
-        nxt = [c.module for c in calls[(idx[-1] + 1 if idx else 0):] if isinstance(c.module, (nn.Conv2d, nn.Linear))]
-        out[name] = bool(nxt) and isinstance(nxt[0], nn.Linear)
+        pooled = False
+        out[name] = False
+        for c in calls[(idx[-1] + 1 if idx else 0):]:
+            if isinstance(c.module, _SPATIAL_POOLS):
+                pooled = True  # the consumer reads pooled channels, not positions
+            # residual stages/blocks are traced as units; they start with a conv
+            if isinstance(c.module, (nn.Conv2d, nn.Linear)) or list(c.module.children()):
+                out[name] = isinstance(c.module, nn.Linear) and not pooled
+                break
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from hansgate.errors import ConfigError, DataError
@@ -51,6 +51,13 @@ class RefineConfig(BaseModel):
     retrain_epochs: tuple[int, ...] = RETRAIN_EPOCHS
     retrain_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(256, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown refinement method {v!r}; choose from {sorted(METHODS)}")
+        return v
 
 
 @dataclass

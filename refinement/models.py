@@ -159,8 +159,9 @@ def _apply_weights(model: nn.Module, weights: str | Path | None, spec: str) -> n
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelLoadError(f"weights {weights} do not fit model {spec}: {first}") from exc
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise ModelLoadError(f"weights {weights} do not fit model {spec}: {detail[:300]}") from exc
     return model
 
 

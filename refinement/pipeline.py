@@ -24,10 +24,10 @@ from hansgate.manifest import (
     SubgroupAttribute,
 )
 from refinement.export import OPSET, export_checked
-from refinement.methods import RefinementResult
+from refinement.methods import RefineConfig, RefinementResult
 from refinement.training import predict_logits
 
-__all__ = ["verified_subset", "per_class_subset", "bundle_graph", "build_bundle"]
+__all__ = ["verified_subset", "per_class_subset", "bundle_graph", "build_bundle", "refine_from_files"]
 
 
 def verified_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,3 +107,97 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+class _Normalized(torch.nn.Module):
+    """``model((x - mean) / std)``: bakes the model's input normalisation into the exported graph."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def refine_from_files(
+    *,
+    model_spec: str,
+    weights: str | None,
+    data: str,
+    out: str | Path,
+    config: RefineConfig,
+    classes: list[str] | None = None,
+    test_data: str | None = None,
+    poisoned_data: str | None = None,
+    image_size: tuple[int, int] = (28, 28),
+    channels: int = 1,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Bundle, dict[str, Any]]:
+    """``hansgate refine``: load model and data safely, refine, export, write the bundle atomically.
+
+    With ``mean``/``std`` the data are raw pixels in [0, 1]; refinement runs on normalised
+    inputs and the exported graph applies the normalisation itself.
+    """
+    from refinement.datasets import load_labelled
+    from refinement.methods import refine_model
+    from refinement.models import file_sha256, load_model, state_dict_sha256
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"output {out} exists; pass --overwrite to replace it")
+    ds = load_labelled(data, channels=channels, size=image_size)
+    names = classes or ds.classes
+    if len(names) < 2 or int(ds.y.max()) >= len(names):
+        raise DataError(f"labels go up to {int(ds.y.max())} but {len(names)} class name(s) were given")
+    c, h, w = ds.x.shape[1:]
+    mean = mean or [0.0] * c
+    std = std or [1.0] * c
+    if len(mean) != c or len(std) != c or any(s <= 0 for s in std):
+        raise DataError(f"--mean/--std need {c} value(s) each (std > 0)")
+    norm = _Normalized(torch.nn.Identity(), mean, std)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return norm(x)
+
+    model = load_model(model_spec, weights, num_classes=len(names), in_channels=c, image_size=h)
+    x, y = verified_subset(model, prep(ds.x), ds.y)
+    if (k_out := predict_logits(model, x[:2]).shape[1]) != len(names):
+        raise DataError(f"the model has {k_out} outputs but the data have {len(names)} classes")
+    result = refine_model(model, x, y, config, progress=progress)
+
+    def scores(m: nn.Module) -> dict[str, float]:
+        from refinement.training import accuracy
+
+        out_scores = {"verified_acc": accuracy(m, x, y)}
+        for key, path in (("clean_acc", test_data), ("poisoned_acc", poisoned_data)):
+            if path:
+                extra = load_labelled(path, channels=channels, size=image_size)
+                out_scores[key] = accuracy(m, prep(extra.x), extra.y)
+        return out_scores
+
+    evaluation = Evaluation(data=f"verified: {data}; test: {test_data}; poisoned: {poisoned_data}",
+                            before=scores(model), after=scores(result.model))
+    baked = any(v != 0 for v in mean) or any(v != 1 for v in std)
+    if baked:
+        result.model = _Normalized(result.model, mean, std).eval()
+    source_hash = file_sha256(weights) if weights else (
+        file_sha256(model_spec.partition(":")[2]) if model_spec.startswith("torchscript:") else state_dict_sha256(model))
+    bundle = build_bundle(
+        out, result,
+        x_check=(ds.x if baked else x)[:256],
+        classes=names,
+        input_spec=InputSpec(channels=c, height=h, width=w, mean=mean, std=std, normalization_in_graph=baked,
+                             color_mode="L" if c == 1 else "RGB"),
+        source=SourceModel(spec=model_spec, sha256=source_hash, weights=str(weights) if weights else None),
+        evaluation=evaluation,
+        overwrite=overwrite,
+    )
+    return bundle, {"before": evaluation.before, "after": evaluation.after, "n_verified": len(y),
+                    "n_data": len(ds.y), "method": result.method, "hyperparameters": result.hyperparameters}

@@ -34,7 +34,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refinement.cli_refine import refine_command
+    import json
 
-    print(refine_command(args))
+    from refinement.methods import RefineConfig
+    from refinement.pipeline import refine_from_files
+
+    config = RefineConfig(method=args.method, slack=args.slack, layers=args.layers, schedule=args.schedule,
+                          seed=args.seed)
+    bundle, summary = refine_from_files(
+        model_spec=args.model, weights=args.weights, data=args.data, out=args.out, config=config,
+        classes=args.classes, test_data=args.test_data, poisoned_data=args.poisoned_data,
+        image_size=tuple(args.image_size), channels=args.channels, mean=args.mean, std=args.std,
+        overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"bundle written to {bundle.path}")
     return 0

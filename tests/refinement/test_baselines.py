@@ -1,0 +1,59 @@
+"""RGEM / Ridge closed forms (paper 000, Supp. D) and the slack rule (Sec. 4.4)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from refinement.baselines import last_linear, ridge_moments, ridge_solve, with_last_layer
+from refinement.selection import Candidate, select_by_slack, validation_split
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+def test_rgem_with_vanishing_lambda_reproduces_the_last_layer():
+    net, x = _net(), torch.randn(200, 4)
+    layer = last_linear(net, x[:2])
+    assert layer == "2"
+    gram, cross = ridge_moments(net, layer, x, None, batch_size=17)
+    w, b = ridge_solve(gram, cross, 1e-10)
+    assert torch.allclose(w, net[2].weight, atol=1e-4) and torch.allclose(b, net[2].bias, atol=1e-4)
+
+
+def test_ridge_matches_normal_equations_and_leaves_bias_unpenalised():
+    net, x = _net(), torch.randn(100, 4)
+    y = torch.randn(100, 3, dtype=torch.float64)
+    gram, cross = ridge_moments(net, "2", x, y)
+    feats = torch.relu(net[0](x)).double()
+    a = torch.cat([feats, torch.ones(100, 1, dtype=torch.float64)], 1)
+    lam = 0.7
+    reg = torch.eye(7, dtype=torch.float64) * lam
+    reg[-1, -1] = 0
+    want = torch.linalg.solve(a.T @ a / 100 + reg, a.T @ y / 100)
+    w, b = ridge_solve(gram, cross, lam)
+    assert torch.allclose(w, want[:-1].T.float(), atol=1e-5) and torch.allclose(b, want[-1].float(), atol=1e-5)
+    w_inf, b_inf = ridge_solve(gram, cross, 1e12)  # huge lambda: weights vanish, bias -> target mean
+    assert w_inf.abs().max() < 1e-6 and torch.allclose(b_inf, y.mean(0).float(), atol=1e-5)
+    swapped = with_last_layer(net, "2", w, b)
+    assert torch.equal(swapped[2].weight, w) and not torch.equal(net[2].weight, w)
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12), st.floats(0.5, 1), st.floats(0, 0.5))
+def test_slack_rule_picks_strongest_qualifying(accs, orig, slack):
+    cands = [Candidate({"i": i}, a) for i, a in enumerate(accs)]
+    sel = select_by_slack(cands, orig, slack)
+    ok = [c for c in cands if c.val_acc >= (1 - slack) * orig]
+    if ok:
+        assert sel.chosen == ok[0] and sel.qualified
+    else:
+        assert sel.chosen == cands[-1] and not sel.qualified
+
+
+def test_validation_split_is_disjoint_and_rounds_up():
+    fit, val = validation_split(11, 0.2, seed=0)
+    assert len(val) == 3 and len(fit) == 8 and not set(fit.tolist()) & set(val.tolist())
