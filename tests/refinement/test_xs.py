@@ -279,7 +279,7 @@ def test_tap_loss_matches_objective_and_needs_no_second_order():
 def test_train_xs_smoke_tap_lowers_the_penalty(tmp_path):
     from refinement.decoy import DecoyConfig, make_decoy
 
-    data = make_decoy(DecoyConfig(train_copies=1, test_copies=1)).subset(256)
+    data = make_decoy(DecoyConfig(train_copies=1, test_copies=1)).subset(160)
     losses: dict[str, list[dict[str, float]]] = {}
     models = {}
     for method, lam in (("none", 0.0), ("tap", 1.0), ("rrr", 1e6)):
