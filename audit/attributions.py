@@ -142,9 +142,11 @@ def attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
               output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Attribution ``[N, C, H, W]`` of ``model`` for ``x`` ``[N, C, H, W]``.
 
-    The output relevance is the one-hot of ``target`` ``[N]`` (class indices) times the
-    logit, i.e. the explained quantity is the target logit; or ``output_fn(logits)`` when
-    given (e.g. a CAV projection). Every hook, canonizer and mode change is undone on return.
+    The explained quantity is the logit of ``target`` ``[N]`` (class indices): LRP starts from
+    its value (one-hot times logit, so the map sums to about the logit), the gradient methods
+    from the one-hot (so ``gradient`` is the plain input gradient of the logit). With
+    ``output_fn(logits)`` that function's value is the start instead (e.g. a CAV projection).
+    Every hook, canonizer and mode change is undone on return.
     """
     if method not in ATTRIBUTION_METHODS:
         raise ConfigError(f"unknown attribution method {method!r}; choose from {list(ATTRIBUTION_METHODS)}")
@@ -164,7 +166,9 @@ def attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
                 tb = target[start : start + cfg.batch_size]  # type: ignore[index]
 
                 def fn(logits: torch.Tensor, tb: torch.Tensor = tb) -> torch.Tensor:
-                    return torch.nn.functional.one_hot(tb, logits.shape[1]).to(logits) * logits
+                    onehot = torch.nn.functional.one_hot(tb, logits.shape[1]).to(logits)
+                    # LRP starts from the logit's value (the map sums to it); gradient methods from 1
+                    return onehot * logits if method.startswith("lrp") else onehot
             with _attributor(method, model, composite, cfg) as attributor:
                 _, rel = attributor(xb.requires_grad_(True), fn)
             out.append(rel.detach())

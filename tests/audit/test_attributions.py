@@ -1,0 +1,147 @@
+"""Attributions on tiny seeded models: closed forms, conservation, canonizers undone, the F.1 rule."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from zennit.torchvision import ResNetCanonizer
+
+from audit.attributions import (
+    ATTRIBUTION_METHODS,
+    AttributionConfig,
+    attribute,
+    canonizers_for,
+    heatmap_grid_png,
+    relevance_share_in_mask,
+    verify_by_relevance,
+)
+from hansgate.errors import ConfigError
+from refinement.models import build_builtin
+
+
+def _bias_free_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3, bias=False)).eval()
+
+
+def test_gradient_is_autograd_gradient_of_target_logit():
+    model = _bias_free_cnn()
+    x = torch.rand(5, 1, 8, 8)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    got = attribute(model, x, t, "gradient")
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr).gather(1, t[:, None]).sum(), xr)
+    torch.testing.assert_close(got, grad)
+
+
+def test_integrated_gradients_completeness():
+    model = _bias_free_cnn()
+    x = torch.rand(3, 1, 8, 8)
+    t = torch.tensor([0, 1, 2])
+    rel = attribute(model, x, t, "integrated-gradients", AttributionConfig(ig_steps=400))
+    # baseline = per-feature minimum of the value range (0): sum of attributions = f(x) - f(0)
+    diff = model(x).gather(1, t[:, None]).squeeze(1) - model(torch.zeros_like(x)).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(rel.sum((1, 2, 3)), diff.detach(), rtol=0.03, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["lrp-epsilon-plus-flat", "lrp-epsilon-zplus-box"])
+def test_lrp_conserves_the_target_logit_without_biases(method):
+    model = _bias_free_cnn()
+    x = torch.rand(4, 1, 8, 8) + 0.05
+    logits = model(x)
+    t = logits.argmax(1)
+    rel = attribute(model, x, t, method)
+    target = logits.gather(1, t[:, None]).squeeze(1).detach()
+    torch.testing.assert_close(rel.sum((1, 2, 3)), target, rtol=1e-3, atol=1e-4)
+
+
+def test_every_method_runs_and_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = build_builtin("small_resnet").eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 1, 28, 28)
+    before = model(x)
+    for method in ATTRIBUTION_METHODS:
+        rel = attribute(model, x, torch.tensor([1, 2]), method, AttributionConfig(smoothgrad_samples=3, ig_steps=4))
+        assert rel.shape == x.shape and torch.isfinite(rel).all()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k])  # canonizers (merged batch-norm) undone
+    torch.testing.assert_close(model(x), before)
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_canonizers_chosen_from_architecture():
+    assert any(isinstance(c, ResNetCanonizer) for c in canonizers_for(build_builtin("small_resnet")))
+    assert canonizers_for(build_builtin("small_vgg")) == []
+
+
+def test_resnet_lrp_with_canonizer_conserves_and_without_does_not():
+    """The ResNet canonizer turns the skip sum into a module LRP splits: with zero biases (batch-norm
+    without shift) the map sums to the logit; the same composite without canonizer does not."""
+    from zennit.attribution import Gradient
+
+    from audit.attributions import EpsilonZPlusBox
+
+    torch.manual_seed(1)
+    model = build_builtin("small_resnet").eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.zeros_(m.bias)
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
+    x = torch.rand(3, 1, 28, 28) + 0.05
+    logits = model(x).detach()
+    t = logits.argmax(1)
+    target = logits.gather(1, t[:, None]).squeeze(1)
+    rel = attribute(model, x, t, "lrp-epsilon-zplus-box")
+    torch.testing.assert_close(rel.sum((1, 2, 3)), target, rtol=1e-3, atol=1e-5)
+    plain = EpsilonZPlusBox(low=torch.zeros_like(x[:1]), high=torch.ones_like(x[:1]), canonizers=[])
+    with Gradient(model, plain) as attributor:
+        _, rel_plain = attributor(x.clone().requires_grad_(True),
+                                  lambda out: torch.nn.functional.one_hot(t, out.shape[1]) * out)
+    assert ((rel_plain.sum((1, 2, 3)) - target).abs() > 0.5 * target.abs()).all()
+
+
+def test_smoothgrad_is_seeded_and_keeps_caller_rng():
+    model = _bias_free_cnn()
+    x = torch.rand(2, 1, 8, 8)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = attribute(model, x, torch.tensor([0, 1]), "smoothgrad", AttributionConfig(smoothgrad_samples=5))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = attribute(model, x, torch.tensor([0, 1]), "smoothgrad", AttributionConfig(smoothgrad_samples=5))
+    torch.testing.assert_close(a, b)
+
+
+def test_relevance_share_closed_form_and_rule():
+    rel = torch.zeros(3, 1, 4, 4)
+    rel[0, 0, 0, 0], rel[0, 0, 3, 3] = 3.0, -1.0  # 3 of 4 inside
+    rel[1, 0, 3, 3] = 2.0  # none inside
+    mask = torch.zeros(4, 4)
+    mask[:2, :2] = 1
+    share = relevance_share_in_mask(rel, mask)
+    torch.testing.assert_close(share, torch.tensor([0.75, 0.0, 0.0]))
+    assert verify_by_relevance(rel, mask).tolist() == [True, False, False]
+    assert verify_by_relevance(rel, mask, 0.8).tolist() == [False, False, False]
+    with pytest.raises(ConfigError):
+        verify_by_relevance(rel, mask, 0.0)
+
+
+def test_unknown_method_and_missing_target_are_config_errors():
+    with pytest.raises(ConfigError):
+        attribute(_bias_free_cnn(), torch.rand(1, 1, 8, 8), torch.tensor([0]), "lime")
+    with pytest.raises(ConfigError):
+        attribute(_bias_free_cnn(), torch.rand(1, 1, 8, 8))
+
+
+def test_heatmap_grid_is_a_png():
+    png = base64.b64decode(heatmap_grid_png([[np.random.rand(8, 8)]], ["r"], ["c"], images=[np.zeros((8, 8))]))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
