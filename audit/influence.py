@@ -144,11 +144,11 @@ class LinearStudentInfluence:
         labels = logits.argmax(1)
         self.train_labels_ = labels
         classes = np.unique(labels)
-        self.student_ = LogisticRegression(C=cfg.C, max_iter=500, fit_intercept=False)
-        self.student_.fit(phi, labels)
         if len(classes) != logits.shape[1]:
             raise DataError(f"the model predicts only {len(classes)} of {logits.shape[1]} classes on the training "
                             "data; the student cannot mimic the rest")
+        self.student_ = LogisticRegression(C=cfg.C, max_iter=500, fit_intercept=False)
+        self.student_.fit(phi, labels)
         student_logits = self.student_.decision_function(phi)
         a = student_logits - student_logits.mean(1, keepdims=True)
         b = logits - logits.mean(1, keepdims=True)
