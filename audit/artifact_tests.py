@@ -9,7 +9,10 @@ candidate artifact onto clean samples and measure, per model,
 - **top target**: the class most flipped-to, with its share of the flips;
 - **relevance share** (torch models only): share of absolute LRP relevance (for the
   predicted class of the pasted image) that falls inside the artifact's mask, next to the
-  mask's area share (what a uniform heatmap would give) -- paper 000, Supp. F.1's measure;
+  mask's area share (what a uniform heatmap would give) -- paper 000, Supp. F.1's measure.
+  The default composite is epsilon-z+-box: its z^B rule keeps the first layer's relevance
+  on the pixels that carry it, where EpsilonPlusFlat's flat rule spreads it evenly over the
+  first layer's receptive field and so dilutes small masks;
 - **TCAV** of the artifact's concept, when the caller passes a concept test (``audit.tcav``).
 
 An artifact is *flagged* for a model when its flip rate or its accuracy drop reaches the
@@ -157,6 +160,7 @@ class ArtifactTestConfig(BaseModel):
     accuracy_drop_threshold: float = Field(0.05, gt=0.0, le=1.0, description="flag at this accuracy drop")
     max_samples: int = Field(1000, ge=10, description="clean samples pasted per artifact")
     relevance_samples: int = Field(32, ge=0, description="samples whose LRP share inside the mask is measured")
+    lrp_method: str = Field("lrp-epsilon-zplus-box", description="composite of the relevance share (see audit.attributions)")
     seed: int = 0
 
 
@@ -187,8 +191,8 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
     """Run every artifact against every model.
 
     ``predictors``: ``{model: numpy [N, C, H, W] -> logits [N, K]}`` (ONNX or torch);
-    ``torch_models``: the subset with a torch module, for the relevance share (LRP
-    ``EpsilonPlusFlat``); ``x`` ``[N, C, H, W]`` / ``y`` ``[N]`` torch tensors;
+    ``torch_models``: the subset with a torch module, for the relevance share (LRP,
+    ``config.lrp_method``); ``x`` ``[N, C, H, W]`` / ``y`` ``[N]`` torch tensors;
     ``concept_test(model, x_clean, x_pasted)``: optional TCAV of the artifact concept;
     ``clean_preds``: ``{model: predicted classes [N] on x}`` to skip predicting the clean samples again.
     Returns ``{"config", "artifacts": {name: {...per model...}}, "heatmaps": {name: (images, rows)}}``.
@@ -222,7 +226,7 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
                 net = torch_models[model]
                 with torch.no_grad():
                     pred = net(sub).argmax(1)
-                rel = attribute(net, sub, pred, "lrp-epsilon-plus-flat")
+                rel = attribute(net, sub, pred, config.lrp_method)
                 share = relevance_share_in_mask(rel, mask)
                 res["relevance_share"] = float(share.mean())
                 res["relevance_share_n"] = int(len(sub))

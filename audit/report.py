@@ -204,7 +204,7 @@ def render_figures(report: dict[str, Any], data: dict[str, Any]) -> dict[str, di
     if "heatmaps" in data:
         h = data["heatmaps"]
         figs["heatmaps_lrp"] = {
-            "title": "LRP heatmaps (EpsilonPlusFlat) of the predicted class, red = evidence for it",
+            "title": f"LRP heatmaps ({report['attributions']['composite']}) of the predicted class, red = evidence for it",
             "png": grid(h["images"], h["rows"], [labels_of.get(m, m) for m in h["rows"]]),
             "data": {"samples": [s["index"] for s in h["samples"]],
                      "relevance_sum": {m: [float(a.sum()) for a in v] for m, v in h["rows"].items()}}}

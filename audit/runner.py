@@ -41,6 +41,7 @@ class AuditConfig(BaseModel):
     flip_threshold: float = Field(0.10, gt=0, le=1)
     accuracy_drop_threshold: float = Field(0.05, gt=0, le=1)
     heatmaps: int = Field(32, ge=0, description="samples with LRP heatmaps")
+    lrp_method: str = Field("lrp-epsilon-zplus-box", description="composite of heatmaps and relevance shares")
     accept_share: float = Field(0.75, gt=0, le=1, description="paper 000 Supp. F.1 verification rule")
     concepts: bool = True
     tcav_runs: int = Field(10, ge=2)
@@ -182,14 +183,14 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
         for m, net in torch_models.items():
             with torch.no_grad():
                 target = net(xs).argmax(1)
-            rel = attribute(net, xs, target, "lrp-epsilon-plus-flat", attr_cfg)
+            rel = attribute(net, xs, target, cfg.lrp_method, attr_cfg)
             heat[m] = rel.sum(1).numpy()
             if inputs.region_mask is not None:
                 share = relevance_share_in_mask(rel, inputs.region_mask)
                 for s, v in zip(samples, share.tolist()):
                     s.setdefault("region_share", {})[m] = v
                     s.setdefault("verified", {})[m] = bool(v >= cfg.accept_share)
-        attributions = {"status": "done", "models": list(torch_models), "composite": "lrp-epsilon-plus-flat",
+        attributions = {"status": "done", "models": list(torch_models), "composite": cfg.lrp_method,
                         "explained": "logit of the class the model predicts", "n": int(len(idx)),
                         "samples": samples, "accept_share": cfg.accept_share,
                         "region_mask": inputs.region_mask_name}
@@ -217,7 +218,8 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
     say("artifact tests")
     artifacts = resolve_artifacts(list(cfg.artifacts), list(cfg.patches))
     art_cfg = ArtifactTestConfig(flip_threshold=cfg.flip_threshold, accuracy_drop_threshold=cfg.accuracy_drop_threshold,
-                                 relevance_samples=min(32, cfg.heatmaps) if cfg.heatmaps else 0, seed=cfg.seed)
+                                 relevance_samples=min(32, cfg.heatmaps) if cfg.heatmaps else 0,
+                                 lrp_method=cfg.lrp_method, seed=cfg.seed)
     # artifact tests work in raw pixel space (artifacts are pasted on raw images); predictors normalise
     torch_norm = {m: _Normalised(net, manifest) for m, net in torch_models.items() if m in predictors}
     arts = known_artifact_tests(predictors, torch_norm, x, y, classes, artifacts, art_cfg, clean_preds=preds)
