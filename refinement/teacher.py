@@ -30,7 +30,7 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "mnist_cnn"
-    tau: float = Field(0.1, gt=0, le=1, description="mask = 1 where normalised saliency < tau (Eq. 14)")
+    tau: float = Field(0.01, gt=0, le=1, description="mask = 1 where normalised saliency < tau (Eq. 14)")
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
