@@ -46,6 +46,8 @@ __all__ = [
     "POOLINGS",
     "REGULARIZATION_GRID",
     "pool_channels",
+    "lift_cav",
+    "pool_gradient",
     "default_concept_layer",
     "layer_activations",
     "pooled_activations",
@@ -57,7 +59,7 @@ __all__ = [
 ]
 
 CAV_KINDS: tuple[str, ...] = ("signal", "svm", "ridge", "lasso", "logistic")
-POOLINGS: tuple[str, ...] = ("max", "mean")
+POOLINGS: tuple[str, ...] = ("mean", "max", "none")
 #: Paper 001, Sec. 4.1: gamma in {10^-5, ..., 10^5} for every regression CAV.
 REGULARIZATION_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-5, 6))
 
@@ -65,14 +67,38 @@ REGULARIZATION_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-5, 6))
 # --------------------------------------------------------------------------- activations
 
 
-def pool_channels(a: torch.Tensor, pooling: str = "max") -> torch.Tensor:
-    """``[N, C, *spatial]`` -> ``[N, C]`` by the spatial max or mean; ``[N, D]`` is returned unchanged."""
+def pool_channels(a: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """``[N, C, *spatial]`` -> ``[N, C]`` by the spatial mean or max, or ``[N, C * H * W]`` (``none``).
+
+    ``[N, D]`` is returned unchanged.
+    """
     if pooling not in POOLINGS:
         raise ConfigError(f"unknown pooling {pooling!r}; choose from {list(POOLINGS)}")
     if a.dim() == 2:
         return a
+    if pooling == "none":
+        return a.flatten(1)
     flat = a.flatten(2)
     return flat.amax(dim=2) if pooling == "max" else flat.mean(dim=2)
+
+
+def lift_cav(cav: torch.Tensor, a: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """The activation-space direction of a CAV, shaped to broadcast over ``a`` ``[N, C, *spatial]``.
+
+    ``mean``/``max``: the same offset ``h`` at every position; ``none``: ``h`` reshaped to one map.
+    """
+    if a.dim() == 2:
+        return cav.to(a).view(1, -1)
+    if pooling == "none":
+        return cav.to(a).view((1,) + tuple(a.shape[1:]))
+    return cav.to(a).view((1, -1) + (1,) * (a.dim() - 2))
+
+
+def pool_gradient(g: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """``[N, C, *spatial]`` gradient -> ``[N, D]`` with ``pool_gradient(g) @ h`` = derivative along ``lift_cav(h)``."""
+    if g.dim() == 2:
+        return g
+    return g.flatten(1) if pooling == "none" else g.flatten(2).sum(2)
 
 
 def _residual_types() -> tuple[type, ...]:
@@ -144,7 +170,7 @@ def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, batch_size:
     return torch.cat(out)
 
 
-def pooled_activations(model: nn.Module, layer: str, x: torch.Tensor, pooling: str = "max",
+def pooled_activations(model: nn.Module, layer: str, x: torch.Tensor, pooling: str = "mean",
                        batch_size: int = 256) -> torch.Tensor:
     """Channel-pooled activations ``[N, C]`` of ``layer`` (see module docstring)."""
     pool_channels(x.new_zeros(1, 1), pooling)  # validates the name before running the model
@@ -155,7 +181,7 @@ def pooled_activations(model: nn.Module, layer: str, x: torch.Tensor, pooling: s
 
 
 def activation_change(model: nn.Module, layer: str, x: torch.Tensor, x_tilde: torch.Tensor,
-                      pooling: str = "max") -> torch.Tensor:
+                      pooling: str = "mean") -> torch.Tensor:
     """``Delta a = pooled a(x_tilde) - pooled a(x)`` ``[N, C]`` (paper 001, Sec. 4.2); ``x_tilde = phi(x)``."""
     if x.shape != x_tilde.shape:
         raise DataError(f"x {tuple(x.shape)} and x_tilde {tuple(x_tilde.shape)} must have the same shape")

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from audit.cav import CAV_KINDS, ConceptActivationVector, pooled_activations
+from audit.cav import CAV_KINDS, ConceptActivationVector, pool_gradient, pooled_activations
 from hansgate.errors import ConfigError, DataError, ModelRunError
 
 __all__ = [
@@ -58,7 +58,7 @@ class TcavConfig(BaseModel):
     sample_share: float = Field(0.5, gt=0.0, le=1.0)
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     cav_kind: str = "signal"
-    pooling: str = "max"
+    pooling: str = "mean"
     seed: int = 0
 
 
@@ -100,8 +100,11 @@ def _leaf_hook(store: list[torch.Tensor]) -> Any:
 
 
 def latent_gradients(model: nn.Module, layer: str, x: torch.Tensor, classes: list[int] | None = None,
-                     batch_size: int = 128) -> torch.Tensor:
-    """``G`` ``[N, K', C]``: ``d logit_k / d a`` at ``layer``, summed over spatial positions (torch autograd).
+                     pooling: str = "mean", batch_size: int = 128) -> torch.Tensor:
+    """``G`` ``[N, K', D]``: ``d logit_k / d a`` at ``layer``, pooled by ``audit.cav.pool_gradient`` (autograd).
+
+    For ``mean``/``max`` pooling the gradient is summed over positions (``D = C``); for
+    ``none`` it is flattened (``D = C * H * W``); either way ``G @ h`` is the derivative along the CAV.
 
     ``classes`` selects the logits (default: all, in order). Eval mode; parameters get no gradients.
     """
@@ -128,7 +131,7 @@ def latent_gradients(model: nn.Module, layer: str, x: torch.Tensor, classes: lis
                 grads = []
                 for j, k in enumerate(ks):
                     (g,) = torch.autograd.grad(logits[:, k].sum(), leaf, retain_graph=j < len(ks) - 1)
-                    grads.append(g.flatten(2).sum(2) if g.dim() > 2 else g)
+                    grads.append(pool_gradient(g, pooling))
                 parts.append(torch.stack(grads, 1))
     except RuntimeError as exc:
         raise ModelRunError(f"cannot differentiate the model at {layer!r}: {str(exc).splitlines()[0]}") from exc
@@ -218,7 +221,7 @@ def tcav_for_class(model: nn.Module, layer: str, x_target: torch.Tensor, class_i
     cfg = config or TcavConfig()
     x, t = _concept_data(x_concept, x_other)
     acts = pooled_activations(model, layer, x, cfg.pooling)
-    grads = latent_gradients(model, layer, x_target, [class_index])[:, 0]
+    grads = latent_gradients(model, layer, x_target, [class_index], cfg.pooling)[:, 0]
     return tcav_test(grads, acts, t, cfg, name=name, class_index=class_index)
 
 
@@ -238,7 +241,7 @@ class ConceptRanking:
         if not concepts:
             raise DataError("no concepts to rank")
         cfg = self.config
-        grads = latent_gradients(model, layer, x_class, [class_index])[:, 0]
+        grads = latent_gradients(model, layer, x_class, [class_index], cfg.pooling)[:, 0]
         self.results_: dict[str, TcavResult] = {}
         for name, (x_with, x_without) in concepts.items():
             x, t = _concept_data(x_with, x_without)

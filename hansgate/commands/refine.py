@@ -30,10 +30,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--quiet", action="store_true")
+    c = p.add_argument_group("concepts", "ClArC methods (p-clarc, a-clarc, rr-clarc) and watched concepts; DATA is "
+                             "an .npz with x, y and a boolean 'concept' (refinement.concept_refine)")
+    c.add_argument("--concept", action="append", metavar="NAME=DATA",
+                   help="a concept and its labelled samples; repeatable; ClArC corrects the first, all are watched")
+    c.add_argument("--concept-layer", help="concept layer (default: the last conv layer)")
+    c.add_argument("--cav-kind", default="signal", help="signal, svm, ridge, lasso, logistic")
+    c.add_argument("--pooling", default="none", choices=["none", "mean", "max"],
+                   help="activation pooling for the CAVs (default none: the full map)")
+    c.add_argument("--rr-mode", default="random", choices=["random", "all", "class"],
+                   help="RR-ClArC annotation vector m (random +-1, ones, one-hot on --target-class)")
+    c.add_argument("--target-class", type=int, help="class index for --rr-mode class")
+    c.add_argument("--epochs", type=int, default=10, help="ClArC fine-tuning epochs")
+    c.add_argument("--lambdas", type=float, nargs="+", help="RR-ClArC lambda grid (default 1 ... 1e5)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method in ("p-clarc", "a-clarc", "rr-clarc") or args.concept:
+        return _run_concepts(args)
     import json
 
     from refinement.methods import RefineConfig
@@ -47,5 +62,32 @@ def run(args: argparse.Namespace) -> int:
         image_size=tuple(args.image_size), channels=args.channels, mean=args.mean, std=args.std,
         overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
+    print(f"bundle written to {bundle.path}")
+    return 0
+
+
+def _run_concepts(args: argparse.Namespace) -> int:
+    import json
+
+    from hansgate.errors import ConfigError
+    from refinement.clarc import ClarcConfig
+    from refinement.concept_refine import parse_concept_args, refine_with_concepts
+    from refinement.methods import RefineConfig
+
+    if args.mean or args.std:
+        raise ConfigError("--mean/--std are not supported together with concepts; pass normalised data")
+    clarc = ClarcConfig(layer=args.concept_layer, cav_kind=args.cav_kind, pooling=args.pooling, mode=args.rr_mode,
+                        target_class=args.target_class, epochs=args.epochs, seed=args.seed,
+                        **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
+    refine = None
+    if args.method not in ("p-clarc", "a-clarc", "rr-clarc"):
+        refine = RefineConfig(method=args.method, slack=args.slack, layers=args.layers, schedule=args.schedule,
+                              seed=args.seed)
+    bundle, summary = refine_with_concepts(
+        model_spec=args.model, weights=args.weights, data=args.data, out=args.out,
+        concepts=parse_concept_args(args.concept), method=args.method, clarc=clarc, refine=refine,
+        classes=args.classes, test_data=args.test_data, poisoned_data=args.poisoned_data,
+        overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0
