@@ -138,10 +138,10 @@ def train_xs_from_files(
     if out.exists() and not overwrite:
         raise DataError(f"output {out} exists; pass --overwrite to replace it")
     method = config.xs.method
-    if method != "none" and (masks is None) == (config.teacher_share is None) and data != "decoy":
-        raise ConfigError("give exactly one of --masks or --teacher-share (with --teacher-data)")
     if masks is not None and config.teacher_share is not None:
         raise ConfigError("give either --masks or --teacher-share, not both")
+    if method != "none" and masks is None and config.teacher_share is None and data != "decoy":
+        raise ConfigError("give exactly one of --masks or --teacher-share (with --teacher-data)")
 
     truth: torch.Tensor | None = None
     val = test = permuted = None
