@@ -5,16 +5,19 @@
 Everything runs on this machine in one run, side by side:
 
 1. **bare onnxruntime**: the bundle's graph in a loop (all outputs, as the gateway fetches
-   them; all cores), batch sizes 1..256 -> rows/s; and logits only.
+   them; all cores), batch sizes 1..256 -> rows/s and the best batch size; and logits only.
+   The best batch size is timed again in every round of step 3, beside the gateway.
 2. **gateway** (``hansgate serve``, real BentoML, ``--workers``): rows/s at saturation with
    batched ``.npy`` requests and with single-row requests (adaptive batching), p50/p99
    latency of single-row requests at a moderate open-loop load (half the single-row
    saturation rate).
-3. **gateway, monitoring off** (``HANSGATE_MONITORING=0``: no concept heads, no metrics):
-   the same saturation runs -> overhead ratio.
+3. **gateway, monitoring off** (``HANSGATE_MONITORING=0``: graph cut to ``logits``, no
+   concept/prediction metrics): the same saturation runs, alternating with the monitored
+   gateway in ``--rounds`` rounds (both servers up) -> median overhead ratio.
 4. **torch eager BentoML service**: a straightforward single-request service around the
    source model (``@bentoml.api`` taking one tensor, ``model(x)`` under ``no_grad``),
-   single-row JSON requests, compared with the gateway on the same requests.
+   single-row JSON requests, compared with the gateway on the same requests in the same
+   rounds.
 5. **load run**: a fresh gateway, ``--load-requests`` (20,000) single-row requests at
    concurrency 64 with feedback for every 4th prediction mixed in (half by receipt, half by
    request id); counts 5xx, compares the counters on ``/metrics`` with what was sent, and
@@ -225,27 +228,36 @@ async def open_loop(base: str, make_request, rate: float, seconds: float) -> dic
 
 # -- phases ------------------------------------------------------------------------------------------
 def bare_onnxruntime(bundle, x: np.ndarray, seconds: float) -> dict:
+    """Sweep of the bare loop: batch sizes x intra-op threads (1 and all cores), all outputs; logits only too."""
+    out: dict = {"by_threads_and_batch": {}, "logits_only_by_batch": {}}
+    cores = os.cpu_count() or 1
+    for threads in sorted({1, cores}):
+        out["by_threads_and_batch"][str(threads)] = {
+            str(bs): bare_rows_per_s(bundle, x, bs, seconds, threads) for bs in (1, 8, 32, 64, 128, 256)}
+    out["logits_only_by_batch"] = {str(bs): bare_rows_per_s(bundle, x, bs, seconds, cores, ["logits"])
+                                   for bs in (1, 64, 256)}
+    best = max(((t, b, v) for t, d in out["by_threads_and_batch"].items() for b, v in d.items()), key=lambda r: r[2])
+    out["best_threads"], out["best_batch"], out["best_rows_per_s"] = int(best[0]), int(best[1]), best[2]
+    return out
+
+
+def bare_rows_per_s(bundle, x: np.ndarray, batch: int, seconds: float, threads: int,
+                    outputs: list[str] | None = None) -> float:
+    """Rows/s of the bundle's graph (all outputs unless ``outputs``) at one batch size and thread count."""
     import onnxruntime as ort
 
-    out: dict = {"threads": os.cpu_count(), "by_batch": {}, "logits_only_by_batch": {}}
-    for key, names in [("by_batch", None), ("logits_only_by_batch", ["logits"])]:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = os.cpu_count() or 1
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(bundle.onnx_path), opts, providers=["CPUExecutionProvider"])
-        for bs in (1, 8, 32, 64, 128, 256):
-            xb = np.ascontiguousarray(x[:bs])
-            sess.run(names, {"input": xb})
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                sess.run(names, {"input": xb})
-                n += bs
-            out[key][str(bs)] = n / (time.perf_counter() - t0)
-    best = max(out["by_batch"], key=lambda b: out["by_batch"][b])
-    out["best_batch"] = int(best)
-    out["best_rows_per_s"] = out["by_batch"][best]
-    return out
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(bundle.onnx_path), opts, providers=["CPUExecutionProvider"])
+    xb = np.ascontiguousarray(x[:batch])
+    sess.run(outputs, {"input": xb})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(outputs, {"input": xb})
+        n += batch
+    return n / (time.perf_counter() - t0)
 
 
 def scrape(base: str) -> dict[tuple, float]:
@@ -366,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--demo-dir", type=Path, help="an existing `hansgate demo` output (default: run the demo)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=8.0, help="measurement time per saturation run")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measurement time per saturation run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating monitoring on/off rounds")
     ap.add_argument("--load-requests", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args(argv)
@@ -394,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                     "onnxruntime": ort.__version__, "providers_available": ort.get_available_providers()},
         "bundle": {"method": manifest.method.name, "sha256": manifest.graph.sha256, "classes": len(manifest.classes),
                    "concepts": [c.name for c in manifest.concepts], "input": list(manifest.input.shape)},
-        "config": {"workers": args.workers, "seconds": args.seconds, "concurrency": args.concurrency},
+        "config": {"workers": args.workers, "seconds": args.seconds, "rounds": args.rounds,
+               "concurrency": args.concurrency},
     }
     from service.runtime import CUDA, cuda_device_count
 
@@ -421,30 +435,57 @@ def main(argv: list[str] | None = None) -> int:
     def req_single_json(i):
         return "/predict", {"data": single_json[i % 256], "headers": json_h}, 1
 
+    # monitoring on and off side by side: both servers up, measured in alternating rounds so that
+    # load from elsewhere on the machine hits both alike; figures are medians over the rounds
     runs: dict = {}
-    for name, monitoring in [("gateway", True), ("gateway_monitoring_off", False)]:
-        print(f"{name} ...", file=sys.stderr)
-        srv = gateway(demo / "bundle", work, name, args.workers, monitoring)
-        try:
-            r = {"batched_npy": asyncio.run(closed_loop(srv.base, req_batched, 8, args.seconds)),
-                 "single_npy": asyncio.run(closed_loop(srv.base, req_single, args.concurrency, args.seconds))}
-            if monitoring:
-                r["single_json"] = asyncio.run(closed_loop(srv.base, req_single_json, args.concurrency, args.seconds))
-                rate = 0.5 * r["single_npy"]["requests_per_s"]
-                r["moderate_load"] = asyncio.run(open_loop(srv.base, req_single, rate, args.seconds))
-            runs[name] = r
-        finally:
-            srv.stop()
-    print("torch eager BentoML ...", file=sys.stderr)
+    print("gateway (monitoring on / off, alternating) ...", file=sys.stderr)
+    on = gateway(demo / "bundle", work, "gateway", args.workers, True)
+    off = gateway(demo / "bundle", work, "gateway_off", args.workers, False)
     spec = manifest.source_model.spec.split(":", 1)[-1]
-    srv = torch_service(spec, demo / "source_model.safetensors", work)
+    eager = torch_service(spec, demo / "source_model.safetensors", work)
+    json_rounds: dict = {"gateway": [], "torch_eager_bentoml": []}
+    rounds: dict = {"gateway": {"batched_npy": [], "single_npy": []},
+                    "gateway_monitoring_off": {"batched_npy": [], "single_npy": []}}
+    bare_rounds: list[float] = []
     try:
-        def req_torch(i):
-            return "/predict", {"data": single_json[i % 256], "headers": json_h}, 1
-        runs["torch_eager_bentoml"] = {"single_json": asyncio.run(closed_loop(srv.base, req_torch, args.concurrency,
-                                                                             args.seconds))}
+        for _ in range(args.rounds):
+            bare_rounds.append(bare_rows_per_s(bundle, x, best, args.seconds,
+                                               result["bare_onnxruntime"]["best_threads"]))
+            for name, srv in [("gateway", on), ("gateway_monitoring_off", off)]:
+                rounds[name]["batched_npy"].append(asyncio.run(closed_loop(srv.base, req_batched, 8, args.seconds)))
+                rounds[name]["single_npy"].append(asyncio.run(closed_loop(srv.base, req_single, args.concurrency,
+                                                                          args.seconds)))
+            for name, srv in [("gateway", on), ("torch_eager_bentoml", eager)]:
+                json_rounds[name].append(asyncio.run(closed_loop(srv.base, req_single_json, args.concurrency,
+                                                                 args.seconds)))
+        extra: dict = {"single_json": {"rows_per_s": float(np.median([r["rows_per_s"] for r in json_rounds["gateway"]])),
+                                       "rounds": json_rounds["gateway"]}}
+        rate = 0.5 * float(np.median([r["requests_per_s"] for r in rounds["gateway"]["single_npy"]]))
+        extra["moderate_load"] = asyncio.run(open_loop(on.base, req_single, rate, args.seconds))
     finally:
-        srv.stop()
+        on.stop()
+        off.stop()
+        eager.stop()
+    for name in rounds:
+        runs[name] = {}
+        for kind, rs in rounds[name].items():
+            med = float(np.median([r["rows_per_s"] for r in rs]))
+            runs[name][kind] = {"rows_per_s": med, "rounds": rs}
+    runs["gateway"].update(extra)
+    ratios = {kind: [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(rounds["gateway"][kind],
+                                                                        rounds["gateway_monitoring_off"][kind])]
+              for kind in ("batched_npy", "single_npy")}
+    runs["torch_eager_bentoml"] = {"single_json": {
+        "rows_per_s": float(np.median([r["rows_per_s"] for r in json_rounds["torch_eager_bentoml"]])),
+        "rounds": json_rounds["torch_eager_bentoml"]}}
+    vs_torch = [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(json_rounds["gateway"],
+                                                                   json_rounds["torch_eager_bentoml"])]
+    result["gateway_over_torch_per_round"] = vs_torch
+    result["monitoring_ratio_per_round"] = ratios
+    result["bare_onnxruntime"]["best_batch_rows_per_s_per_round"] = bare_rounds
+    vs_bare = {kind: [a["rows_per_s"] / b for a, b in zip(rounds["gateway"][kind], bare_rounds)]
+               for kind in ("batched_npy", "single_npy")}
+    result["gateway_over_bare_per_round"] = vs_bare
     result["runs"] = runs
 
     print("load run ...", file=sys.stderr)
@@ -455,15 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         srv.stop()
 
-    g, off, bare = runs["gateway"], runs["gateway_monitoring_off"], result["bare_onnxruntime"]
+    g = runs["gateway"]
     lr = result["load_run"]
     bars = {
-        "gateway_vs_bare_onnxruntime_batched": g["batched_npy"]["rows_per_s"] / bare["best_rows_per_s"],
-        "gateway_vs_bare_onnxruntime_single_row": g["single_npy"]["rows_per_s"] / bare["best_rows_per_s"],
-        "gateway_vs_torch_eager_single_row_json": g["single_json"]["rows_per_s"]
-        / runs["torch_eager_bentoml"]["single_json"]["rows_per_s"],
-        "monitoring_on_over_off_batched": g["batched_npy"]["rows_per_s"] / off["batched_npy"]["rows_per_s"],
-        "monitoring_on_over_off_single_row": g["single_npy"]["rows_per_s"] / off["single_npy"]["rows_per_s"],
+        "gateway_vs_bare_onnxruntime_batched": float(np.median(vs_bare["batched_npy"])),
+        "gateway_vs_bare_onnxruntime_single_row": float(np.median(vs_bare["single_npy"])),
+        "gateway_vs_torch_eager_single_row_json": float(np.median(vs_torch)),
+        "monitoring_on_over_off_batched": float(np.median(ratios["batched_npy"])),
+        "monitoring_on_over_off_single_row": float(np.median(ratios["single_npy"])),
         "moderate_load_p50_ms": g["moderate_load"]["latency_ms_p50"],
         "moderate_load_p99_ms": g["moderate_load"]["latency_ms_p99"],
         "load_run_5xx": lr["responses_5xx"] + lr["client_errors"],

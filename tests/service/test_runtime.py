@@ -54,8 +54,10 @@ def test_runtime_matches_plain_onnxruntime(concept_bundle):
     np.testing.assert_allclose(out.logits, ref[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out.concept_scores, ref[1], rtol=1e-6, atol=1e-6)
     assert out.concept_sensitivity.shape == (5, 2, 3)
-    off = OnnxRuntime(bundle, "cpu", threads=1, monitoring=False).run(x)
+    off_rt = OnnxRuntime(bundle, "cpu", threads=1, monitoring=False)
+    off = off_rt.run(x)
     assert off.concept_scores is None and np.allclose(off.logits, out.logits)
+    assert [o.name for o in off_rt.session_.get_outputs()] == ["logits"]  # the heads are cut from the graph
 
 
 def test_service_package_is_torch_free():
