@@ -1,0 +1,154 @@
+"""refinement.concept_heads: graph split, heads vs autograd in torch and onnxruntime, manifest, demo bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hansgate.errors import ConfigError, ExportError
+from refinement.concept_heads import (
+    SENSITIVITY_TOLERANCE,
+    ConceptHeads,
+    presence_threshold,
+    split_at,
+    watch_concept,
+)
+from refinement.models import build_builtin
+from refinement.training import TrainConfig, train_classifier
+
+OUTPUTS = ["logits", "concept_scores", "concept_sensitivity"]
+
+
+@pytest.fixture(scope="module")
+def trained(digits_data):
+    """A small trained mnist_cnn on 600 biased training images (1 epoch): real activations, quick."""
+    torch.manual_seed(0)
+    model = build_builtin("mnist_cnn")
+    idx = torch.randperm(len(digits_data.y_train), generator=torch.Generator().manual_seed(0))[:600]
+    return train_classifier(model, digits_data.x_train[idx], digits_data.y_train[idx], TrainConfig(epochs=1))
+
+
+@pytest.fixture(scope="module")
+def watched(trained, digits_data):
+    from refinement.artifacts import get_artifact
+
+    x = digits_data.x_refine[:200]
+    y = digits_data.y_refine[:200]
+    return [watch_concept(trained, name, x, get_artifact(name).apply(x), x, y, digits_data.classes)
+            for name in ("corner", "frame")]
+
+
+@pytest.mark.parametrize("name,layer", [("mnist_cnn", "conv2"), ("small_vgg", "features.7"),
+                                        ("small_resnet", "layer2.1"), ("small_resnet", "layer1")])
+def test_split_reproduces_the_model_and_shares_its_parameters(name, layer):
+    torch.manual_seed(0)
+    model = build_builtin(name).eval()
+    x = torch.rand(3, 1, 28, 28)
+    features, head = split_at(model, layer)
+    assert torch.allclose(head(features(x)), model(x), atol=1e-6)
+    assert {id(p) for p in head.parameters()} <= {id(p) for p in model.parameters()}
+
+
+def test_split_refuses_a_layer_inside_a_residual_block():
+    model = build_builtin("small_resnet").eval()
+    with pytest.raises(ConfigError, match="not a cut"):
+        split_at(model, "layer2.1.conv1")
+    with pytest.raises(ConfigError):
+        split_at(model, "nope")
+
+
+def test_watched_concept_records_baselines(watched, digits_data):
+    c = watched[0]
+    assert c.layer == "conv2" and c.pooling == "mean" and abs(float(c.cav.norm()) - 1) < 1e-5
+    assert set(c.baseline_tcav) <= set(digits_data.classes) and all(0 <= v <= 1 for v in c.baseline_tcav.values())
+    spec = ConceptHeads(watched).specs()[0]
+    assert spec.name == "corner" and spec.presence_threshold == c.presence_threshold
+    assert spec.sensitivity_tolerance == SENSITIVITY_TOLERANCE
+
+
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_torch_graph_matches_model_scores_and_autograd(trained, watched, digits_data, scheme):
+    heads = ConceptHeads(watched, scheme=scheme)
+    graph = heads.graph(trained)
+    x = digits_data.x_test[:64]
+    with torch.no_grad():
+        logits, scores, sens = graph(x)
+    assert torch.allclose(logits, trained(x), atol=1e-5)
+    from audit.cav import layer_activations
+
+    pooled = layer_activations(trained, "conv2", x).mean((2, 3))
+    expected = torch.stack([(pooled - c.center) @ c.cav for c in watched], 1)
+    assert torch.allclose(scores, expected, atol=1e-4)
+    ref = heads.reference_sensitivity(trained, x)
+    assert sens.shape == ref.shape == (64, 2, 10)
+    assert (sens - ref).abs().max() <= heads.tolerance * (1 + ref.abs().max())
+
+
+def test_onnx_sensitivity_matches_autograd_on_real_samples(trained, watched, digits_data):
+    """The stated tolerance: |s_onnx - s_autograd| <= 1e-2 (1 + max |s|) per concept, on 128 test images."""
+    from refinement.export import export_onnx, run_onnx
+
+    heads = ConceptHeads(watched)
+    x = digits_data.x_test[:128]
+    onnx_bytes = export_onnx(heads.graph(trained), x, OUTPUTS)
+    errors = heads.check(onnx_bytes, trained, x)  # raises ExportError past the tolerance
+    assert all(e["relative_error"] <= SENSITIVITY_TOLERANCE for e in errors.values())
+    assert all(e["sign_agreement"] > 0.97 for e in errors.values())
+    logits, scores, sens = run_onnx(onnx_bytes, x.numpy())
+    np.testing.assert_allclose(logits, trained(x).detach().numpy(), atol=1e-4)
+    assert scores.shape == (128, 2) and sens.shape == (128, 2, 10)
+    strict = ConceptHeads(watched, tolerance=1e-12)
+    with pytest.raises(ExportError):
+        strict.check(onnx_bytes, trained, x)
+
+
+@given(st.lists(st.floats(-5, 5), min_size=2, max_size=30), st.lists(st.floats(-5, 5), min_size=2, max_size=30))
+@settings(max_examples=40, deadline=None)
+def test_presence_threshold_maximises_balanced_accuracy(clean, concept):
+    c, k = torch.tensor(clean), torch.tensor(concept)
+    thr = presence_threshold(c, k)
+
+    def bal(t: float) -> float:
+        return 0.5 * ((c <= t).float().mean() + (k > t).float().mean()).item()
+
+    candidates = [float(v) for v in torch.cat([c, k])] + [min(clean + concept) - 1]
+    assert bal(thr) >= max(bal(t) for t in candidates) - 1e-9
+
+
+def test_presence_threshold_separates_separable_scores():
+    thr = presence_threshold(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([5.0, 6.0]))
+    assert 2.0 < thr < 5.0
+
+
+def test_heads_validate_their_concepts(watched):
+    import dataclasses
+
+    with pytest.raises(ConfigError):
+        ConceptHeads([])
+    with pytest.raises(ConfigError):
+        ConceptHeads([watched[0], dataclasses.replace(watched[1], layer="conv1")])
+    with pytest.raises(ConfigError):
+        ConceptHeads([watched[0], watched[0]])
+
+
+def test_demo_bundle_carries_the_artifact_heads(demo_bundle, demo_dir):
+    from hansgate.bundle import load_bundle
+    from refinement.export import run_onnx
+
+    bundle = load_bundle(demo_bundle)
+    (concept,) = bundle.manifest.concepts
+    assert concept.name == "corner" and concept.layer == "features.7" and concept.cav_kind == "signal"
+    assert set(concept.baseline_tcav) == set(bundle.manifest.classes)
+    with np.load(demo_dir / "data" / "test.npz") as z:
+        x = z["x"][:100]
+    with np.load(demo_dir / "data" / "test_poisoned.npz") as z:
+        xp = z["x"][:100]
+    _, scores, sens = run_onnx(bundle.onnx_path.read_bytes(), x)
+    _, scores_p, _ = run_onnx(bundle.onnx_path.read_bytes(), xp)
+    assert sens.shape == (100, 1, 10)
+    present_clean = (scores[:, 0] > concept.presence_threshold).mean()
+    present_poisoned = (scores_p[:, 0] > concept.presence_threshold).mean()
+    assert present_poisoned > 0.9 and present_clean < 0.1  # the head sees the artifact in traffic
