@@ -1,0 +1,193 @@
+"""The demo's audit report end to end: bars, HTML numbers vs JSON, figures, Chromium rendering, CLI errors."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audit.report import find_chromium, fmt_num, screenshot
+from hansgate.cli import main
+
+
+@pytest.fixture(scope="module")
+def report_dir(demo_dir) -> Path:
+    return demo_dir / "audit"
+
+
+@pytest.fixture(scope="module")
+def report(report_dir) -> dict:
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def test_demo_writes_html_json_pdf(report_dir):
+    for name in ("report.html", "report.json"):
+        assert (report_dir / name).stat().st_size > 10_000
+    if find_chromium():
+        assert (report_dir / "report.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_suppressed_subgroup_shown_and_raised_by_refinement(report):
+    """Bar: site B (the artifact carriers) is flagged for the original, refinement raises its recall."""
+    heads = {(h["attribute"], h["value"]): h for h in report["headline"]}
+    b = heads[("site", "B")]
+    assert b["raised"] and b["macro_recall_after"] > b["macro_recall_before"] + 0.1
+    assert "8" not in b["classes_below_overall_before"] and len(b["classes_below_overall_before"]) >= 5
+    sub = report["subgroups"]
+    assert sub["models"]["before"]["attributes"]["site"]["B"]["flagged"]
+    assert not sub["models"]["before"]["attributes"]["site"]["A"]["flagged"]
+    assert sub["delta"]["site"]["B"]["accuracy"] > 0.1
+
+
+def test_training_artifact_flagged_control_not(report):
+    """Bar: the corner artifact the model was trained with is flagged for it; the unseen dot is not."""
+    arts = report["artifact_tests"]["artifacts"]
+    assert arts["corner"]["models"]["before"]["flagged"]
+    assert arts["corner"]["models"]["before"]["top_target"] == "8"
+    assert not arts["dot"]["models"]["before"]["flagged"]
+    # the refined model reacts less to the corner than the original
+    assert arts["corner"]["models"]["after"]["flip_rate"] < arts["corner"]["models"]["before"]["flip_rate"]
+    rel = arts["corner"]["models"]["before"]
+    assert rel["relevance_share"] > 5 * arts["corner"]["mask_area_share"]
+
+
+class _Cells(HTMLParser):
+    """Text of every <td>, and every <img data-figure> with its src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[str] = []
+        self.imgs: list[dict[str, str]] = []
+        self._td = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "td":
+            self._td += 1
+            self.cells.append("")
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._td -= 1
+
+    def handle_data(self, data):
+        if self._td:
+            self.cells[-1] += data
+
+
+def _json_tokens(obj, out: set[str]) -> set[str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _json_tokens(k, out)
+            _json_tokens(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _json_tokens(v, out)
+    elif isinstance(obj, bool) or obj is None:
+        pass
+    elif isinstance(obj, (int, float)):
+        for digits in (3, 4):
+            out.add(fmt_num(obj, digits).lstrip("-"))
+    elif isinstance(obj, str):
+        out.update(re.findall(r"\d+(?:\.\d+)?", obj))
+    return out
+
+
+def test_every_number_in_the_html_tables_is_in_the_json(report_dir, report):
+    parser = _Cells()
+    parser.feed((report_dir / "report.html").read_text())
+    known = _json_tokens(report, set())
+    numbers = [tok for cell in parser.cells for tok in re.findall(r"\d+(?:\.\d+)?", cell)]
+    assert len(numbers) > 500
+    missing = sorted({n for n in numbers if n not in known})
+    assert not missing, f"numbers in the HTML but not in report.json: {missing[:10]}"
+    # and a few by value: the headline's site-B figures
+    b = next(h for h in report["headline"] if h["value"] == "B")
+    cells = " ".join(parser.cells)
+    assert fmt_num(b["accuracy_before"]) in cells and fmt_num(b["accuracy_after"]) in cells
+
+
+def test_every_figure_in_the_html_is_in_the_json(report_dir, report):
+    parser = _Cells()
+    parser.feed((report_dir / "report.html").read_text())
+    imgs = [i for i in parser.imgs if "data-figure" in i]
+    assert len(imgs) >= 8 and len(imgs) == len(parser.imgs)
+    assert {i["data-figure"] for i in imgs} == set(report["figures"])
+    for img in imgs:
+        fig = report["figures"][img["data-figure"]]
+        png = base64.b64decode(img["src"].split(",", 1)[1])
+        assert hashlib.sha256(png).hexdigest() == fig["sha256"]
+        assert (report_dir / fig["file"]).read_bytes() == png
+        assert fig["data"]  # the plotted numbers travel with the figure
+    for required in ("subgroup_accuracy", "recall_site", "heatmaps_lrp", "heatmaps_methods", "artifact_tests"):
+        assert required in report["figures"]
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="headless Chromium is installed by scripts/test.sh")
+def test_html_renders_in_headless_chromium(report_dir, tmp_path):
+    from PIL import Image
+
+    png = screenshot(report_dir / "report.html", tmp_path / "shot.png", width=1200, height=1600)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape == (1600, 1200, 3)
+    assert img.std() > 20  # not blank
+    # matplotlib's default blue and orange bars (the before/after subgroup plots) are on the page
+    blue = (np.abs(img - [31, 119, 180]).sum(-1) < 30).sum()
+    orange = (np.abs(img - [255, 127, 14]).sum(-1) < 30).sum()
+    assert blue > 2000 and orange > 2000
+
+
+def _audit_args(demo_dir: Path, out: Path, **over) -> list[str]:
+    args = {"--data": str(demo_dir / "data" / "deploy.npz"),
+            "--attributes": str(demo_dir / "data" / "deploy_attributes.csv"), "--out": str(out)}
+    args.update(over)
+    flat = ["audit", str(demo_dir / "bundle")]
+    for k, v in args.items():
+        flat += [k, v]
+    return flat + ["--no-concepts", "--no-influence", "--no-pdf", "--heatmaps", "4", "--artifacts", "corner",
+                   "--quiet"]
+
+
+def test_cli_audit_agrees_with_the_demo_report(demo_dir, report, tmp_path):
+    out = tmp_path / "audit2"
+    assert main(_audit_args(demo_dir, out)) == 0
+    got = json.loads((out / "report.json").read_text())
+    assert got["models"]["before"]["kind"] == "torch" and got["models"]["after"]["kind"] == "onnx"
+    for model in ("before", "after"):
+        assert got["subgroups"]["models"][model] == report["subgroups"]["models"][model]
+    assert got["artifact_tests"]["artifacts"]["corner"]["models"]["before"]["flip_rate"] == \
+        report["artifact_tests"]["artifacts"]["corner"]["models"]["before"]["flip_rate"]
+
+
+def test_cli_bad_inputs_fail_cleanly(demo_dir, tmp_path, capsys):
+    good_csv = (demo_dir / "data" / "deploy_attributes.csv").read_text().splitlines()
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(good_csv[:-5]) + "\n")
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("\n".join([good_csv[0].replace("site", "sight")] + good_csv[1:]) + "\n")
+    cases = [
+        ({"--data": str(tmp_path / "missing.npz")}, "data not found"),
+        ({"--attributes": str(short)}, "rows, but the data has"),
+        ({"--attributes": str(wrong)}, "lacks"),
+        ({"--attributes": str(tmp_path / "none.csv")}, "attributes file not found"),
+    ]
+    for i, (over, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main(_audit_args(demo_dir, out, **over)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+        assert not out.exists() and not list(tmp_path.glob(f".out{i}.*"))
+    missing_bundle = ["audit", str(tmp_path / "nobundle")] + _audit_args(demo_dir, tmp_path / "o")[2:]
+    assert main(missing_bundle) == 2 and "bundle directory not found" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    assert main(_audit_args(demo_dir, existing)) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and (existing / "keep.txt").exists()
