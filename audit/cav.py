@@ -1,17 +1,23 @@
 """Concept Activation Vectors: signal-CAV, regression CAVs and their alignment (paper 001, Sec. 3.1, 4.2).
 
 A concept is a direction ``h`` in the activation space of one layer (the *concept
-layer*). Everything here works on **channel-pooled** activations ``[N, C]``:
+layer*). CAVs are fitted on activations reduced by a ``pooling``:
 
-- conv activations ``[N, C, H, W]`` are pooled per channel (``pooling="max"``, the
-  spatial maximum, as the paper's reference code does; or ``"mean"``). A CAV
-  ``h`` ``[C]`` acts on the full activation as the *same* offset at every spatial
-  position, ``a + eps * h[:, None, None]``; under both poolings that moves the pooled
-  activation by exactly ``eps * h``, so pooled and full views agree. Linear-layer
-  activations ``[N, D]`` are used as they are.
-- the default concept layer is the last conv layer (paper 001, Sec. 4.1); a conv
-  inside a torchvision residual block is replaced by its enclosing block, because the
-  block output is where the rest of the network reads from (a "cut" of the graph).
+- ``mean`` (default) / ``max``: conv activations ``[N, C, H, W]`` pooled per channel to
+  ``[N, C]`` (the paper's reference code uses the spatial max). Such a CAV acts on the full
+  activation as the *same* offset at every spatial position (``lift_cav``),
+  ``a + e * h[:, None, None]``, which moves the pooled activation by exactly ``e * h``.
+- ``none``: the full map flattened to ``[N, C * H * W]``; the CAV is a map itself. This
+  keeps *where* a localized artifact sits, which a channel-pooled direction cannot
+  express (``refinement.clarc`` uses it by default, see there).
+
+``pool_gradient`` reduces a gradient w.r.t. the full activation so that
+``pool_gradient(g) @ h`` is the directional derivative along ``lift_cav(h)``; TCAV
+(``audit.tcav``) and the concept heads (``refinement.concept_heads``) use that direction.
+Linear-layer activations ``[N, D]`` are used as they are. The default concept layer is
+the last conv layer (paper 001, Sec. 4.1); a conv inside a torchvision residual block is
+replaced by its enclosing block, because the block output is where the rest of the network
+reads from (a "cut" of the graph).
 
 CAV kinds (``CAV_KINDS``), all normalised to unit length and oriented towards the
 concept (``t = 1``):
@@ -25,7 +31,7 @@ concept (``t = 1``):
   (ties: the stronger regularisation), then refitted on all of it.
 
 Alignment with the true artifact direction (Sec. 4.2) for artifacts that can be
-pasted: ``delta = pooled a(phi(x)) - pooled a(x)``; Eq. 7 is the mean per-sample
+pasted: ``delta = pool(a(phi(x))) - pool(a(x))``; Eq. 7 is the mean per-sample
 cosine, Eq. 8 the cosine with the mean change.
 """
 

@@ -8,8 +8,8 @@ torch.fx, sharing the model's modules). The exported module (``ConceptGraph``) r
   (channel pooling as in ``audit.cav``, mean by default), centred on the refinement
   data's mean pooled activation;
 - ``concept_sensitivity`` ``[N, M, K]``: the directional derivative of every logit along
-  every CAV, ``d/de f_k(a + e h_m)`` with ``h_m`` added at every spatial position (the
-  same direction ``audit.tcav`` differentiates along). The graph computes it **without
+  every CAV, ``d/de f_k(a + e lift(h_m))`` (``audit.cav.lift_cav``: for pooled CAVs the
+  same offset at every spatial position; the direction ``audit.tcav`` differentiates along). The graph computes it **without
   autograd**, by finite differences through the head: ``central``
   ``(f(a + e h) - f(a - e h)) / 2e`` (2M extra head rows per sample) or ``forward``
   ``(f(a + e h) - f(a)) / e`` (M extra rows). The perturbed activations run through the
