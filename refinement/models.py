@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -188,7 +189,9 @@ def load_model(spec: str, weights: str | Path | None = None, num_classes: int = 
         if not Path(rest).is_file():
             raise ModelLoadError(f"TorchScript file not found: {rest}")
         try:
-            model = torch.jit.load(rest, map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream; a user's file is still valid
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(rest, map_location="cpu")
         except Exception as exc:  # torch raises RuntimeError/ValueError for non-TorchScript files
             raise ModelLoadError(f"cannot load TorchScript file {rest}: {exc}") from exc
     elif rest and all(part.isidentifier() for part in kind.split(".")) and rest.isidentifier():

@@ -1,0 +1,99 @@
+"""Bundle verification: hashes, schema version, graph signature; atomic writes; the export check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from hansgate.bundle import load_bundle, read_manifest, write_bundle
+from hansgate.errors import BundleError, BundleHashError, ExportError, SchemaVersionError
+from refinement.export import export_checked
+
+
+def test_demo_bundle_verifies(demo_bundle):
+    bundle = load_bundle(demo_bundle)
+    m = bundle.manifest
+    assert m.classes == [str(i) for i in range(10)]
+    assert m.method.name == "pca-egem" and m.method.hyperparameters["alpha"] > 0
+    assert m.graph.max_abs_logit_diff <= 1e-4
+    assert len(m.source_model.sha256) == 64
+    assert {"clean_acc", "poisoned_acc"} <= set(m.evaluation.before)
+    assert {s.name for s in m.subgroups} == {"site", "stroke"}
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_graph_is_refused(demo_bundle, tmp_path):
+    b = _copy(demo_bundle, tmp_path / "b")
+    with open(b / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleHashError):
+        load_bundle(b)
+
+
+def test_unknown_schema_version_is_refused(demo_bundle, tmp_path):
+    b = _copy(demo_bundle, tmp_path / "b")
+    raw = json.loads((b / "manifest.json").read_text())
+    raw["schema_version"] = "99.0"
+    (b / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(SchemaVersionError):
+        read_manifest(b)
+
+
+def test_manifest_disagreeing_with_graph_is_refused(demo_bundle, tmp_path):
+    b = _copy(demo_bundle, tmp_path / "b")
+    raw = json.loads((b / "manifest.json").read_text())
+    raw["classes"] = raw["classes"] + ["extra"]
+    for out in raw["graph"]["outputs"]:
+        out["shape"] = [None, len(raw["classes"])] + out["shape"][2:] if out["name"] == "logits" else out["shape"]
+    (b / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError):
+        load_bundle(b)
+
+
+def test_missing_or_broken_manifest(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError):
+        load_bundle(tmp_path)
+
+
+def test_write_bundle_is_atomic(demo_bundle, tmp_path):
+    manifest = load_bundle(demo_bundle).manifest
+    onnx_bytes = (demo_bundle / "model.onnx").read_bytes()
+    with pytest.raises(BundleHashError):
+        write_bundle(tmp_path / "out", onnx_bytes + b"x", manifest)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no temp dir left
+    write_bundle(tmp_path / "out", onnx_bytes, manifest)
+    assert load_bundle(tmp_path / "out").manifest == manifest
+    with pytest.raises(BundleError, match="refusing to overwrite"):
+        write_bundle(tmp_path / "out", onnx_bytes, manifest)
+
+
+class _ExportsDifferently(nn.Module):
+    """Computes something else while being exported: a stand-in for an op the exporter lowers wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x.flatten(1))
+        return out + 1e-3 if torch.compiler.is_exporting() else out
+
+
+def test_export_check_refuses_a_disagreeing_graph():
+    x = torch.rand(8, 1, 2, 2)
+    with pytest.raises(ExportError, match="disagrees"):
+        export_checked(_ExportsDifferently(), x, ["logits"])
+    good = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    _, diff = export_checked(good, x, ["logits"])
+    assert diff <= 1e-4
