@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hansgate.bundle import Bundle, load_bundle
+from hansgate.bundle import Bundle
 from hansgate.errors import DataError, ModelLoadError
 from hansgate.manifest import Manifest
 
 __all__ = ["read_attributes", "write_attributes", "onnx_predictor", "normalize", "source_weights_path",
-           "load_source_model", "MAX_ATTRIBUTES", "MAX_VALUES"]
+           "load_source_model", "tcav_sign_counts", "MAX_ATTRIBUTES", "MAX_VALUES"]
 
 MAX_ATTRIBUTES = 16
 MAX_VALUES = 64
@@ -130,8 +130,10 @@ def normalize(x: np.ndarray, manifest: Manifest) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def onnx_predictor(bundle: Bundle, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
-    """``x [N, C, H, W]`` (raw, in the manifest's value range) -> logits ``[N, K]`` through onnxruntime (CPU)."""
+def onnx_predictor(bundle: Bundle, batch_size: int = 256,
+                   outputs: tuple[str, ...] = ("logits",)) -> Callable[[np.ndarray], Any]:
+    """``x [N, C, H, W]`` (raw, in the manifest's value range) -> logits ``[N, K]`` through onnxruntime (CPU);
+    with several ``outputs`` (e.g. ``("logits", "concept_sensitivity")``) a tuple of arrays in that order."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -140,13 +142,16 @@ def onnx_predictor(bundle: Bundle, batch_size: int = 256) -> Callable[[np.ndarra
     manifest = bundle.manifest
     expected = tuple(manifest.input.shape)
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def predict(x: np.ndarray) -> Any:
         if tuple(x.shape[1:]) != expected:
             raise DataError(f"data samples have shape {tuple(x.shape[1:])}, the bundle expects {expected}")
+        if len(x) == 0:
+            raise DataError("no samples to run the bundle on")
         xn = normalize(np.asarray(x, dtype=np.float32), manifest)
-        out = [session.run(["logits"], {manifest.graph.input_name: xn[i : i + batch_size]})[0]
-               for i in range(0, len(xn), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(manifest.classes)), np.float32)
+        parts = [session.run(list(outputs), {manifest.graph.input_name: xn[i : i + batch_size]})
+                 for i in range(0, len(xn), batch_size)]
+        joined = tuple(np.concatenate([p[j] for p in parts]) for j in range(len(outputs)))
+        return joined[0] if len(outputs) == 1 else joined
 
     return predict
 
@@ -184,6 +189,21 @@ def load_source_model(bundle: Bundle, weights: Path) -> Any:
     return model
 
 
-def load_bundle_checked(path: str | Path) -> Bundle:
-    """``hansgate.bundle.load_bundle`` (hash and signature checks)."""
-    return load_bundle(path)
+def tcav_sign_counts(logits: np.ndarray, sensitivity: np.ndarray, concepts: list[str],
+                     classes: list[str]) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """TCAV sign counts as the gateway counts them: each sample counts for its *predicted* class ``k``,
+    positive when ``sensitivity[n, m, k] > 0`` (Kim et al. 2018, Eq. 2). ``logits [N, K]``,
+    ``sensitivity [N, M, K]`` (the bundle's ``concept_sensitivity``). Returns ``(positive, samples)``
+    keyed ``(concept, class)``, the inputs of ``audit.compliance.tcav_table``."""
+    pred = logits.argmax(1)
+    own = sensitivity[np.arange(len(pred)), :, pred] > 0  # [N, M]
+    positive: dict[tuple[str, str], int] = {}
+    samples: dict[tuple[str, str], int] = {}
+    for k, cls in enumerate(classes):
+        rows = pred == k
+        if not rows.any():
+            continue
+        for m, concept in enumerate(concepts):
+            samples[(concept, cls)] = int(rows.sum())
+            positive[(concept, cls)] = int(own[rows, m].sum())
+    return positive, samples

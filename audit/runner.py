@@ -282,6 +282,20 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
                                   inputs.train_y.numpy(), inputs.train_artifact, pasted_t)}
     timings["influence"] = time.perf_counter() - t0
 
+    # ---- the bundle's own concept heads, counted exactly as the gateway's compliance snapshot does
+    bundle_tcav: dict[str, Any] = {"status": "skipped", "reason": "the bundle watches no concepts"}
+    if manifest.concepts:
+        from audit.compliance import tcav_table
+        from audit.inputs import tcav_sign_counts
+
+        names = [c.name for c in manifest.concepts]
+        lg, sens = onnx_predictor(inputs.bundle, outputs=("logits", "concept_sensitivity"))(x.numpy())
+        positive, samples = tcav_sign_counts(lg, sens, names, classes)
+        baseline = {(c.name, k): v for c in manifest.concepts for k, v in c.baseline_tcav.items()}
+        rows = tcav_table(positive, samples, baseline, thresholds)
+        bundle_tcav = {"status": "done", "concepts": names, "rows": [r.as_dict() for r in rows],
+                       "flags": [r.as_dict() for r in rows if r.flags]}
+
     acc = {m: {"value": float((p == y_np).mean()), "n": int(len(y_np))} for m, p in preds.items()}
     report: dict[str, Any] = {
         "schema": "hansgate.audit/1",
@@ -300,6 +314,7 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
         "attributions": attributions,
         "artifact_tests": arts,
         "concepts": concepts,
+        "bundle_tcav": bundle_tcav,
         "influence": influence,
         "limitations": LIMITATIONS,
     }

@@ -69,3 +69,19 @@ def test_too_many_values_for_an_undeclared_attribute(tmp_path):
     rows = "\n".join(f"{i},v{i}" for i in range(70))
     with pytest.raises(DataError, match="at most 64"):
         read_attributes(_write(tmp_path, "index,batch\n" + rows + "\n"), 70)
+
+
+def test_tcav_sign_counts_equal_the_gateways_batch_stats():
+    """The report counts TCAV signs like the service's counters do (service.metrics.batch_stats)."""
+    from audit.inputs import tcav_sign_counts
+    from service.metrics import batch_stats
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 4))
+    sens = rng.normal(size=(200, 3, 4))
+    positive, samples = tcav_sign_counts(logits, sens, ["c0", "c1", "c2"], ["a", "b", "c", "d"])
+    _, stats = batch_stats(logits, rng.normal(size=(200, 3)), sens, np.zeros(3))
+    for m, concept in enumerate(["c0", "c1", "c2"]):
+        for k, cls in enumerate(["a", "b", "c", "d"]):
+            assert positive[(concept, cls)] == stats.tcav_positive[m, k]
+            assert samples[(concept, cls)] == stats.classes[k]

@@ -57,6 +57,26 @@ def test_training_artifact_flagged_control_not(report):
     assert rel["relevance_share"] > 5 * arts["corner"]["mask_area_share"]
 
 
+def test_bundle_concepts_counted_like_the_gateway(demo_dir, report):
+    """The demo bundle watches its artifact; the report's TCAV rows come from compliance.tcav_table on
+    sign counts of the bundle's concept_sensitivity output, as the gateway's snapshot does."""
+    from audit.compliance import tcav_table
+    from audit.inputs import onnx_predictor, tcav_sign_counts
+    from hansgate.bundle import load_bundle
+
+    bundle = load_bundle(demo_dir / "bundle")
+    if not bundle.manifest.concepts:
+        assert report["bundle_tcav"]["status"] == "skipped"
+        return
+    x = np.load(demo_dir / "data" / "deploy.npz")["x"]
+    lg, sens = onnx_predictor(bundle, outputs=("logits", "concept_sensitivity"))(x)
+    names = [c.name for c in bundle.manifest.concepts]
+    pos, n = tcav_sign_counts(lg, sens, names, list(bundle.manifest.classes))
+    base = {(c.name, k): v for c in bundle.manifest.concepts for k, v in c.baseline_tcav.items()}
+    rows = [r.as_dict() for r in tcav_table(pos, n, base)]
+    assert report["bundle_tcav"]["rows"] == json.loads(json.dumps(rows))
+
+
 class _Cells(HTMLParser):
     """Text of every <td>, and every <img data-figure> with its src."""
 
@@ -164,6 +184,17 @@ def test_cli_audit_agrees_with_the_demo_report(demo_dir, report, tmp_path):
         assert got["subgroups"]["models"][model] == report["subgroups"]["models"][model]
     assert got["artifact_tests"]["artifacts"]["corner"]["models"]["before"]["flip_rate"] == \
         report["artifact_tests"]["artifacts"]["corner"]["models"]["before"]["flip_rate"]
+
+
+def test_cli_audit_against_a_second_bundle(demo_dir, tmp_path):
+    """--before BUNDLE compares two ONNX bundles without torch models: same bundle, zero change."""
+    out = tmp_path / "two"
+    args = _audit_args(demo_dir, out, **{"--before": str(demo_dir / "bundle"), "--max-samples": "200"})
+    assert main(args + ["--no-source"]) == 0
+    got = json.loads((out / "report.json").read_text())
+    assert got["models"]["before"]["kind"] == "onnx" and got["attributions"]["status"] == "skipped"
+    assert got["inputs"]["n_samples"] == 200
+    assert all(d["accuracy"] == 0.0 for groups in got["subgroups"]["delta"].values() for d in groups.values())
 
 
 def test_cli_bad_inputs_fail_cleanly(demo_dir, tmp_path, capsys):
