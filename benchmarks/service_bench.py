@@ -18,10 +18,11 @@ Everything runs on this machine in one run, side by side:
    source model (``@bentoml.api`` taking one tensor, ``model(x)`` under ``no_grad``),
    single-row JSON requests, compared with the gateway on the same requests in the same
    rounds.
-5. **load run**: a fresh gateway, ``--load-requests`` (20,000) single-row requests at
-   concurrency 64 with feedback for every 4th prediction mixed in (half by receipt, half by
-   request id); counts 5xx, compares the counters on ``/metrics`` with what was sent, and
-   samples the resident memory of the server processes.
+5. **load run**: a fresh gateway, ``--load-warmup`` (10,000) then ``--load-requests``
+   (20,000) single-row requests at concurrency 64 with feedback for every 4th prediction
+   mixed in (half by receipt, half by request id); counts 5xx, compares the counters on
+   ``/metrics`` with everything sent, and samples the resident memory of the server
+   processes (flatness judged on the 20,000 measured requests).
 
 The load generator (aiohttp) runs in this process and shares the CPU with the servers;
 the JSON records the machine. Nothing is hard-coded: every figure is measured here.
@@ -279,7 +280,9 @@ def total(values, name, **labels) -> float:
 
 
 async def load_run(server: Server, x: np.ndarray, y: np.ndarray, sites: np.ndarray | None, classes: list[str],
-                   requests: int, concurrency: int) -> dict:
+                   requests: int, concurrency: int, warmup: int) -> dict:
+    """``warmup`` requests, then ``requests`` measured ones (same mix); RSS is judged on the measured part,
+    counters on everything sent."""
     import aiohttp
 
     statuses: Counter = Counter()
@@ -289,10 +292,11 @@ async def load_run(server: Server, x: np.ndarray, y: np.ndarray, sites: np.ndarr
     feedback_correct = 0
     errors = 0
     rss: list[tuple[float, float]] = []
-    counter = iter(range(requests))
+    counter = iter(range(warmup + requests))
     bodies = [npy_bytes(x[i : i + 1]) for i in range(len(x))]
     headers = {"content-type": "application/x-npy"}
     t_start = time.perf_counter()
+    t_measured: list[float] = []
 
     async def sampler():
         while True:
@@ -302,6 +306,8 @@ async def load_run(server: Server, x: np.ndarray, y: np.ndarray, sites: np.ndarr
     async def client(session):
         nonlocal feedback_sent, feedback_correct, errors
         for i in counter:
+            if i == warmup:
+                t_measured.append(time.perf_counter() - t_start)
             j = i % len(x)
             try:
                 async with session.post(server.base + "/predict", data=bodies[j], headers=headers) as r:
@@ -343,16 +349,17 @@ async def load_run(server: Server, x: np.ndarray, y: np.ndarray, sites: np.ndarr
     fn = total(m, "hansgate_feedback_total", attribute="_all", outcome="fn")
     site_pos = total(m, "hansgate_feedback_total", attribute="site", outcome="tp") + \
         total(m, "hansgate_feedback_total", attribute="site", outcome="fn")
-    # RSS flat after warm-up: compare the first and last fifth of the run after the first 20 %
+    # RSS flat after warm-up: the first and last fifth of the measured part
     ts = np.asarray([t for t, _ in rss])
     mb = np.asarray([v for _, v in rss])
-    after = ts >= 0.2 * seconds
-    seg = mb[after]
+    t0_measured = t_measured[0] if t_measured else 0.0
+    seg = mb[ts >= t0_measured]
     k = max(1, len(seg) // 5)
     early, late = float(seg[:k].mean()), float(seg[-k:].mean())
     fivexx = sum(v for s, v in statuses.items() if s >= 500) + sum(v for s, v in fb_statuses.items() if s >= 500)
     return {
-        "requests": requests, "concurrency": concurrency, "seconds": seconds, "requests_per_s": requests / seconds,
+        "requests": requests, "warmup_requests": warmup, "concurrency": concurrency, "seconds": seconds,
+        "measured_seconds": seconds - t0_measured, "requests_per_s": (warmup + requests) / seconds,
         "statuses": {str(k): v for k, v in statuses.items()},
         "feedback_statuses": {str(k): v for k, v in fb_statuses.items()},
         "client_errors": errors, "responses_5xx": fivexx,
@@ -367,7 +374,8 @@ async def load_run(server: Server, x: np.ndarray, y: np.ndarray, sites: np.ndarr
                       and scraped_accepted == feedback_sent and tp + fn == feedback_sent
                       and tp == feedback_correct and (sites is None or site_pos == feedback_sent)),
         },
-        "rss_mb": {"samples": len(rss), "min": float(mb.min()), "max": float(mb.max()),
+        "rss_mb": {"samples": len(rss), "at_start": float(mb[0]), "at_end_of_warmup": float(seg[0]),
+                   "min": float(mb.min()), "max": float(mb.max()),
                    "after_warmup_first_fifth": early, "last_fifth": late, "growth_mb": late - early,
                    "growth_fraction": (late - early) / early},
     }
@@ -381,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="measurement time per saturation run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating monitoring on/off rounds")
     ap.add_argument("--load-requests", type=int, default=20_000)
+    ap.add_argument("--load-warmup", type=int, default=10_000, help="requests before the measured load run")
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args(argv)
 
@@ -492,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = gateway(demo / "bundle", work, "load", args.workers, True)
     try:
         result["load_run"] = asyncio.run(load_run(srv, x, y, sites, manifest.classes, args.load_requests,
-                                                  args.concurrency))
+                                                  args.concurrency, args.load_warmup))
     finally:
         srv.stop()
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import anyio
+import asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -143,20 +143,21 @@ def create_app(get_gateway: Callable[[], Gateway | None]) -> FastAPI:
             if _media_type(request) != "application/json":
                 raise RequestError("feedback must be JSON", "unsupported_media_type")
             req = _parse(FeedbackRequest, await _read_body(request, min(gw.cfg.max_body_bytes, 64 * 1024)))
-            out = await anyio.to_thread.run_sync(gw.feedback, req)
+            out = await asyncio.get_running_loop().run_in_executor(gw.io_executor, gw.feedback, req)
         except HansgateError as exc:
             return _refuse("feedback", exc)
         gw.metrics.request_seconds.labels("feedback").observe(time.perf_counter() - t0)
         return JSONResponse(out)
 
-    def _snapshot() -> dict:
-        return _gateway().compliance()
+    async def _snapshot() -> dict:
+        gw = _gateway()
+        return await asyncio.get_running_loop().run_in_executor(gw.io_executor, gw.compliance)
 
     @app.get("/compliance", responses={200: {"content": {"text/html": {}}}, 503: _ERRORS[503]},
              summary="Subgroup recall/precision with intervals, TCAV vs baseline, flags (JSON or HTML)")
     async def compliance(request: Request) -> Response:
         try:
-            snap = await anyio.to_thread.run_sync(_snapshot)
+            snap = await _snapshot()
         except HansgateError as exc:
             return _refuse("compliance", exc)
         accept = request.headers.get("accept", "")
@@ -167,7 +168,7 @@ def create_app(get_gateway: Callable[[], Gateway | None]) -> FastAPI:
     @app.get("/compliance.html", response_class=HTMLResponse, summary="The compliance snapshot as HTML")
     async def compliance_html() -> Response:
         try:
-            snap = await anyio.to_thread.run_sync(_snapshot)
+            snap = await _snapshot()
         except HansgateError as exc:
             return _refuse("compliance", exc)
         return HTMLResponse(_render(snap))

@@ -7,6 +7,7 @@ it in-process with a private metrics registry.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -67,6 +68,9 @@ class Gateway:
         self._concepts = [c.name for c in self.manifest.concepts]
         self._class_index = {c: i for i, c in enumerate(self._classes)}
         self._attributes = {a.name: set(a.values) for a in self.manifest.subgroups}
+        # feedback touches SQLite (may wait on the other workers' writes): a small fixed pool keeps
+        # it off the event loop without growing a thread (and a malloc arena) per concurrent request
+        self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io")
         self.batcher: MicroBatcher[_Job, list[dict]] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
                                                                     cfg.microbatch_wait_ms / 1000.0)
         # one dry run so that the first request does not pay for onnxruntime's lazy set-up
@@ -185,4 +189,5 @@ class Gateway:
 
     def close(self) -> None:
         self.batcher.close()
+        self.io_executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()

@@ -118,6 +118,8 @@ class OnnxRuntime:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # micro-batches vary in size: memory patterns are cached per input shape and only add memory
+        opts.enable_mem_pattern = False
         opts.log_severity_level = 3
         self.has_concepts = bool(self.manifest.concepts)
         graph: str | bytes = str(bundle.onnx_path)
