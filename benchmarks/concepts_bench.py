@@ -1,0 +1,375 @@
+"""Concept bars of issue 3, measured on the embedded Clever-Hans digits (paper 001, Table 1 and Fig. 3b).
+
+1. CAV alignment (Eq. 7 per sample, Eq. 8 of the mean) of signal-CAV vs the regression CAVs
+   (SVM, ridge, lasso, logistic; gamma grid 10^-5 ... 10^5) for every artifact, with the CAV
+   computed on channel-pooled (``mean``) and on full (``none``) activations of the last conv layer.
+2. Table 1: clean / biased (100 % poisoned) test accuracy and TCAV (Eq. 9, class 8 logit on
+   the biased test samples) for Vanilla, RRR, P-ClArC, A-ClArC and RR-ClArC, on
+   small_vgg x {corner (localized), brightness (unlocalized)} and mnist_cnn x brightness.
+   Protocol: the "third-party" model is trained on the biased split (artifact on 70 % of
+   class 8); every method fine-tunes the layers after the concept layer on the same biased
+   fine-tuning subset; P-ClArC is applied to the Vanilla model; lambdas of RRR and RR-ClArC
+   are chosen on held-out concept data (balanced accuracy), never on the test sets.
+   Bar: RR-ClArC recovers >= half of Vanilla's clean-biased gap, ``|TCAV - 0.5|`` below
+   Vanilla's, clean accuracy within 3 points of Vanilla's.
+3. Cost of one RR-ClArC step vs one plain fine-tuning step, same model (small_vgg), same batch,
+   same frozen layers, measured interleaved (median of repeats); features recomputed every step
+   (the honest full step) and, separately, from cached features (head only).
+4. Concept heads: onnxruntime's ``concept_sensitivity`` vs torch autograd on 256 real test
+   samples (stated tolerance ``1e-2 x (1 + max |s|)``), and onnxruntime inference time per batch
+   of 64 with M = 0, 1, 2, 4 concepts (interleaved repeats, median), central differences;
+   forward differences for M = 4 as well.
+
+Usage: ``python benchmarks/concepts_bench.py --out benchmarks/results/concepts.json`` (writes
+``.md`` and ``.png`` beside the JSON). The cores are shared: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from audit.cav import (CAV_KINDS, ConceptActivationVector, layer_activations, mean_alignment,  # noqa: E402
+                       pool_channels, sample_alignment)
+from audit.tcav import latent_gradients, tcav_score  # noqa: E402
+from refinement.clarc import ClarcConfig, ConceptData, FineTuner, balanced_accuracy, refine_clarc  # noqa: E402
+from refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
+from refinement.digits import CleverHansConfig, make_clever_hans  # noqa: E402
+from refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E402
+from refinement.export import export_onnx, run_onnx  # noqa: E402
+from refinement.training import TrainConfig, accuracy  # noqa: E402
+
+SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("mnist_cnn", "brightness")]
+TARGET = 8
+
+
+def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def alignment(model: torch.nn.Module, layer: str, data: Any, concept: ConceptData) -> dict[str, Any]:
+    x_eval = data.x_test[:300]
+    out: dict[str, Any] = {}
+    for pooling in ("mean", "none"):
+        acts = pool_channels(layer_activations(model, layer, concept.x), pooling)
+        delta = pool_channels(layer_activations(model, layer, data.artifact.apply(x_eval)), pooling) - \
+            pool_channels(layer_activations(model, layer, x_eval), pooling)
+        rows = {}
+        for kind in CAV_KINDS:
+            t0 = time.perf_counter()
+            cav = ConceptActivationVector(kind).fit(acts, concept.concept)
+            s, s_bar = mean_alignment(cav.cav_, delta)
+            per = sample_alignment(cav.cav_, delta)
+            rows[kind] = {"s": s, "s_sem": float(per.std() / len(per) ** 0.5), "s_bar": s_bar,
+                          "gamma": cav.regularization_, "val_accuracy": cav.val_accuracy_,
+                          "converged": cav.converged_, "seconds": time.perf_counter() - t0}
+        best_regression = max(rows[k]["s_bar"] for k in CAV_KINDS if k != "signal")
+        out[pooling] = {"cavs": rows, "signal_beats_all_regression_s_bar": rows["signal"]["s_bar"] > best_regression,
+                        "signal_beats_all_regression_s": rows["signal"]["s"] > max(
+                            rows[k]["s"] for k in CAV_KINDS if k != "signal")}
+    return out
+
+
+def train(model_name: str, artifact: str, train_epochs: int) -> tuple[torch.nn.Module, Any, float]:
+    """The "third-party" model on the biased split (half the default copies, to stay quick)."""
+    data = make_clever_hans(CleverHansConfig(artifact=artifact, seed=0, train_copies=2))
+    t0 = time.perf_counter()
+    model = train_demo_model(BenchmarkConfig(model=model_name, train=TrainConfig(epochs=train_epochs)), data, seed=0)
+    return model, data, time.perf_counter() - t0
+
+
+def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, artifact: str, cfg: ClarcConfig,
+           rrr_lambdas: tuple[float, ...]) -> tuple[dict[str, Any], Any]:
+    ft = _subset(len(data.y_train), 500, 1)
+    x_ft, y_ft, art_ft = data.x_train[ft], data.y_train[ft], data.artifact_train[ft]
+    ci = _subset(len(data.y_refine), 150, 2)
+    xc, yc = data.x_refine[ci], data.y_refine[ci]
+    concept = ConceptData(torch.cat([xc, data.artifact.apply(xc)]), torch.cat([yc, yc]),
+                          torch.cat([torch.zeros(len(ci)), torch.ones(len(ci))]).bool())
+    fit_part, val_part = concept.split(cfg.val_share, cfg.seed)
+    x_bias = data.x_test_poisoned[:300]
+
+    rr = refine_clarc(model, x_ft, y_ft, concept, cfg.model_copy(update={"method": "rr-clarc"}))
+    layer, cav = rr.layer, rr.cav.cav_
+
+    def scores(m: torch.nn.Module) -> dict[str, float]:
+        sens = latent_gradients(m, layer, x_bias, [TARGET], pooling=cfg.pooling)[:, 0] @ cav
+        return {"clean_acc": accuracy(m, data.x_test, data.y_test),
+                "biased_acc": accuracy(m, data.x_test_poisoned, data.y_test),
+                "tcav": tcav_score(sens), "mean_sensitivity": float(sens.mean()),
+                "val_balanced_acc": balanced_accuracy(m, val_part)}
+
+    rows: dict[str, Any] = {"original": scores(model)}
+    t0 = time.perf_counter()
+    vanilla = FineTuner(layer, cfg).fit(model, x_ft, y_ft).model_
+    rows["vanilla"] = scores(vanilla) | {"seconds": time.perf_counter() - t0}
+    # RRR (input level): masks on the fine-tuning samples that carry the artifact
+    mask = data.artifact.mask(*data.x_train.shape[-2:])
+    masks = art_ft.float().view(-1, 1, 1, 1) * mask.view(1, 1, *mask.shape)
+    t0 = time.perf_counter()
+    rrr_cands = []
+    for lam in sorted(rrr_lambdas, reverse=True):
+        tuned = FineTuner(layer, cfg, "rrr", lam=lam).fit(model, x_ft, y_ft, masks=masks).model_
+        rrr_cands.append((balanced_accuracy(tuned, val_part), lam, tuned))
+    best = max(rrr_cands, key=lambda c: (c[0], c[1]))
+    rows["rrr"] = scores(best[2]) | {"lambda": best[1], "candidates": [{"lambda": c[1], "val_balanced_acc": c[0]}
+                                                                      for c in rrr_cands],
+                                     "seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    p = refine_clarc(vanilla, x_ft, y_ft, concept, cfg.model_copy(update={"method": "p-clarc"}))
+    rows["p-clarc"] = scores(p.model) | {"seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    a = refine_clarc(model, x_ft, y_ft, concept, cfg.model_copy(update={"method": "a-clarc"}))
+    rows["a-clarc"] = scores(a.model) | {"seconds": time.perf_counter() - t0}
+    rows["rr-clarc"] = scores(rr.model) | {"lambda": rr.hyperparameters["lambda"], "candidates": rr.candidates,
+                                           "seconds": rr.timings.get("selection_s", 0.0)}
+    v, r = rows["vanilla"], rows["rr-clarc"]
+    gap = v["clean_acc"] - v["biased_acc"]
+    recovered = (r["biased_acc"] - v["biased_acc"]) / gap if gap > 0 else float("nan")
+    bar = {"vanilla_gap": gap, "rr_gap_recovered_share": recovered,
+           "recovers_half_gap": bool(gap > 0 and recovered >= 0.5),
+           "tcav_closer_to_half": abs(r["tcav"] - 0.5) < abs(v["tcav"] - 0.5),
+           "clean_within_3_points": abs(r["clean_acc"] - v["clean_acc"]) <= 0.03}
+    bar["passes"] = bar["recovers_half_gap"] and bar["tcav_closer_to_half"] and bar["clean_within_3_points"]
+    setting = {"model": model_name, "artifact": artifact, "localized": data.artifact.localized, "layer": layer,
+               "train_seconds": t_train, "n_finetune": len(y_ft), "n_finetune_with_artifact": int(art_ft.sum()),
+               "n_concept": len(concept.y), "methods": rows, "bar": bar,
+               "alignment": alignment(model, layer, data, concept)}
+    return setting, (model, data, layer, concept, x_ft, y_ft)
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_cost(model: torch.nn.Module, layer: str, concept: ConceptData, x: torch.Tensor, y: torch.Tensor,
+              cfg: ClarcConfig, repeats: int = 15) -> dict[str, Any]:
+    cav = ConceptActivationVector("signal").fit(pool_channels(layer_activations(model, layer, concept.x), cfg.pooling),
+                                                concept.concept).cav_
+    xb, yb = x[:64], y[:64]
+    plain, rr = FineTuner(layer, cfg), FineTuner(layer, cfg, "rr", cav, lam=1e3)
+    _, fp, hp, op = plain.prepare(model)
+    _, fr, hr, orr = rr.prepare(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        a_cached = fp(xb)
+        a_extra = fp(concept.x[concept.concept][:64])
+    out: dict[str, Any] = {"batch": 64, "repeats": repeats}
+    for label, kw_plain, kw_rr in (
+        ("full_step", {"x": xb}, {"x": xb}),
+        ("head_only_cached", {"a": a_cached}, {"a": a_cached}),
+        ("full_step_with_concept_rows", {"x": xb}, {"x": xb, "a_extra": a_extra}),
+    ):
+        for _ in range(3):  # warm-up
+            plain.step(fp, hp, op, yb, **kw_plain)
+            rr.step(fr, hr, orr, yb, generator=gen, **kw_rr)
+        tp, tr = [], []
+        for _ in range(repeats):  # interleaved
+            tp.append(_median_time(lambda: plain.step(fp, hp, op, yb, **kw_plain), 1))
+            tr.append(_median_time(lambda: rr.step(fr, hr, orr, yb, generator=gen, **kw_rr), 1))
+        out[label] = {"plain_s": statistics.median(tp), "rr_s": statistics.median(tr),
+                      "ratio": statistics.median(tr) / statistics.median(tp)}
+    out["bar_ratio"] = out["full_step"]["ratio"]
+    out["passes"] = out["bar_ratio"] <= 1.5
+    return out
+
+
+def heads(model: torch.nn.Module, data: Any, repeats: int = 30) -> dict[str, Any]:
+    from refinement.artifacts import get_artifact
+
+    xr = data.x_refine[:300]
+    yr = data.y_refine[:300]
+    watched = [watch_concept(model, name, xr, get_artifact(name).apply(xr), xr, yr, data.classes)
+               for name in ("corner", "frame", "stamp", "dot")]
+    x_check = data.x_test[:256]
+    out: dict[str, Any] = {"n_check": len(x_check), "tolerance": None, "accuracy": {}, "timing": {}}
+    graphs: dict[str, bytes] = {"M=0": export_onnx(model.eval(), x_check, ["logits"])}
+    for m in (1, 2, 4):
+        h = ConceptHeads(watched[:m])
+        ob = export_onnx(h.graph(model), x_check, ["logits", "concept_scores", "concept_sensitivity"])
+        graphs[f"M={m}"] = ob
+        out["tolerance"] = h.tolerance
+        errors = h.check(ob, model, x_check) if m == 4 else h.sensitivity_errors(run_onnx(ob, x_check.numpy())[2],
+                                                                                 model, x_check)
+        out["accuracy"][f"M={m}"] = errors
+    hf = ConceptHeads(watched, scheme="forward")
+    obf = export_onnx(hf.graph(model), x_check, ["logits", "concept_scores", "concept_sensitivity"])
+    graphs["M=4 forward"] = obf
+    out["accuracy"]["M=4 forward"] = hf.sensitivity_errors(run_onnx(obf, x_check.numpy())[2], model, x_check)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sessions = {k: ort.InferenceSession(v, opts, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
+    batch = data.x_test[:64].numpy()
+    for s in sessions.values():
+        for _ in range(5):
+            s.run(None, {"input": batch})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"input": batch})
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["M=0"])
+    out["timing"] = {k: {"median_s": statistics.median(v), "ratio": statistics.median(v) / base}
+                     for k, v in times.items()}
+    out["timing_setup"] = {"batch": 64, "repeats": repeats, "intra_op_threads": 1}
+    worst_rel = max(e["relative_error"] for acc in out["accuracy"].values() if acc for e in acc.values())
+    out["passes_accuracy"] = all(e["relative_error"] <= out["tolerance"]
+                                 for k, acc in out["accuracy"].items() if "forward" not in k for e in acc.values())
+    out["worst_relative_error"] = worst_rel
+    out["passes_cost"] = out["timing"]["M=4"]["ratio"] <= 1.25
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# Concept bars (issue 3)", "", f"load average at start: {res['load_average']}", ""]
+    lines += ["## Table 1 (clean / biased accuracy, TCAV of class 8 on biased samples)", "",
+              "| setting | method | clean | biased | TCAV | lambda |", "|---|---|---|---|---|---|"]
+    for s in res["table1"]:
+        for meth, row in s["methods"].items():
+            lines.append(f"| {s['model']} / {s['artifact']} | {meth} | {row['clean_acc']:.3f} | {row['biased_acc']:.3f} "
+                         f"| {row['tcav']:.2f} | {row.get('lambda', '')} |")
+        b = s["bar"]
+        lines.append(f"| | **bar** | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
+                     f"{b['tcav_closer_to_half']} | clean within 3 pts: {b['clean_within_3_points']} | "
+                     f"{'PASS' if b['passes'] else 'FAIL'} |")
+    lines += ["", "## CAV alignment (Eq. 7 s / Eq. 8 s_bar)", "", "| setting | pooling | " +
+              " | ".join(CAV_KINDS) + " | signal best (s_bar) |", "|---|---|" + "---|" * (len(CAV_KINDS) + 1)]
+    for s in res["table1"]:
+        for pooling, a in s["alignment"].items():
+            cells = " | ".join(f"{a['cavs'][k]['s']:.2f} / {a['cavs'][k]['s_bar']:.2f}" for k in CAV_KINDS)
+            lines.append(f"| {s['model']} / {s['artifact']} | {pooling} | {cells} | "
+                         f"{a['signal_beats_all_regression_s_bar']} |")
+    if "step_cost" in res:
+        sc = res["step_cost"]
+        lines += ["", "## RR-ClArC step cost (small_vgg, batch 64)", ""]
+        for k in ("full_step", "head_only_cached", "full_step_with_concept_rows"):
+            lines.append(f"- {k}: plain {sc[k]['plain_s'] * 1e3:.1f} ms, RR {sc[k]['rr_s'] * 1e3:.1f} ms, "
+                         f"ratio {sc[k]['ratio']:.2f}")
+    if "heads" in res:
+        hd = res["heads"]
+        lines += ["", "## Concept heads (onnxruntime vs autograd, 256 test samples; inference batch 64)", "",
+                  f"tolerance: |s_onnx - s_autograd| <= {hd['tolerance']} x (1 + max|s|); worst relative error "
+                  f"{hd['worst_relative_error']:.2e}", ""]
+        for k, v in hd["timing"].items():
+            lines.append(f"- {k}: {v['median_s'] * 1e3:.2f} ms per batch, ratio {v['ratio']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = res["table1"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        methods = list(s["methods"])
+        pos = np.arange(len(methods))
+        ax.bar(pos - 0.2, [s["methods"][m]["clean_acc"] for m in methods], 0.4, label="clean", color="#9ecae1")
+        ax.bar(pos + 0.2, [s["methods"][m]["biased_acc"] for m in methods], 0.4, label="biased", color="#08519c")
+        ax.plot(pos, [s["methods"][m]["tcav"] for m in methods], "o", color="#d62728", label="TCAV")
+        ax.axhline(0.5, color="#d62728", lw=0.6, ls=":")
+        ax.set_xticks(pos, methods, rotation=30, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{s['model']} / {s['artifact']}", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/concepts.json")
+    ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settings", nargs="+", default=[f"{m}:{a}" for m, a in SETTINGS],
+                    help="MODEL:ARTIFACT pairs for Table 1 (default: all three)")
+    ap.add_argument("--no-costs", action="store_true", help="skip the step-cost and head-cost measurements")
+    ap.add_argument("--merge", nargs="+", metavar="PARTIAL_JSON",
+                    help="combine partial results of runs with different --settings into --out")
+    args = ap.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        res = parts[0] | {"table1": [s for p in parts for s in p["table1"]], "merged_from": args.merge,
+                          "load_average": [p["load_average"] for p in parts]}
+        for p in parts:
+            res.update({k: p[k] for k in ("heads", "step_cost") if k in p})
+        res["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
+        finalize(res, Path(args.out))
+        return 0
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    cfg = ClarcConfig(epochs=args.epochs, lambdas=(1e3, 1e4), seed=0)
+    res: dict[str, Any] = {"load_average": os.getloadavg(), "python": platform.python_version(),
+                           "torch": torch.__version__, "clarc_config": json.loads(cfg.model_dump_json()),
+                           "rrr_lambdas": [10.0, 100.0], "table1": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, pair in enumerate(args.settings):
+        model_name, _, artifact = pair.partition(":")
+        print(f"[concepts] {model_name} / {artifact}", flush=True)
+        model, data, t_train = train(model_name, artifact, args.train_epochs)
+        costs = i == 0 and not args.no_costs
+        if costs:  # cost bars on the first setting (small_vgg), before the long table runs
+            print("[concepts] heads", flush=True)
+            res["heads"] = heads(model, data)
+        setting, ctx = table1(model, data, t_train, model_name, artifact, cfg, tuple(res["rrr_lambdas"]))
+        res["table1"].append(setting)
+        if costs:
+            print("[concepts] step cost", flush=True)
+            _, _, layer, concept, x_ft, y_ft = ctx
+            res["step_cost"] = step_cost(model, layer, concept, x_ft, y_ft, cfg)
+        res["seconds"] = time.perf_counter() - t_start
+        out.with_suffix(".partial.json").write_text(json.dumps(res, indent=2, default=float))
+    finalize(res, out)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    return 0
+
+
+def finalize(res: dict[str, Any], out: Path) -> None:
+    """Bars from the measurements, then JSON + Markdown + plot."""
+    bars: dict[str, Any] = {
+        "alignment_signal_best_s_bar": {f"{s['model']}/{s['artifact']}/{p}": a["signal_beats_all_regression_s_bar"]
+                                        for s in res["table1"] for p, a in s["alignment"].items()},
+        "rr_clarc": {f"{s['model']}/{s['artifact']}": s["bar"]["passes"] for s in res["table1"]},
+    }
+    if "step_cost" in res:
+        bars |= {"rr_step_ratio": res["step_cost"]["bar_ratio"], "rr_step_passes": res["step_cost"]["passes"]}
+    if "heads" in res:
+        bars |= {"heads_sensitivity_passes": res["heads"]["passes_accuracy"],
+                 "heads_cost_ratio_m4": res["heads"]["timing"]["M=4"]["ratio"],
+                 "heads_cost_passes": res["heads"]["passes_cost"]}
+    res["bars"] = bars
+    out.write_text(json.dumps(res, indent=2, default=float))
+    out.with_suffix(".md").write_text(markdown(res))
+    plot(res, out.with_suffix(".png"))
+    print(json.dumps(res["bars"], indent=2))
+    print(f"[concepts] {res['seconds']:.0f} s -> {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
