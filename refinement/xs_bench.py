@@ -57,12 +57,12 @@ class XSBenchConfig(BaseModel):
     archs: tuple[str, ...] = ("mnist_cnn", "small_vgg")
     methods: tuple[str, ...] = XS_LOSSES
     n_train: int = Field(800, ge=16)
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(16, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     lambdas: dict[str, tuple[float, ...]] = Field(default_factory=lambda: {
-        "tap": (1e-4, 1e-3, 1e-2), "rrr": (1e3, 1e5), "rbr": (1e4, 1e7)})
+        "tap": (1e-4, 3e-4, 1e-3, 3e-3), "rrr": (1e2, 1e3), "rbr": (1e3, 1e4)})
     teacher_shares: tuple[float, ...] = (0.1, 0.01)
     teacher: TeacherConfig = TeacherConfig()
     data: DecoyConfig = DecoyConfig()

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--archs", nargs="+", help="built-in architectures (default: mnist_cnn small_vgg)")
     p.add_argument("--methods", nargs="+", choices=["rrr", "rbr", "tap"], help="XS losses (default: all)")
     p.add_argument("--n-train", type=int, help="training images (default 800)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 8)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 16)")
     p.add_argument("--lambdas", nargs="+", metavar="METHOD=L1,L2",
                    help="lambda candidates per method, e.g. tap=1e-4,1e-3 rrr=1e3")
     p.add_argument("--teacher-shares", type=float, nargs="+", help="teacher data shares (default 0.1 0.01)")
