@@ -65,8 +65,8 @@ def _from_folder(path: Path, channels: int, size: tuple[int, int]) -> LabelledIm
                 continue
             try:
                 with Image.open(f) as im:
-                    im = im.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
+                    resized = im.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                    arr = np.asarray(resized, dtype=np.float32) / 255.0
             except (OSError, UnidentifiedImageError) as exc:
                 raise DataError(f"cannot read image {f}: {exc}") from exc
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
@@ -93,8 +93,8 @@ def save_npz(path: str | Path, x: torch.Tensor, y: torch.Tensor, classes: list[s
     """Write data in the format ``load_labelled`` reads (plus named extra arrays, e.g. attributes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"x": x.numpy().astype(np.float32), "y": y.numpy().astype(np.int64), **extra}
+    arrays: dict[str, np.ndarray] = {"x": x.numpy().astype(np.float32), "y": y.numpy().astype(np.int64), **extra}
     if classes is not None:
         arrays["classes"] = np.asarray(classes)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
     return path

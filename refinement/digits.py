@@ -124,7 +124,8 @@ def make_clever_hans(config: CleverHansConfig | None = None) -> CleverHansData:
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    train_idx, test_idx = [], []
+    train_idx: list[int] = []
+    test_idx: list[int] = []
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(digits.target == c))
         cut = int(round(len(idx) * cfg.train_share))

@@ -236,6 +236,8 @@ class ExposureScale(nn.Module):
     the activation's full per-sample shape.
     """
 
+    factors: torch.Tensor
+
     def __init__(self, factors: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("factors", factors.to(torch.float32))
@@ -247,6 +249,9 @@ class ExposureScale(nn.Module):
 
 class PcaExposure(nn.Module):
     """Eq. 6 as a module: ``a <- U diag(c) U^T (a - mean) + mean`` (see module doc for conv layers)."""
+
+    projection: torch.Tensor
+    mean: torch.Tensor
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, factors: torch.Tensor, spatial_size: int,
                  conv_mode: Literal["linear", "ratio"] = "linear", per_element: bool = False) -> None:

@@ -108,7 +108,7 @@ def _ridge(targets: Literal["logits", "labels"]) -> Callable[..., RefinementResu
     def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RefineConfig, progress: bool) -> RefinementResult:
         layer = last_linear(model, x[:2])
         fit_idx, val_idx = validation_split(len(y), cfg.val_share, cfg.seed)
-        k = model.get_submodule(layer).out_features  # type: ignore[union-attr]
+        k = int(model.get_submodule(layer).out_features)  # type: ignore[arg-type]
         onehot = F.one_hot(y, k).double() if targets == "labels" else None
         t0 = time.perf_counter()
 

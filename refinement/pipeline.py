@@ -112,6 +112,9 @@ def _jsonable(obj: Any) -> Any:
 class _Normalized(torch.nn.Module):
     """``model((x - mean) / std)``: bakes the model's input normalisation into the exported graph."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.model = model
