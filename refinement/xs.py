@@ -159,18 +159,19 @@ class _ExplicitBatchNorm(nn.Module):
         bn = self.bn
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        use_batch = bn.training or bn.running_mean is None
-        if use_batch:
+        running_mean, running_var = bn.running_mean, bn.running_var
+        tracked = bn.num_batches_tracked
+        if bn.training or running_mean is None or running_var is None:
             mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
-            if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            if bn.training and running_mean is not None and running_var is not None and tracked is not None:
                 with torch.no_grad():
-                    bn.num_batches_tracked += 1  # type: ignore[operator]
-                    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                    tracked.add_(1)
+                    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(tracked.item())
                     n = x.numel() / x.shape[1]
-                    bn.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
-                    bn.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(n - 1, 1))
+                    running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                    running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(n - 1, 1))
         else:
-            mean, var = bn.running_mean, bn.running_var
+            mean, var = running_mean, running_var
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
         if bn.affine:
             out = out * bn.weight.view(shape) + bn.bias.view(shape)

@@ -62,7 +62,7 @@ class LambdaSelection(SlackSelection):
     """
 
     rule: str = "fixed"
-    val_losses: list[float] | None = None
+    val_losses: list[float | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "chosen": self.chosen.params, "chosen_val_acc": self.chosen.val_acc,
@@ -213,7 +213,9 @@ def train_xs_from_files(
     log(f"masks: {mask_info}")
 
     lams = list(config.lambdas) if config.lambdas else [config.xs.lam]
-    cands, losses, best = [], [], None
+    cands: list[Candidate] = []
+    losses: list[float | None] = []
+    best: tuple[int, torch.nn.Module, float] | None = None
     for lam in lams:
         model = copy.deepcopy(initial)
         t0 = time.perf_counter()
@@ -227,13 +229,14 @@ def train_xs_from_files(
         else:
             cands.append(Candidate({"lam": lam}, accuracy(model, train.x, train.y)))
             losses.append(None)
-        if best is None or (losses[-1] is not None and losses[-1] < losses[best[0]]):  # type: ignore[operator]
+        last, kept = losses[-1], (losses[best[0]] if best is not None else None)
+        if best is None or (last is not None and kept is not None and last < kept):
             best = (len(cands) - 1, model, secs)
     assert best is not None
     idx, trained, secs = best
     rule = "min cross-entropy on permuted validation data (paper 002)" if config.lambdas else "fixed"
     selection = LambdaSelection(chosen=cands[idx], original_val_acc=0.0, slack=0.0, threshold=0.0,
-                                candidates=cands, rule=rule, val_losses=losses)  # type: ignore[arg-type]
+                                candidates=cands, rule=rule, val_losses=losses)
     layers = (config.xs.layers or tap_layers(trained)) if method == "tap" else []
     hp = {"lam": cands[idx].params["lam"], "epochs": config.xs.epochs, "lr": config.xs.lr,
           "batch_size": config.xs.batch_size, "optimizer": "adam", "masks": mask_info}
