@@ -50,7 +50,8 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 class ArtifactLike(Protocol):
     """What the tests need of an artifact (``refinement.artifacts.Artifact`` fits)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def localized(self) -> bool: ...

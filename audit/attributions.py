@@ -52,6 +52,7 @@ __all__ = [
     "attribute",
     "relevance_share_in_mask",
     "verify_by_relevance",
+    "verified_indices",
     "heatmap_png",
     "heatmap_grid_png",
 ]
@@ -193,6 +194,18 @@ def verify_by_relevance(relevance: torch.Tensor, mask: torch.Tensor, accept_shar
     if not 0.0 < accept_share <= 1.0:
         raise ConfigError(f"accept_share must lie in (0, 1], got {accept_share}")
     return relevance_share_in_mask(relevance, mask) >= accept_share
+
+
+def verified_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                     accept_share: float = 0.75, method: str = "lrp-epsilon-zplus-box",
+                     config: AttributionConfig | None = None) -> torch.Tensor:
+    """Indices of the samples a simulated user verifies (paper 000, Supp. F.1): predicted correctly
+    and at least ``accept_share`` of the true class's absolute relevance inside ``mask`` ``[H, W]``.
+    The result selects the verified refinement set, e.g. ``x[idx], y[idx]``."""
+    with torch.no_grad(), _eval_mode(model):
+        correct = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]) == y
+    rel = attribute(model, x, y, method, config)
+    return (correct & verify_by_relevance(rel, mask, accept_share)).nonzero().flatten()
 
 
 def _fig_png(fig: object) -> str:

@@ -37,6 +37,8 @@ class CavProjection(nn.Module):
     Wraps ``model`` (not copied, not changed); the hook on ``layer`` lives for one forward only.
     """
 
+    cav: torch.Tensor
+
     def __init__(self, model: nn.Module, layer: str, cav: torch.Tensor) -> None:
         super().__init__()
         self.model = model

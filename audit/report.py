@@ -131,7 +131,8 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _bar_groups(ax: Any, labels: list[str], series: dict[str, list[Any]], errors: dict[str, list[Any]] | None,
+def _bar_groups(ax: Any, labels: list[str], series: dict[str, list[Any]],
+                errors: dict[str, tuple[list[Any], list[Any]]] | None,
                 ylabel: str) -> None:
     n = len(series)
     width = 0.8 / max(n, 1)

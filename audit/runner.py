@@ -177,7 +177,7 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
         say("attributions")
         idx = _sample_indices(len(y), cfg.heatmaps, cfg.seed)
         xs = torch.from_numpy(normalize(x[torch.as_tensor(idx)].numpy(), manifest))
-        samples = [{"index": int(i), "label": classes[int(y[i])],
+        samples: list[dict[str, Any]] = [{"index": int(i), "label": classes[int(y[i])],
                     "predicted": {m: classes[int(preds[m][i])] for m in preds}} for i in idx]
         heat: dict[str, np.ndarray] = {}
         for m, net in torch_models.items():
@@ -290,9 +290,9 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
 
         names = [c.name for c in manifest.concepts]
         lg, sens = onnx_predictor(inputs.bundle, outputs=("logits", "concept_sensitivity"))(x.numpy())
-        positive, samples = tcav_sign_counts(lg, sens, names, classes)
+        tcav_positive, tcav_samples = tcav_sign_counts(lg, sens, names, classes)
         baseline = {(c.name, k): v for c in manifest.concepts for k, v in c.baseline_tcav.items()}
-        rows = tcav_table(positive, samples, baseline, thresholds)
+        rows = tcav_table(tcav_positive, tcav_samples, baseline, thresholds)
         bundle_tcav = {"status": "done", "concepts": names, "rows": [r.as_dict() for r in rows],
                        "flags": [r.as_dict() for r in rows if r.flags]}
 
@@ -323,28 +323,30 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
     return report, figure_data
 
 
-class _Normalised:
-    """A torch model that takes raw pixels: applies the manifest's normalisation first (callable, not a module)."""
+def _Normalised(model: Any, manifest: Any) -> Any:  # noqa: N802 - reads like the wrapper it returns
+    """``model`` taking raw pixels: a new module applying the manifest's normalisation first
+    (``model`` itself when the graph normalises or the normalisation is the identity)."""
+    import torch
+    from torch import nn
 
-    def __new__(cls, model: Any, manifest: Any) -> Any:
-        import torch
-        from torch import nn
+    spec = manifest.input
+    if spec.normalization_in_graph or (all(m == 0 for m in spec.mean) and all(s == 1 for s in spec.std)):
+        return model
 
-        spec = manifest.input
-        if spec.normalization_in_graph or (all(m == 0 for m in spec.mean) and all(s == 1 for s in spec.std)):
-            return model
+    class Normalised(nn.Module):
+        mean: torch.Tensor
+        std: torch.Tensor
 
-        class Wrapped(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = model
-                self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
-                self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+            self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
 
-            def forward(self, t: torch.Tensor) -> torch.Tensor:
-                return self.inner((t - self.mean) / self.std)
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.inner((t - self.mean) / self.std)
 
-        return Wrapped().eval()
+    return Normalised().eval()
 
 
 LIMITATIONS = [

@@ -43,10 +43,10 @@ def test_integrated_gradients_completeness():
     model = _bias_free_cnn()
     x = torch.rand(3, 1, 8, 8)
     t = torch.tensor([0, 1, 2])
-    rel = attribute(model, x, t, "integrated-gradients", AttributionConfig(ig_steps=400))
+    rel = attribute(model, x, t, "integrated-gradients", AttributionConfig(ig_steps=100))
     # baseline = per-feature minimum of the value range (0): sum of attributions = f(x) - f(0)
     diff = model(x).gather(1, t[:, None]).squeeze(1) - model(torch.zeros_like(x)).gather(1, t[:, None]).squeeze(1)
-    torch.testing.assert_close(rel.sum((1, 2, 3)), diff.detach(), rtol=0.03, atol=1e-3)
+    torch.testing.assert_close(rel.sum((1, 2, 3)), diff.detach(), rtol=0.05, atol=2e-3)
 
 
 @pytest.mark.parametrize("method", ["lrp-epsilon-plus-flat", "lrp-epsilon-zplus-box"])
@@ -64,10 +64,10 @@ def test_every_method_runs_and_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = build_builtin("small_resnet").eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.rand(2, 1, 28, 28)
+    x = torch.rand(1, 1, 28, 28)
     before = model(x)
     for method in ATTRIBUTION_METHODS:
-        rel = attribute(model, x, torch.tensor([1, 2]), method, AttributionConfig(smoothgrad_samples=3, ig_steps=4))
+        rel = attribute(model, x, torch.tensor([1]), method, AttributionConfig(smoothgrad_samples=3, ig_steps=4))
         assert rel.shape == x.shape and torch.isfinite(rel).all()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k])  # canonizers (merged batch-norm) undone
@@ -145,3 +145,22 @@ def test_unknown_method_and_missing_target_are_config_errors():
 def test_heatmap_grid_is_a_png():
     png = base64.b64decode(heatmap_grid_png([[np.random.rand(8, 8)]], ["r"], ["c"], images=[np.zeros((8, 8))]))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verified_indices_select_correct_samples_with_relevance_in_the_region():
+    """A linear scorer that looks only at the left half: every correct sample is verified with the
+    left-half mask, none with the right-half mask."""
+    from audit.attributions import verified_indices
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2, bias=False)).eval()
+    w = torch.zeros(2, 1, 4, 4)
+    w[0, 0, :, :2], w[1, 0, :, :2] = 1.0, -1.0
+    with torch.no_grad():
+        model[1].weight.copy_(w.flatten(1))
+    x = torch.rand(12, 1, 4, 4)
+    y = torch.tensor([0] * 6 + [1] * 6)  # class 1 is never predicted for positive inputs
+    left = torch.zeros(4, 4)
+    left[:, :2] = 1
+    idx = verified_indices(model, x, y, left)
+    assert idx.tolist() == list(range(6))
+    assert verified_indices(model, x, y, 1 - left).tolist() == []
