@@ -149,7 +149,8 @@ def _bar_groups(ax: Any, labels: list[str], series: dict[str, list[Any]],
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
+    # below the axes, so that the legend never hides a bar
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(n, 3), frameon=False)
 
 
 def render_figures(report: dict[str, Any], data: dict[str, Any]) -> dict[str, dict[str, Any]]:
