@@ -222,3 +222,19 @@ def test_cli_bad_inputs_fail_cleanly(demo_dir, tmp_path, capsys):
     (existing / "keep.txt").write_text("x")
     assert main(_audit_args(demo_dir, existing)) == 2
     assert "refusing to overwrite" in capsys.readouterr().err and (existing / "keep.txt").exists()
+
+
+def test_pdf_without_chromium_is_a_config_error_and_writes_nothing(tmp_path, monkeypatch):
+    import audit.report as rep
+    from hansgate.errors import ConfigError
+
+    monkeypatch.setattr(rep, "find_chromium", lambda: None)
+    out = tmp_path / "r"
+    with pytest.raises(ConfigError, match="--no-pdf"):
+        rep.write_report(out, {"subgroups": {}}, {}, pdf=True)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fmt_num_formats():
+    assert fmt_num(3) == "3" and fmt_num(0.12345) == "0.123" and fmt_num(None) == "–"
+    assert fmt_num(float("nan")) == "–" and fmt_num(True) == "yes" and fmt_num(0.5, 4) == "0.5000"
