@@ -50,7 +50,8 @@ TAU_SWEEP = (0.005, 0.01, 0.05, 0.1, 0.2)
 
 
 class XSBenchConfig(BaseModel):
-    """What the comparison runs; defaults keep it to minutes on two CPU cores."""
+    """What the comparison runs. The defaults took about 17 minutes on two shared CPU cores (RBR on small_vgg
+    is most of it); ``archs``, ``n_train``, ``epochs`` and ``lambdas`` shrink it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
