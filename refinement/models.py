@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from hansgate.bundle import sha256_file
 from hansgate.errors import ModelLoadError
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "load_model",
     "load_state_dict_file",
     "state_dict_sha256",
-    "file_sha256",
+    "source_sha256",
 ]
 
 
@@ -221,10 +222,11 @@ def state_dict_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def source_sha256(spec: str, weights: str | Path | None, model: nn.Module) -> str:
+    """The source model's identity for the manifest: its weights file, TorchScript file, or state dict."""
+    if weights:
+        return sha256_file(weights)
+    kind, _, rest = spec.partition(":")
+    if kind == "torchscript":
+        return sha256_file(rest)
+    return state_dict_sha256(model)

@@ -149,7 +149,7 @@ def refine_from_files(
     """
     from refinement.datasets import load_labelled
     from refinement.methods import refine_model
-    from refinement.models import file_sha256, load_model, state_dict_sha256
+    from refinement.models import load_model, source_sha256
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -190,8 +190,7 @@ def refine_from_files(
     baked = any(v != 0 for v in mean) or any(v != 1 for v in std)
     if baked:
         result.model = _Normalized(result.model, mean, std).eval()
-    source_hash = file_sha256(weights) if weights else (
-        file_sha256(model_spec.partition(":")[2]) if model_spec.startswith("torchscript:") else state_dict_sha256(model))
+    source_hash = source_sha256(model_spec, weights, model)
     bundle = build_bundle(
         out, result,
         x_check=(ds.x if baked else x)[:256],

@@ -130,7 +130,7 @@ def train_xs_from_files(
 ) -> tuple[Bundle, dict[str, Any]]:
     """``hansgate train --xs METHOD``: train with explanatory supervision and write the bundle atomically."""
     from refinement.datasets import load_labelled
-    from refinement.models import file_sha256, load_model, state_dict_sha256
+    from refinement.models import load_model, source_sha256
     from refinement.pipeline import build_bundle
     from refinement.teacher import Teacher, TeacherConfig, mask_precision_recall
 
@@ -247,8 +247,7 @@ def train_xs_from_files(
     result = RefinementResult(trained, method, layers, hp, selection, {"train_s": secs})
     evaluation = Evaluation(data=f"train: {source_data}; test/permuted: {'given' if test else 'none'}",
                             before=_scores(initial, train, test, permuted), after=_scores(trained, train, test, permuted))
-    source_hash = file_sha256(weights) if weights else (
-        file_sha256(model_spec.partition(":")[2]) if model_spec.startswith("torchscript:") else state_dict_sha256(initial))
+    source_hash = source_sha256(model_spec, weights, initial)
     bundle = build_bundle(
         out, result, x_check=train.x[:256], classes=list(names),
         input_spec=InputSpec(channels=c, height=h, width=w, mean=[0.0] * c, std=[1.0] * c,
