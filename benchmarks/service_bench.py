@@ -18,7 +18,7 @@ Everything runs on this machine in one run, side by side:
    source model (``@bentoml.api`` taking one tensor, ``model(x)`` under ``no_grad``),
    single-row JSON requests, compared with the gateway on the same requests in the same
    rounds.
-5. **load run**: a fresh gateway, ``--load-warmup`` (10,000) then ``--load-requests``
+5. **load run**: a fresh gateway, ``--load-warmup`` (30,000) then ``--load-requests``
    (20,000) single-row requests at concurrency 64 with feedback for every 4th prediction
    mixed in (half by receipt, half by request id); counts 5xx, compares the counters on
    ``/metrics`` with everything sent, and samples the resident memory of the server
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="measurement time per saturation run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating monitoring on/off rounds")
     ap.add_argument("--load-requests", type=int, default=20_000)
-    ap.add_argument("--load-warmup", type=int, default=10_000, help="requests before the measured load run")
+    ap.add_argument("--load-warmup", type=int, default=30_000, help="requests before the measured load run")
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args(argv)
 
