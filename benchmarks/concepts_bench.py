@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def finalize(res: dict[str, Any], out: Path) -> None:
     """Bars from the measurements, then JSON + Markdown + plot."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     bars: dict[str, Any] = {
         "alignment_signal_best_s_bar": {f"{s['model']}/{s['artifact']}/{p}": a["signal_beats_all_regression_s_bar"]
                                         for s in res["table1"] for p, a in s["alignment"].items()},
