@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -158,7 +159,11 @@ def _ttest(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
     if np.std(a) == 0 and np.std(b) == 0:  # scipy would return nan
         return (0.0, 1.0) if np.mean(a) == np.mean(b) else (math.copysign(math.inf, np.mean(a) - np.mean(b)), 0.0)
-    res = stats.ttest_ind(a, b)  # two-sided, equal variances (as tensorflow/tcav)
+    with warnings.catch_warnings():
+        # TCAV scores are multiples of 1/N: lists that are almost constant make scipy warn about
+        # precision loss in the variance; the test result is still what scipy computes
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        res = stats.ttest_ind(a, b)  # two-sided, equal variances (as tensorflow/tcav)
     return float(res.statistic), float(res.pvalue)
 
 
