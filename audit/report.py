@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hansgate.errors import ConfigError, HansgateError
+from hansgate.files import atomic_directory, to_jsonable
 
 __all__ = ["CHROMIUM_FLAGS", "find_chromium", "check_pdf_renderer", "chromium_command", "render_figures",
            "render_html", "write_report", "fmt_num"]
@@ -103,20 +103,6 @@ def fmt_num(v: Any, digits: int = 3) -> str:
 def _signed(v: Any, digits: int = 3) -> str:
     s = fmt_num(v, digits)
     return s if s == "–" or s.startswith("-") else "+" + s
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    return obj
 
 
 # --------------------------------------------------------------------------- figures
@@ -296,12 +282,10 @@ def write_report(out: str | Path, report: dict[str, Any], figure_data: dict[str,
     figures = render_figures(report, figure_data)
     report = dict(report)
     report["figures"] = {k: {"title": v["title"], "file": f"figures/{k}.png",
-                             "sha256": hashlib.sha256(v["png"]).hexdigest(), "data": _jsonable(v["data"])}
+                             "sha256": hashlib.sha256(v["png"]).hexdigest(), "data": to_jsonable(v["data"])}
                          for k, v in figures.items()}
-    report = _jsonable(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    report = to_jsonable(report)
+    with atomic_directory(out) as tmp:
         (tmp / "figures").mkdir()
         for k, v in figures.items():
             (tmp / "figures" / f"{k}.png").write_bytes(v["png"])
@@ -309,13 +293,6 @@ def write_report(out: str | Path, report: dict[str, Any], figure_data: dict[str,
         (tmp / "report.html").write_text(render_html(report, figures), encoding="utf-8")
         if pdf:
             print_pdf(tmp / "report.html", tmp / "report.pdf")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     paths = {"json": out / "report.json", "html": out / "report.html"}
     if pdf:
         paths["pdf"] = out / "report.pdf"

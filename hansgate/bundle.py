@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from hansgate.errors import BundleError, BundleHashError, SchemaVersionError
+from hansgate.files import atomic_directory
 from hansgate.manifest import KNOWN_SCHEMA_VERSIONS, Manifest
 
 __all__ = ["MANIFEST_FILE", "Bundle", "sha256_file", "sha256_bytes", "load_bundle", "read_manifest",
@@ -124,19 +122,10 @@ def write_bundle(out: str | Path, onnx_bytes: bytes, manifest: Manifest, overwri
             raise BundleError(f"refusing to overwrite existing {out}")
     if sha256_bytes(onnx_bytes) != manifest.graph.sha256:
         raise BundleHashError("manifest hash does not match the graph being written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / manifest.graph.file).write_bytes(onnx_bytes)
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         load_bundle(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a bundle is meant to be read by a service user
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Bundle(out, manifest)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 import hansgate
 from hansgate.bundle import Bundle, sha256_bytes, write_bundle
 from hansgate.errors import DataError
+from hansgate.files import to_jsonable
 from hansgate.manifest import (
     ConceptSpec,
     Evaluation,
@@ -85,8 +85,8 @@ def build_bundle(
         classes=classes,
         input=input_spec,
         source_model=source,
-        method=MethodSpec(name=result.method, layers=result.layers, hyperparameters=_jsonable(result.hyperparameters)
-                          | {"selection": _jsonable(result.selection.as_dict())}, seed=None),
+        method=MethodSpec(name=result.method, layers=result.layers, hyperparameters=to_jsonable(result.hyperparameters)
+                          | {"selection": to_jsonable(result.selection.as_dict())}, seed=None),
         evaluation=evaluation,
         concepts=concept_specs or [],
         subgroups=subgroups or [],
@@ -94,19 +94,6 @@ def build_bundle(
                         outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff),
     )
     return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types for the manifest (tensors and numpy scalars become floats/lists)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 class _Normalized(torch.nn.Module):
