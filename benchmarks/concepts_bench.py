@@ -266,7 +266,7 @@ def markdown(res: dict[str, Any]) -> str:
               "| setting | method | clean | biased | TCAV | lambda |", "|---|---|---|---|---|---|"]
     for s in res["table1"]:
         for meth, row in s["methods"].items():
-            lines.append(f"| {s['model']} / {s['artifact']} | {meth} | {row['clean_acc']:.3f} | {row['biased_acc']:.3f} "
+            lines.append(f"| {_label(s)} | {meth} | {row['clean_acc']:.3f} | {row['biased_acc']:.3f} "
                          f"| {row['tcav']:.2f} | {row.get('lambda', '')} |")
         b = s["bar"]
         lines.append(f"| | **bar** | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
@@ -277,7 +277,7 @@ def markdown(res: dict[str, Any]) -> str:
     for s in res["table1"]:
         for pooling, a in s["alignment"].items():
             cells = " | ".join(f"{a['cavs'][k]['s']:.2f} / {a['cavs'][k]['s_bar']:.2f}" for k in CAV_KINDS)
-            lines.append(f"| {s['model']} / {s['artifact']} | {pooling} | {cells} | "
+            lines.append(f"| {_label(s)} | {pooling} | {cells} | "
                          f"{a['signal_beats_all_regression_s_bar']} |")
     if "step_cost" in res:
         sc = res["step_cost"]
@@ -302,6 +302,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = res["table1"]
+    if not settings:
+        return
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
     for ax, s in zip(axes[0], settings):
         methods = list(s["methods"])
@@ -312,7 +314,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.axhline(0.5, color="#d62728", lw=0.6, ls=":")
         ax.set_xticks(pos, methods, rotation=30, fontsize=8)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{s['model']} / {s['artifact']}", fontsize=9)
+        ax.set_title(_label(s), fontsize=8)
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -385,13 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _label(s: dict[str, Any]) -> str:
+    t = s.setdefault("train_config", {"epochs": 3, "copies": 2})  # the defaults of runs that did not record it
+    return f"{s['model']}/{s['artifact']} (train {t['epochs']} ep, {t['copies']} copies)"
+
+
 def finalize(res: dict[str, Any], out: Path) -> None:
     """Bars from the measurements, then JSON + Markdown + plot."""
     out.parent.mkdir(parents=True, exist_ok=True)
     bars: dict[str, Any] = {
-        "alignment_signal_best_s_bar": {f"{s['model']}/{s['artifact']}/{p}": a["signal_beats_all_regression_s_bar"]
+        "alignment_signal_best_s_bar": {f"{_label(s)}/{p}": a["signal_beats_all_regression_s_bar"]
                                         for s in res["table1"] for p, a in s["alignment"].items()},
-        "rr_clarc": {f"{s['model']}/{s['artifact']}": s["bar"]["passes"] for s in res["table1"]},
+        "rr_clarc": {_label(s): s["bar"]["passes"] for s in res["table1"]},
     }
     if "step_cost" in res:
         bars |= {"rr_step_ratio": res["step_cost"]["bar_ratio"], "rr_step_passes": res["step_cost"]["passes"]}
