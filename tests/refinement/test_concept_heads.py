@@ -37,7 +37,7 @@ def watched(trained, digits_data):
 
     x = digits_data.x_refine[:200]
     y = digits_data.y_refine[:200]
-    return [watch_concept(trained, name, x, get_artifact(name).apply(x), x, y, digits_data.classes)
+    return [watch_concept(trained, name, x, get_artifact(name).apply(x), x, y, digits_data.classes, pooling="mean")
             for name in ("corner", "frame")]
 
 
@@ -141,6 +141,7 @@ def test_demo_bundle_carries_the_artifact_heads(demo_bundle, demo_dir):
     bundle = load_bundle(demo_bundle)
     (concept,) = bundle.manifest.concepts
     assert concept.name == "corner" and concept.layer == "features.7" and concept.cav_kind == "signal"
+    assert concept.pooling == "none"
     assert set(concept.baseline_tcav) == set(bundle.manifest.classes)
     with np.load(demo_dir / "data" / "test.npz") as z:
         x = z["x"][:100]
