@@ -238,7 +238,12 @@ def presence_threshold(clean_scores: torch.Tensor, concept_scores: torch.Tensor)
     bal = 0.5 * (neg_below / n_neg + pos_above / n_pos)
     bal[:-1][s[1:] == s[:-1]] = -1.0  # cannot split between equal scores
     i = int(bal.argmax())
-    return float((s[i] + s[i + 1]) / 2) if i + 1 < len(s) else float(s[i] + 1.0)
+    if i + 1 == len(s):
+        return float(s[i]) + 1.0
+    # the midpoint, unless float32 scores (what the graph emits) cannot tell it from either side
+    lo, hi = np.float32(s[i]), np.float32(s[i + 1])
+    mid = np.float32((float(s[i]) + float(s[i + 1])) / 2)
+    return float(mid) if lo <= mid < hi else float(lo)
 
 
 def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.Tensor,

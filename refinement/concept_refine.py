@@ -93,7 +93,8 @@ def refine_with_concepts(*, model_spec: str, weights: str | None, data: str, out
                          overwrite: bool = False, progress: bool = False) -> tuple[Bundle, dict[str, Any]]:
     """Load, refine (ClArC or a ``refinement.methods`` method), watch the concepts, write the bundle."""
     from refinement.datasets import load_labelled
-    from refinement.models import file_sha256, load_model, state_dict_sha256
+    from hansgate.bundle import sha256_file
+    from refinement.models import load_model, state_dict_sha256
     from refinement.pipeline import build_bundle, verified_subset
     from refinement.training import accuracy
 
@@ -136,7 +137,7 @@ def refine_with_concepts(*, model_spec: str, weights: str | None, data: str, out
 
     evaluation = Evaluation(data=f"verified: {data}; test: {test_data}; poisoned: {poisoned_data}",
                             before=scores(model), after=scores(result.model))
-    source_hash = file_sha256(weights) if weights else state_dict_sha256(model)
+    source_hash = sha256_file(weights) if weights else state_dict_sha256(model)
     bundle = build_bundle(
         out, result, x_check=x[:256], classes=names,
         input_spec=InputSpec(channels=c, height=h, width=w, mean=[0.0] * c, std=[1.0] * c,
