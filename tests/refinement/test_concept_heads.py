@@ -115,7 +115,7 @@ def test_presence_threshold_maximises_balanced_accuracy(clean, concept):
         return 0.5 * ((c <= t).float().mean() + (k > t).float().mean()).item()
 
     candidates = [float(v) for v in torch.cat([c, k])] + [min(clean + concept) - 1]
-    assert bal(thr) >= max(bal(t) for t in candidates) - 1e-9
+    assert bal(thr) >= max(bal(t) for t in candidates) - 1e-6  # float32 means in bal()
 
 
 def test_presence_threshold_separates_separable_scores():
