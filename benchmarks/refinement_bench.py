@@ -173,22 +173,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/refinement.json")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parts", nargs="+", default=["benchmark", "schedule", "cost", "memory"],
+                    choices=["benchmark", "schedule", "cost", "memory"],
+                    help="measure only these parts; the others are kept from an existing --out file")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report: dict = {"command": " ".join(sys.argv), "torch": torch.__version__}
-    res = run_benchmark(BenchmarkConfig(seeds=tuple(range(args.seeds))), progress=True)
-    write_results(res, out.parent / "refinement_table")
-    report["benchmark"] = {"table": res.table(), "bars": bars(res.table()), "seconds": res.seconds,
-                           "config": json.loads(res.config.model_dump_json())}
-    print(json.dumps(report["benchmark"]["bars"], indent=2), flush=True)
-    report["schedule"] = [schedule_comparison("small_vgg", "corner", list(range(args.seeds)), 5),
-                          schedule_comparison("mnist_cnn", "frame", list(range(args.seeds)), 30)]
-    report["cost"] = cost()
-    print(json.dumps(report["cost"], indent=2), flush=True)
-    report["memory"] = memory(out.parent)
-    report["seconds"] = time.perf_counter() - t0
+    report: dict = json.loads(out.read_text()) if out.exists() and len(args.parts) < 4 else {}
+    report.setdefault("commands", []).append(" ".join(sys.argv))
+    report["torch"] = torch.__version__
+    if "benchmark" in args.parts:
+        res = run_benchmark(BenchmarkConfig(seeds=tuple(range(args.seeds))), progress=True)
+        write_results(res, out.parent / "refinement_table")
+        report["benchmark"] = {"table": res.table(), "bars": bars(res.table()), "seconds": res.seconds,
+                               "config": json.loads(res.config.model_dump_json())}
+        print(json.dumps(report["benchmark"]["bars"], indent=2), flush=True)
+    if "schedule" in args.parts:
+        report["schedule"] = [schedule_comparison("small_vgg", "corner", list(range(args.seeds)), 5),
+                              schedule_comparison("mnist_cnn", "frame", list(range(args.seeds)), 30)]
+    if "cost" in args.parts:
+        report["cost"] = cost()
+        print(json.dumps(report["cost"], indent=2), flush=True)
+    if "memory" in args.parts:
+        report["memory"] = memory(out.parent)
+    report[f"seconds_{'_'.join(args.parts)}"] = time.perf_counter() - t0
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 

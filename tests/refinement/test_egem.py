@@ -65,8 +65,8 @@ def test_egem_second_moments_and_factors_on_linear_layer():
 def test_streaming_moments_do_not_depend_on_batch_size():
     x = torch.rand(53, 1, 8, 8)
     net = _conv_net()
-    a = ExposureMinimizer(EgemConfig(pca=True, batch_size=7)).fit(net, x)
-    b = ExposureMinimizer(EgemConfig(pca=True, batch_size=1000)).fit(net, x)
+    a = ExposureMinimizer(EgemConfig(pca=True, batch_size=7, precision="float64")).fit(net, x)
+    b = ExposureMinimizer(EgemConfig(pca=True, batch_size=1000, precision="float64")).fit(net, x)
     for name in a.layers_:
         assert torch.allclose(a.moments_[name].second, b.moments_[name].second, rtol=1e-10)
         assert torch.allclose(a.moments_[name].mean, b.moments_[name].mean, rtol=1e-10)
@@ -82,6 +82,20 @@ def test_search_lambda_reaches_target(values, tau):
         return
     assert mean_factor(m2, lam) >= tau
     assert mean_factor(m2, lam * 1.001) < tau + 1e-3  # the largest such lambda, up to bisection precision
+
+
+def test_float32_statistics_agree_with_float64():
+    x = torch.rand(300, 1, 8, 8)
+    net = _conv_net()
+    refined = {}
+    for precision in ("float32", "float64"):
+        em = ExposureMinimizer(EgemConfig(pca=True, precision=precision)).fit(net, x)
+        refined[precision] = em.refine(net, alpha=0.3)
+        if precision == "float32":
+            lam32 = dict(em.lambdas_)
+    assert all(abs(lam32[k] - v) <= 1e-3 * abs(v) for k, v in em.lambdas_.items())
+    probe = x[:16]
+    assert torch.allclose(refined["float32"](probe), refined["float64"](probe), rtol=1e-3, atol=1e-4)
 
 
 def test_search_lambda_tau_one_prunes_only_dead_units():
@@ -102,7 +116,8 @@ def test_pca_basis_eigenvalues_are_variances_along_components():
     torch.manual_seed(1)
     x = torch.randn(400, 3, dtype=torch.float64) @ torch.tensor([[2.0, 0, 0], [0.5, 1, 0], [0, 0, 0.1]],
                                                                 dtype=torch.float64)
-    evals, evecs = pca_basis(x.mean(0), x.T @ x / len(x))
+    centred = x - x.mean(0)
+    evals, evecs = pca_basis(centred.T @ centred / len(x))
     h = (x - x.mean(0)) @ evecs
     assert torch.allclose((h**2).mean(0), evals, rtol=1e-8)
     assert torch.all(evals[:-1] >= evals[1:])
