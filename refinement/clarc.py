@@ -168,6 +168,9 @@ def rr_penalty(latent_grad: torch.Tensor, cav: torch.Tensor, pooling: str = "mea
 class ClarcProjection(nn.Module):
     """Eq. 3 as a module, inserted after the concept layer (P-ClArC; A-ClArC while training)."""
 
+    cav: torch.Tensor
+    target: torch.Tensor
+
     def __init__(self, cav: torch.Tensor, target: float, pooling: str = "mean") -> None:
         super().__init__()
         self.register_buffer("cav", cav.float().clone())
@@ -209,6 +212,8 @@ class FineTuner:
             raise ConfigError(f"unknown fine-tuning objective {objective!r}")
         if objective in ("rr", "a-clarc") and cav is None:
             raise ConfigError(f"{objective} needs a CAV")
+        if objective == "a-clarc" and target is None:
+            raise ConfigError("a-clarc needs a target projection length")
         self.layer, self.config, self.objective, self.cav, self.lam, self.target = layer, config, objective, cav, lam, target
 
     def prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, torch.optim.Optimizer]:
@@ -236,6 +241,8 @@ class FineTuner:
         if self.objective == "rrr":
             from refinement.xs import rrr_loss
 
+            if x is None or mask is None:
+                raise ConfigError("the RRR objective needs the input batch and its mask")
             full = _Composed(features, head)
             loss = F.cross_entropy(full(x), y) + self.lam * rrr_loss(full, x, mask)
         else:
@@ -243,6 +250,7 @@ class FineTuner:
                 with torch.no_grad():
                     a = features(x)
             if self.objective == "a-clarc":
+                assert self.cav is not None and self.target is not None  # checked in __init__
                 a = project_along(a, self.cav, self.target, cfg.pooling)
             if self.objective == "rr":
                 n = len(y)
@@ -250,6 +258,7 @@ class FineTuner:
                 logits = head(leaf * 1.0)  # a non-leaf input: the head may start with an in-place ReLU
                 m = annotation_vector(len(leaf), logits.shape[1], cfg.mode, cfg.target_class, generator)
                 (g,) = torch.autograd.grad((m * logits).sum(), leaf, create_graph=True)
+                assert self.cav is not None  # checked in __init__
                 loss = F.cross_entropy(logits[:n], y) + self.lam * rr_penalty(g, self.cav, cfg.pooling)
             else:
                 loss = F.cross_entropy(head(a.clone()), y)

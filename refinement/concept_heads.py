@@ -107,6 +107,10 @@ def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.
 class ConceptGraph(nn.Module):
     """``x -> (logits, concept_scores, concept_sensitivity)``; see the module docstring."""
 
+    cavs: torch.Tensor
+    bias: torch.Tensor
+    offsets: torch.Tensor
+
     def __init__(self, features: nn.Module, head: nn.Module, cavs: torch.Tensor, centers: torch.Tensor,
                  epsilon: float, pooling: str = "mean", scheme: Literal["central", "forward"] = "central") -> None:
         super().__init__()

@@ -16,4 +16,6 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# the type checker on the packages, then the tests
+python3 -m mypy hansgate refinement audit service
 exec python3 -m pytest "$@"
