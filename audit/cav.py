@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -115,19 +115,15 @@ def _residual_types() -> tuple[type, ...]:
 
 def default_concept_layer(model: nn.Module, example: torch.Tensor) -> str:
     """Name of the last conv layer that runs (or its enclosing residual block), paper 001 Sec. 4.1."""
+    from refinement.layers import run_hooked
+
     named = dict(model.named_modules())
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: order.append(n))
-               for n, m in named.items() if n and isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    except RuntimeError as exc:
-        raise ModelRunError(f"the model does not run on inputs of shape {tuple(example.shape[1:])}: "
-                            f"{str(exc).splitlines()[0]}") from exc
-    finally:
-        for h in handles:
-            h.remove()
+
+    def record(name: str) -> Callable[[nn.Module, object, object], None]:
+        return lambda mod, inp, out: order.append(name)
+
+    run_hooked(model, example[:1], [(m, record(n)) for n, m in named.items() if n and isinstance(m, nn.Conv2d)])
     if not order:
         raise ConfigError("the model has no conv layer; name the concept layer explicitly")
     name = order[-1]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from hansgate.errors import ConfigError, ModelRunError
 
-__all__ = ["LayerCall", "trace_calls", "auto_layers", "resolve_layers", "capture_outputs", "get_module",
+__all__ = ["LayerCall", "run_hooked", "trace_calls", "auto_layers", "resolve_layers", "capture_outputs", "get_module",
            "insert_after", "Refined"]
 
 _RESIDUAL = (BasicBlock, Bottleneck)
@@ -71,15 +71,13 @@ def _units(model: nn.Module) -> dict[str, nn.Module]:
     return units
 
 
-def trace_calls(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
-    """Run ``model`` once on ``example`` and list its atomic units in call order."""
-    calls: list[LayerCall] = []
-    handles = []
-    for name, module in _units(model).items():
-        def hook(mod: nn.Module, inp: object, out: object, name: str = name) -> None:
-            if isinstance(out, torch.Tensor):
-                calls.append(LayerCall(name, mod, tuple(out.shape)))
-        handles.append(module.register_forward_hook(hook))
+def run_hooked(model: nn.Module, example: torch.Tensor,
+               hooks: list[tuple[nn.Module, Callable[[nn.Module, object, object], None]]]) -> None:
+    """One no-grad, eval-mode forward pass with forward ``hooks`` that are removed afterwards.
+
+    A model that cannot run on ``example`` raises ``ModelRunError`` with a one-line reason.
+    """
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         with torch.no_grad():
             model.eval()(example)
@@ -89,6 +87,19 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
     finally:
         for h in handles:
             h.remove()
+
+
+def trace_calls(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
+    """Run ``model`` once on ``example`` and list its atomic units in call order."""
+    calls: list[LayerCall] = []
+
+    def record(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(mod: nn.Module, inp: object, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                calls.append(LayerCall(name, mod, tuple(out.shape)))
+        return hook
+
+    run_hooked(model, example, [(module, record(name)) for name, module in _units(model).items()])
     return calls
 
 
@@ -145,19 +156,16 @@ def resolve_layers(model: nn.Module, example: torch.Tensor, layers: list[str] | 
         return chosen
     named = dict(model.named_modules())
     counts: dict[str, int] = {}
-    handles = []
     for name in layers:
         if name not in named or name == "":
             raise ConfigError(f"model has no module named {name!r}")
-        def hook(mod: nn.Module, inp: object, out: object, name: str = name) -> None:
+
+    def count(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(mod: nn.Module, inp: object, out: object) -> None:
             counts[name] = counts.get(name, 0) + 1
-        handles.append(named[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+
+    run_hooked(model, example, [(named[name], count(name)) for name in layers])
     for name in layers:
         if counts.get(name, 0) != 1:
             raise ConfigError(f"module {name!r} runs {counts.get(name, 0)} times per forward pass; "

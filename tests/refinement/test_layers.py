@@ -77,3 +77,14 @@ def test_explicit_layers_by_name():
     assert resolve_layers(net, x, ["relu3"]) == ["relu3"]
     with pytest.raises(ConfigError, match="no module named"):
         resolve_layers(net, x, ["fc9"])
+
+
+def test_model_that_does_not_run_gives_one_clear_error():
+    from hansgate.errors import ModelRunError
+
+    net = build_builtin("mnist_cnn").eval()
+    wrong = torch.rand(2, 1, 12, 12)  # too small for the second conv
+    with pytest.raises(ModelRunError, match="does not run"):
+        resolve_layers(net, wrong, None)
+    with pytest.raises(ModelRunError, match="does not run"):
+        resolve_layers(net, wrong, ["relu3"])  # explicit names take the same path
