@@ -159,8 +159,19 @@ def pca_basis(cov: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[to
     """Eigenvalues ``[D]`` (descending, >= 0) and eigenvectors ``[D, D]`` (columns) of a covariance.
 
     ``cov``: ``[D, D]`` float64, decomposed in ``dtype``; results are returned as float64,
-    eigenvalues under the numerical-rank floor set to 0.
+    eigenvalues under the numerical-rank floor set to 0. Units with zero variance (dead
+    units: their row and column of ``cov`` vanish) are exact eigenvectors with eigenvalue
+    0, so only the active block is decomposed: the cubic cost shrinks with them.
     """
+    active = cov.diagonal() > 0
+    if not bool(active.all()):
+        sub_vals, sub_vecs = pca_basis(cov[active][:, active], dtype) if bool(active.any()) else (
+            torch.zeros(0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64))
+        dead = int((~active).sum())
+        evecs = torch.zeros_like(cov)
+        evecs[active.nonzero().flatten()[:, None], torch.arange(len(sub_vals))] = sub_vecs
+        evecs[(~active).nonzero().flatten(), torch.arange(len(sub_vals), len(sub_vals) + dead)] = 1.0
+        return torch.cat([sub_vals, torch.zeros(dead, dtype=torch.float64)]), evecs
     evals, evecs = torch.linalg.eigh(cov.to(dtype))
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order].double(), evecs[:, order].double()

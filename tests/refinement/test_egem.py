@@ -206,3 +206,16 @@ def test_refine_before_fit_is_an_error():
 
     with pytest.raises(ConfigError):
         ExposureMinimizer().refine(_linear_net(), alpha=0.5)
+
+
+def test_pca_basis_with_dead_units_matches_the_full_decomposition():
+    torch.manual_seed(3)
+    x = torch.randn(300, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    x[:, [1, 4]] = 0.0  # dead units
+    centred = x - x.mean(0)
+    cov = centred.T @ centred / len(x)
+    evals, evecs = pca_basis(cov)
+    assert torch.allclose(evecs.T @ evecs, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(evecs @ torch.diag(evals) @ evecs.T, cov, atol=1e-10)
+    assert torch.all(evals[:-1] >= evals[1:]) and torch.equal(evals[-2:], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(evals[:4], torch.linalg.eigvalsh(cov).flip(0)[:4], atol=1e-10)
