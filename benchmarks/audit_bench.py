@@ -18,66 +18,23 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-class _Cells(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cells: list[str] = []
-        self._td = 0
-
-    def handle_starttag(self, tag, attrs):  # noqa: ANN001
-        if tag == "td":
-            self._td += 1
-            self.cells.append("")
-
-    def handle_endtag(self, tag):  # noqa: ANN001
-        if tag == "td":
-            self._td -= 1
-
-    def handle_data(self, data):  # noqa: ANN001
-        if self._td:
-            self.cells[-1] += data
-
-
-def _tokens(obj, out: set[str]) -> set[str]:  # noqa: ANN001
-    from audit.report import fmt_num
-
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _tokens(k, out)
-            _tokens(v, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _tokens(v, out)
-    elif isinstance(obj, bool) or obj is None:
-        pass
-    elif isinstance(obj, (int, float)):
-        out.update(fmt_num(obj, d).lstrip("-") for d in (3, 4))
-    elif isinstance(obj, str):
-        out.update(re.findall(r"\d+(?:\.\d+)?", obj))
-    return out
-
-
 def html_numbers_in_json(report_dir: Path) -> dict:
+    from audit.consistency import html_numbers_missing_from_json
+
     report = json.loads((report_dir / "report.json").read_text())
-    parser = _Cells()
-    parser.feed((report_dir / "report.html").read_text())
-    numbers = [t for c in parser.cells for t in re.findall(r"\d+(?:\.\d+)?", c)]
-    known = _tokens(report, set())
-    missing = sorted({n for n in numbers if n not in known})
+    numbers, missing = html_numbers_missing_from_json((report_dir / "report.html").read_text(), report)
     return {"html_table_numbers": len(numbers), "missing_from_json": missing[:20], "all_in_json": not missing}
 
 

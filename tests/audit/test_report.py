@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from audit.consistency import HtmlContents, html_numbers_missing_from_json
 from audit.report import find_chromium, fmt_num, screenshot
 from hansgate.cli import main
 
@@ -77,65 +76,21 @@ def test_bundle_concepts_counted_like_the_gateway(demo_dir, report):
     assert report["bundle_tcav"]["rows"] == json.loads(json.dumps(rows))
 
 
-class _Cells(HTMLParser):
-    """Text of every <td>, and every <img data-figure> with its src."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cells: list[str] = []
-        self.imgs: list[dict[str, str]] = []
-        self._td = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "td":
-            self._td += 1
-            self.cells.append("")
-        if tag == "img":
-            self.imgs.append(dict(attrs))
-
-    def handle_endtag(self, tag):
-        if tag == "td":
-            self._td -= 1
-
-    def handle_data(self, data):
-        if self._td:
-            self.cells[-1] += data
-
-
-def _json_tokens(obj, out: set[str]) -> set[str]:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _json_tokens(k, out)
-            _json_tokens(v, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _json_tokens(v, out)
-    elif isinstance(obj, bool) or obj is None:
-        pass
-    elif isinstance(obj, (int, float)):
-        for digits in (3, 4):
-            out.add(fmt_num(obj, digits).lstrip("-"))
-    elif isinstance(obj, str):
-        out.update(re.findall(r"\d+(?:\.\d+)?", obj))
-    return out
-
-
 def test_every_number_in_the_html_tables_is_in_the_json(report_dir, report):
-    parser = _Cells()
-    parser.feed((report_dir / "report.html").read_text())
-    known = _json_tokens(report, set())
-    numbers = [tok for cell in parser.cells for tok in re.findall(r"\d+(?:\.\d+)?", cell)]
+    html = (report_dir / "report.html").read_text()
+    numbers, missing = html_numbers_missing_from_json(html, report)
     assert len(numbers) > 500
-    missing = sorted({n for n in numbers if n not in known})
     assert not missing, f"numbers in the HTML but not in report.json: {missing[:10]}"
     # and a few by value: the headline's site-B figures
     b = next(h for h in report["headline"] if h["value"] == "B")
+    parser = HtmlContents()
+    parser.feed(html)
     cells = " ".join(parser.cells)
     assert fmt_num(b["accuracy_before"]) in cells and fmt_num(b["accuracy_after"]) in cells
 
 
 def test_every_figure_in_the_html_is_in_the_json(report_dir, report):
-    parser = _Cells()
+    parser = HtmlContents()
     parser.feed((report_dir / "report.html").read_text())
     imgs = [i for i in parser.imgs if "data-figure" in i]
     assert len(imgs) >= 8 and len(imgs) == len(parser.imgs)
