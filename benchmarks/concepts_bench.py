@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from audit.cav import (CAV_KINDS, ConceptActivationVector, layer_activations, mean_alignment,  # noqa: E402
                        pool_channels, sample_alignment)
 from audit.tcav import latent_gradients, tcav_score  # noqa: E402
@@ -150,15 +152,6 @@ def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, a
     return setting, (model, data, layer, concept, x_ft, y_ft)
 
 
-def _median_time(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def step_cost(model: torch.nn.Module, layer: str, concept: ConceptData, x: torch.Tensor, y: torch.Tensor,
               cfg: ClarcConfig, repeats: int = 15) -> dict[str, Any]:
     cav = ConceptActivationVector("signal").fit(pool_channels(layer_activations(model, layer, concept.x), cfg.pooling),
@@ -182,8 +175,8 @@ def step_cost(model: torch.nn.Module, layer: str, concept: ConceptData, x: torch
             rr.step(fr, hr, orr, yb, generator=gen, **kw_rr)
         tp, tr = [], []
         for _ in range(repeats):  # interleaved
-            tp.append(_median_time(lambda: plain.step(fp, hp, op, yb, **kw_plain), 1))
-            tr.append(_median_time(lambda: rr.step(fr, hr, orr, yb, generator=gen, **kw_rr), 1))
+            tp.append(seconds(lambda: plain.step(fp, hp, op, yb, **kw_plain)))
+            tr.append(seconds(lambda: rr.step(fr, hr, orr, yb, generator=gen, **kw_rr)))
         out[label] = {"plain_s": statistics.median(tp), "rr_s": statistics.median(tr),
                       "ratio": statistics.median(tr) / statistics.median(tp)}
     # a plain step that trains every layer (the paper's Vanilla fine-tuning), against the RR step above
@@ -201,8 +194,8 @@ def step_cost(model: torch.nn.Module, layer: str, concept: ConceptData, x: torch
 
     tf, tr = [], []
     for _ in range(repeats):
-        tf.append(_median_time(full_step, 1))
-        tr.append(_median_time(lambda: rr.step(fr, hr, orr, yb, x=xb, generator=gen), 1))
+        tf.append(seconds(full_step))
+        tr.append(seconds(lambda: rr.step(fr, hr, orr, yb, x=xb, generator=gen)))
     out["vs_all_layers_trainable"] = {"plain_s": statistics.median(tf), "rr_s": statistics.median(tr),
                                       "ratio": statistics.median(tr) / statistics.median(tf)}
     out["bar_ratio"] = out["full_step"]["ratio"]

@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from refinement.digits import CleverHansConfig, make_clever_hans  # noqa: E402
 from refinement.egem import EgemConfig, ExposureMinimizer, triangular_schedule  # noqa: E402
 from refinement.evaluation import BenchmarkConfig, run_benchmark, train_demo_model, write_results  # noqa: E402
@@ -78,15 +80,6 @@ def schedule_comparison(model_name: str, artifact: str, seeds: list[int], epochs
             "rows": {k: {m: statistics.fmean(v) for m, v in r.items()} | {"per_seed": r} for k, r in rows.items()}}
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def cost(repeats: int = 5) -> dict:
     data = make_clever_hans(CleverHansConfig(seed=0))
     model = train_demo_model(BenchmarkConfig(), data, seed=0)
@@ -109,8 +102,8 @@ def cost(repeats: int = 5) -> dict:
         # interleave the two measurements so machine noise hits both alike
         fwd, ref = [], []
         for _ in range(repeats):
-            fwd.append(_median_time(forward_pass, 1))
-            ref.append(_median_time(stats_and_search, 1))
+            fwd.append(seconds(forward_pass))
+            ref.append(seconds(stats_and_search))
         out[name] = {"forward_s": statistics.median(fwd), "stats_and_search_s": statistics.median(ref),
                      "ratio": statistics.median(ref) / statistics.median(fwd), "bar_at_most_2x":
                      statistics.median(ref) / statistics.median(fwd) <= 2.0}

@@ -368,12 +368,7 @@ class ExposureMinimizer:
         self.bases_: dict[str, torch.Tensor] = {}
         for name, mom in self.moments_.items():
             if self.config.pca:
-                evals, evecs = pca_basis(mom.covariance, self._dtype)
-                k = min(mom.n, mom.dim)
-                self.variances_[name] = evals
-                self.bases_[name] = evecs
-                self._k = getattr(self, "_k", {})
-                self._k[name] = k
+                self.variances_[name], self.bases_[name] = pca_basis(mom.covariance, self._dtype)
             else:
                 self.variances_[name] = mom.second
         return self
@@ -391,7 +386,8 @@ class ExposureMinimizer:
     def _search(self, name: str, tau: float) -> float:
         var = self.variances_[name]
         if self.config.pca:
-            var = var[: self._k[name]]  # mean over the min(N, D) components that can exist
+            mom = self.moments_[name]
+            var = var[: min(mom.n, mom.dim)]  # mean over the min(N, D) components that can exist
         return search_lambda(var, tau)
 
     def refine(self, model: nn.Module, alpha: float | None = None, lambdas: dict[str, float] | None = None) -> nn.Module:

@@ -8,6 +8,7 @@ hyper-parameter from all refinement data.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -141,8 +142,6 @@ def _retrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RefineConf
     checkpoints = retrain_checkpoints(model, x[fit_idx], y[fit_idx], x[val_idx], y[val_idx], cfg.retrain_epochs, tcfg)
     cands = [Candidate({"epochs": e}, checkpoints[e][0]) for e in sorted(checkpoints, reverse=True)]
     sel = select_by_slack(cands, orig, cfg.slack)
-    import copy
-
     refined = copy.deepcopy(model)
     refined.load_state_dict(checkpoints[sel.chosen.params["epochs"]][1])
     hp = {"epochs": sel.chosen.params["epochs"], "lr": cfg.retrain_lr, "slack": cfg.slack,
