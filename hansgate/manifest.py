@@ -105,6 +105,8 @@ class ConceptSpec(_Strict):
     baseline_tcav: dict[str, float] = Field(default_factory=dict)
     presence_threshold: float = 0.0
     sensitivity_tolerance: float = 1e-3
+    #: how the graph computes ``concept_sensitivity`` (refinement.concept_heads): exact JVP or finite differences
+    sensitivity_method: Literal["jvp", "central", "forward"] = "central"
 
 
 class SubgroupAttribute(_Strict):

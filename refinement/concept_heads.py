@@ -9,18 +9,23 @@ torch.fx, sharing the model's modules). The exported module (``ConceptGraph``) r
   data's mean pooled activation;
 - ``concept_sensitivity`` ``[N, M, K]``: the directional derivative of every logit along
   every CAV, ``d/de f_k(a + e lift(h_m))`` (``audit.cav.lift_cav``: for pooled CAVs the
-  same offset at every spatial position; the direction ``audit.tcav`` differentiates along). The graph computes it **without
-  autograd**, by finite differences through the head: ``central``
+  same offset at every spatial position; the direction ``audit.tcav`` differentiates along).
+  The graph computes it **without autograd**. Default ``scheme="jvp"``: the exact
+  forward-mode derivative through the head as plain ops (``refinement.jvp``; all M
+  directions in one batched pass), equal to autograd up to float32 rounding. Heads with
+  an op ``refinement.jvp`` has no rule for fall back to finite differences, ``central``
   ``(f(a + e h) - f(a - e h)) / 2e`` (2M extra head rows per sample) or ``forward``
-  ``(f(a + e h) - f(a)) / e`` (M extra rows). The perturbed activations run through the
+  ``(f(a + e h) - f(a)) / e`` (M extra rows), the perturbed activations run through the
   head as one batch of ``(1 + 2M) N`` (or ``(1 + M) N``) rows.
 
-The step ``e`` is ``epsilon_scale`` times the RMS activation per element on the
-refinement data, a scale where float32 rounding and crossing a ReLU kink are both small.
-``ConceptHeads.check`` runs the exported graph with onnxruntime and compares the
-sensitivity with torch autograd; it refuses the export (``ExportError``) when
-``|s_onnx - s_autograd| > tolerance * (1 + max |s_autograd|)`` anywhere, per concept
-(the scale-aware tolerance recorded in the manifest as ``sensitivity_tolerance``).
+For finite differences, the step ``e`` is ``epsilon_scale`` times the RMS activation per
+element on the refinement data, a scale where float32 rounding and crossing a ReLU kink
+are both small. ``ConceptHeads.check`` runs the exported graph with onnxruntime and
+compares the sensitivity with torch autograd; it refuses the export (``ExportError``)
+when ``|s_onnx - s_autograd| > tolerance * (1 + max |s_autograd|)`` anywhere, per concept.
+The tolerance is ``1e-4`` for the JVP (float32 rounding of a different summation order)
+and ``1e-2`` for finite differences; the manifest records it as ``sensitivity_tolerance``
+and the scheme used as ``sensitivity_method``.
 
 ``watch_concept`` fits a watched concept from clean samples and the same samples with
 the concept (for the demo: the artifact pasted): its signal-CAV, the centre, the
@@ -44,12 +49,14 @@ from audit.cav import ConceptActivationVector, default_concept_layer, layer_acti
 from audit.tcav import latent_gradients
 from hansgate.errors import ConfigError, DataError, ExportError
 from hansgate.manifest import ConceptSpec
+from refinement.jvp import Linearized, linearizable
 
 __all__ = ["split_at", "ConceptGraph", "WatchedConcept", "ConceptHeads", "watch_concept", "presence_threshold",
-           "SENSITIVITY_TOLERANCE"]
+           "SENSITIVITY_TOLERANCE", "Scheme"]
 
-#: Default agreement of the graph's sensitivity with autograd, relative to ``1 + max |s|`` per concept.
-SENSITIVITY_TOLERANCE = 1e-2
+Scheme = Literal["jvp", "central", "forward"]
+#: Agreement of the graph's sensitivity with autograd, relative to ``1 + max |s|`` per concept, by scheme.
+SENSITIVITY_TOLERANCE: dict[str, float] = {"jvp": 1e-4, "central": 1e-2, "forward": 1e-2}
 
 
 class _PathTracer(torch.fx.Tracer):
@@ -112,12 +119,12 @@ class ConceptGraph(nn.Module):
     offsets: torch.Tensor
 
     def __init__(self, features: nn.Module, head: nn.Module, cavs: torch.Tensor, centers: torch.Tensor,
-                 epsilon: float, pooling: str = "mean", scheme: Literal["central", "forward"] = "central") -> None:
+                 epsilon: float, pooling: str = "mean", scheme: Scheme = "jvp") -> None:
         super().__init__()
-        if scheme not in ("central", "forward"):
-            raise ConfigError(f"unknown finite-difference scheme {scheme!r}")
+        if scheme not in SENSITIVITY_TOLERANCE:
+            raise ConfigError(f"unknown sensitivity scheme {scheme!r}; choose from {list(SENSITIVITY_TOLERANCE)}")
         self.features = features
-        self.head = head
+        self.head = Linearized(head, window_pools=True) if scheme == "jvp" else head
         self.pooling = pooling
         self.scheme = scheme
         self.epsilon = float(epsilon)
@@ -132,16 +139,20 @@ class ConceptGraph(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.features(x)
         scores = pool_channels(a, self.pooling) @ self.cavs.T - self.bias
+        if isinstance(self.head, Linearized):
+            directions = torch.stack([lift_cav(h, a, self.pooling)[0] for h in self.cavs])  # [M, C, ...]
+            logits, sens = self.head(a, directions)
+            return logits, scores, sens
         r = self.offsets.shape[0]
         lifted = torch.stack([lift_cav(o, a, self.pooling)[0] for o in self.offsets])  # [R, C, ...]
         rows = (a.unsqueeze(0) + lifted.unsqueeze(1)).reshape((-1,) + tuple(a.shape[1:]))
         out = self.head(rows)
         out = out.reshape(r, -1, out.shape[-1])
         if self.scheme == "central":
-            sens = (out[1::2] - out[2::2]) / (2 * self.epsilon)
+            fd = (out[1::2] - out[2::2]) / (2 * self.epsilon)
         else:
-            sens = (out[1:] - out[0:1]) / self.epsilon
-        return out[0], scores, sens.permute(1, 0, 2)
+            fd = (out[1:] - out[0:1]) / self.epsilon
+        return out[0], scores, fd.permute(1, 0, 2)
 
 
 @dataclass
@@ -163,12 +174,15 @@ class WatchedConcept:
 class ConceptHeads:
     """The object ``refinement.pipeline.build_bundle(concepts=...)`` takes.
 
-    All concepts must share one layer and pooling. ``epsilon_scale`` times the mean of
-    the concepts' ``activation_rms`` is the finite-difference step.
+    All concepts must share one layer and pooling. ``scheme``: ``jvp`` (exact; falls back
+    to ``central`` when the head has an op without a derivative rule — ``scheme_`` says
+    which was used once ``graph`` ran), ``central`` or ``forward``. ``epsilon_scale`` times
+    the mean of the concepts' ``activation_rms`` is the finite-difference step.
+    ``tolerance``: default by scheme (``SENSITIVITY_TOLERANCE``).
     """
 
-    def __init__(self, concepts: list[WatchedConcept], scheme: Literal["central", "forward"] = "central",
-                 epsilon_scale: float = 3e-4, tolerance: float = SENSITIVITY_TOLERANCE) -> None:
+    def __init__(self, concepts: list[WatchedConcept], scheme: Scheme = "jvp",
+                 epsilon_scale: float = 3e-4, tolerance: float | None = None) -> None:
         if not concepts:
             raise ConfigError("no concepts to watch")
         if len({c.layer for c in concepts}) != 1 or len({c.pooling for c in concepts}) != 1:
@@ -176,23 +190,33 @@ class ConceptHeads:
         if len({c.name for c in concepts}) != len(concepts):
             raise ConfigError("watched concept names must be unique")
         self.concepts = list(concepts)
+        if scheme not in SENSITIVITY_TOLERANCE:
+            raise ConfigError(f"unknown sensitivity scheme {scheme!r}; choose from {list(SENSITIVITY_TOLERANCE)}")
         self.scheme = scheme
+        self.scheme_: Scheme = scheme
         self.epsilon_scale = epsilon_scale
-        self.tolerance = tolerance
+        self._tolerance = tolerance
         self.layer = concepts[0].layer
         self.pooling = concepts[0].pooling
         self.epsilon = epsilon_scale * float(np.mean([c.activation_rms for c in concepts]))
+
+    @property
+    def tolerance(self) -> float:
+        """The stated agreement with autograd for the scheme in use."""
+        return self._tolerance if self._tolerance is not None else SENSITIVITY_TOLERANCE[self.scheme_]
 
     def graph(self, model: nn.Module) -> ConceptGraph:
         features, head = split_at(model.eval(), self.layer)
         cavs = torch.stack([c.cav.float() for c in self.concepts])
         centers = torch.stack([c.center.float() for c in self.concepts])
-        return ConceptGraph(features, head, cavs, centers, self.epsilon, self.pooling, self.scheme).eval()
+        self.scheme_ = "central" if self.scheme == "jvp" and not linearizable(head) else self.scheme
+        return ConceptGraph(features, head, cavs, centers, self.epsilon, self.pooling, self.scheme_).eval()
 
     def specs(self) -> list[ConceptSpec]:
         return [ConceptSpec(name=c.name, layer=c.layer, cav_kind=c.cav_kind, pooling=c.pooling,
                             baseline_tcav=c.baseline_tcav, presence_threshold=c.presence_threshold,
-                            sensitivity_tolerance=self.tolerance) for c in self.concepts]
+                            sensitivity_tolerance=self.tolerance, sensitivity_method=self.scheme_)
+                for c in self.concepts]
 
     def reference_sensitivity(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Torch autograd: ``[N, M, K]`` directional derivatives of every logit along every CAV."""
