@@ -19,8 +19,10 @@ reports the CAV alignment for both.
   fine-tuned; the returned model is the fine-tuned one *without* the projection
   (the augmentation teaches invariance, as data augmentation does; this choice is ours).
 - **RR-ClArC** (Eq. 5): fine-tuning with ``CE + lambda * mean_n ((grad_a [m . f(a)] . h)^2)``,
-  the gradient averaged over spatial positions (the authors' code) and built with
-  ``create_graph=True``. ``m``: ``random`` (a fresh +-1 per sample and logit; the
+  the gradient averaged over spatial positions (the authors' code). ``grad_a [m . f] . h`` is
+  the directional derivative of ``m . f`` along ``h``, computed in forward mode
+  (``refinement.jvp``) so a step needs one ordinary backward pass; heads with ops outside
+  ``refinement.jvp`` use the authors' double backward (``create_graph=True``). ``m``: ``random`` (a fresh +-1 per sample and logit; the
   paper's default), ``all`` (ones), or ``class`` (one-hot on ``target_class``:
   class-specific unlearning, Sec. 4.4). Beyond the paper, the penalty is also evaluated on
   the concept-carrying samples of the concept data (``x_penalty``, no labels needed):
@@ -57,6 +59,7 @@ from torch import nn
 from audit.cav import ConceptActivationVector, default_concept_layer, layer_activations, lift_cav, pool_channels, pool_gradient
 from hansgate.errors import ConfigError, DataError
 from refinement.concept_heads import split_at
+from refinement.jvp import Linearized, UnsupportedOp
 from refinement.layers import insert_after
 from refinement.training import accuracy, batches
 
@@ -203,11 +206,12 @@ class FineTuner:
     ``objective``: ``plain`` (cross-entropy), ``rr`` (RR-ClArC, needs ``cav`` and ``lam``),
     ``a-clarc`` (projection to ``target`` before the head), ``rrr`` (input-gradient penalty of
     ``refinement.xs.rrr_loss``, needs ``masks``; the full model runs every step).
+    ``double_backward``: compute RR-ClArC's penalty by double backward even where forward mode works.
     Learned: ``model_`` (eval mode), ``seconds_``, ``steps_``.
     """
 
     def __init__(self, layer: str, config: ClarcConfig, objective: str = "plain", cav: torch.Tensor | None = None,
-                 lam: float = 0.0, target: float | None = None) -> None:
+                 lam: float = 0.0, target: float | None = None, double_backward: bool = False) -> None:
         if objective not in ("plain", "rr", "a-clarc", "rrr"):
             raise ConfigError(f"unknown fine-tuning objective {objective!r}")
         if objective in ("rr", "a-clarc") and cav is None:
@@ -215,6 +219,9 @@ class FineTuner:
         if objective == "a-clarc" and target is None:
             raise ConfigError("a-clarc needs a target projection length")
         self.layer, self.config, self.objective, self.cav, self.lam, self.target = layer, config, objective, cav, lam, target
+        self.double_backward = double_backward
+        self._lin_for: nn.Module | None = None
+        self._lin: Linearized | None = None
 
     def prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, torch.optim.Optimizer]:
         """``(copy, features, head, optimizer)`` with the features frozen (no ``requires_grad``)."""
@@ -253,18 +260,49 @@ class FineTuner:
                 assert self.cav is not None and self.target is not None  # checked in __init__
                 a = project_along(a, self.cav, self.target, cfg.pooling)
             if self.objective == "rr":
-                n = len(y)
-                leaf = (a if a_extra is None else torch.cat([a, a_extra])).detach().requires_grad_(True)
-                logits = head(leaf * 1.0)  # a non-leaf input: the head may start with an in-place ReLU
-                m = annotation_vector(len(leaf), logits.shape[1], cfg.mode, cfg.target_class, generator)
-                (g,) = torch.autograd.grad((m * logits).sum(), leaf, create_graph=True)
-                assert self.cav is not None  # checked in __init__
-                loss = F.cross_entropy(logits[:n], y) + self.lam * rr_penalty(g, self.cav, cfg.pooling)
+                loss = self._rr_loss(head, a if a_extra is None else torch.cat([a, a_extra]), y, generator)
             else:
                 loss = F.cross_entropy(head(a.clone()), y)
         loss.backward()
         opt.step()
         return float(loss.detach())
+
+    def _rr_loss(self, head: nn.Module, a: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """Eq. 5 on activations ``a`` (the first ``len(y)`` rows labelled).
+
+        The penalty's ``grad_a [m . f(a)] . h`` is the directional derivative of ``m . f``
+        along ``lift_cav(h)``: computed by forward mode (``refinement.jvp``), so the step needs
+        one first-order backward pass; a head without derivative rules uses the double
+        backward (``create_graph=True``) instead. Both give the same value and gradient.
+        """
+        assert self.cav is not None  # checked in __init__
+        cfg, n = self.config, len(y)
+        lin = self._linearized(head)
+        if lin is None:
+            leaf = a.detach().requires_grad_(True)
+            logits = head(leaf * 1.0)  # a non-leaf input: the head may start with an in-place ReLU
+            m = annotation_vector(len(leaf), logits.shape[1], cfg.mode, cfg.target_class, generator)
+            (g,) = torch.autograd.grad((m * logits).sum(), leaf, create_graph=True)
+            return F.cross_entropy(logits[:n], y) + self.lam * rr_penalty(g, self.cav, cfg.pooling)
+        logits, deriv = lin(a, lift_cav(self.cav, a, cfg.pooling))  # [N, K], [N, 1, K]
+        m = annotation_vector(len(a), logits.shape[1], cfg.mode, cfg.target_class, generator)
+        along = (m * deriv[:, 0]).sum(1)
+        if a.dim() > 2 and cfg.pooling != "none":  # averaged over positions, as rr_penalty does
+            along = along / a[0, 0].numel()
+        return F.cross_entropy(logits[:n], y) + self.lam * along.pow(2).mean()
+
+    def _linearized(self, head: nn.Module) -> Linearized | None:
+        """The head's forward-mode derivative, built once per head; ``None`` if it has no rules."""
+        if self.double_backward:
+            return None
+        if self._lin_for is not head:
+            self._lin_for, self._lin = head, None
+            try:
+                self._lin = Linearized(head)
+            except UnsupportedOp:
+                pass
+        return self._lin
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor | None = None,
             x_penalty: torch.Tensor | None = None) -> "FineTuner":
