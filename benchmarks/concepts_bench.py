@@ -5,20 +5,26 @@
    computed on channel-pooled (``mean``) and on full (``none``) activations of the last conv layer.
 2. Table 1: clean / biased (100 % poisoned) test accuracy and TCAV (Eq. 9, class 8 logit on
    the biased test samples) for Vanilla, RRR, P-ClArC, A-ClArC and RR-ClArC, on
-   small_vgg x {corner (localized), brightness (unlocalized)} and mnist_cnn x brightness.
+   {small_vgg, mnist_cnn, small_resnet} x {corner (localized), brightness (unlocalized)}.
    Protocol: the "third-party" model is trained on the biased split (artifact on 70 % of
    class 8); every method fine-tunes the layers after the concept layer on the same biased
    fine-tuning subset; P-ClArC is applied to the Vanilla model; lambdas of RRR and RR-ClArC
    are chosen on held-out concept data (balanced accuracy), never on the test sets.
    Bar: RR-ClArC recovers >= half of Vanilla's clean-biased gap, ``|TCAV - 0.5|`` below
-   Vanilla's, clean accuracy within 3 points of Vanilla's.
+   Vanilla's, clean accuracy within 3 points of Vanilla's; not applicable where Vanilla's
+   gap is below 5 points (the model did not learn the shortcut).
+   The third-party model is trained as the demo trains it (5 epochs, 4 jittered copies);
+   earlier runs with a quick 3-epoch model left it under-trained, so that any fine-tuning
+   raised clean accuracy and the 3-point clean bar compared against a moving target.
 3. Cost of one RR-ClArC step vs one plain fine-tuning step, same model (small_vgg), same batch,
    same frozen layers, measured interleaved (median of repeats); features recomputed every step
-   (the honest full step) and, separately, from cached features (head only).
+   (the honest full step) and, separately, from cached features (head only); the penalty by
+   forward mode (default) and by double backward (the authors' code) side by side.
 4. Concept heads: onnxruntime's ``concept_sensitivity`` vs torch autograd on 256 real test
-   samples (stated tolerance ``1e-2 x (1 + max |s|)``), and onnxruntime inference time per batch
-   of 64 with M = 0, 1, 2, 4 concepts (interleaved repeats, median), central differences;
-   forward differences for M = 4 as well.
+   samples (stated tolerance per scheme: ``1e-4 x (1 + max |s|)`` for the exact JVP,
+   ``1e-2`` for finite differences), and onnxruntime inference time per batch of 64 with
+   M = 0, 1, 2, 4 concepts (interleaved repeats, median): JVP heads for channel-pooled and
+   full-map CAVs, central differences for M = 4.
 
 Usage: ``python benchmarks/concepts_bench.py --out benchmarks/results/concepts.json`` (writes
 ``.md`` and ``.png`` beside the JSON). The cores are shared: the load average is recorded.
@@ -53,8 +59,11 @@ from refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E40
 from refinement.export import export_onnx, run_onnx  # noqa: E402
 from refinement.training import TrainConfig, accuracy  # noqa: E402
 
-SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("mnist_cnn", "brightness")]
+SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("mnist_cnn", "corner"), ("mnist_cnn", "brightness"),
+            ("small_resnet", "corner"), ("small_resnet", "brightness")]
 TARGET = 8
+#: Vanilla's clean - biased gap below which a setting shows no shortcut to unlearn (bar not applicable).
+MIN_GAP = 0.05
 
 
 def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
@@ -84,8 +93,8 @@ def alignment(model: torch.nn.Module, layer: str, data: Any, concept: ConceptDat
     return out
 
 
-def train(model_name: str, artifact: str, train_epochs: int, copies: int = 2) -> tuple[torch.nn.Module, Any, float]:
-    """The "third-party" model on the biased split (by default half the demo's copies, to stay quick)."""
+def train(model_name: str, artifact: str, train_epochs: int, copies: int = 4) -> tuple[torch.nn.Module, Any, float]:
+    """The "third-party" model on the biased split (by default trained as the demo trains it)."""
     data = make_clever_hans(CleverHansConfig(artifact=artifact, seed=0, train_copies=copies))
     t0 = time.perf_counter()
     model = train_demo_model(BenchmarkConfig(model=model_name, train=TrainConfig(epochs=train_epochs)), data, seed=0)
@@ -145,6 +154,8 @@ def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, a
            "tcav_closer_to_half": abs(r["tcav"] - 0.5) < abs(v["tcav"] - 0.5),
            "clean_within_3_points": abs(r["clean_acc"] - v["clean_acc"]) <= 0.03}
     bar["passes"] = bar["recovers_half_gap"] and bar["tcav_closer_to_half"] and bar["clean_within_3_points"]
+    # a model that did not learn the shortcut (biased within MIN_GAP of clean) has nothing to unlearn
+    bar["applicable"] = bool(gap >= MIN_GAP)
     setting = {"model": model_name, "artifact": artifact, "localized": data.artifact.localized, "layer": layer,
                "train_seconds": t_train, "n_finetune": len(y_ft), "n_finetune_with_artifact": int(art_ft.sum()),
                "n_concept": len(concept.y), "methods": rows, "bar": bar,
@@ -153,78 +164,78 @@ def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, a
 
 
 def step_cost(model: torch.nn.Module, layer: str, concept: ConceptData, x: torch.Tensor, y: torch.Tensor,
-              cfg: ClarcConfig, repeats: int = 15) -> dict[str, Any]:
+              cfg: ClarcConfig, repeats: int = 25) -> dict[str, Any]:
+    """One RR-ClArC step vs one plain step (same model, batch 64, frozen layers), interleaved medians.
+
+    RR-ClArC's penalty by forward mode (``refinement.jvp``, the default) and by the double
+    backward of the authors' code, side by side.
+    """
     cav = ConceptActivationVector("signal").fit(pool_channels(layer_activations(model, layer, concept.x), cfg.pooling),
                                                 concept.concept).cav_
     xb, yb = x[:64], y[:64]
-    plain, rr = FineTuner(layer, cfg), FineTuner(layer, cfg, "rr", cav, lam=1e3)
+    plain = FineTuner(layer, cfg)
     _, fp, hp, op = plain.prepare(model)
-    _, fr, hr, orr = rr.prepare(model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         a_cached = fp(xb)
         a_extra = fp(concept.x[concept.concept][:64])
-    out: dict[str, Any] = {"batch": 64, "repeats": repeats}
+    steps: dict[str, Any] = {}
+    for variant in ("jvp", "double_backward"):
+        rr = FineTuner(layer, cfg, "rr", cav, lam=1e3, double_backward=variant == "double_backward")
+        _, fr, hr, orr = rr.prepare(model)
+        steps[variant] = (rr, fr, hr, orr)
+    out: dict[str, Any] = {"batch": 64, "repeats": repeats, "pooling": cfg.pooling}
     for label, kw_plain, kw_rr in (
         ("full_step", {"x": xb}, {"x": xb}),
         ("head_only_cached", {"a": a_cached}, {"a": a_cached}),
         ("full_step_with_concept_rows", {"x": xb}, {"x": xb, "a_extra": a_extra}),
     ):
+        def run(variant: str) -> None:
+            rr, fr, hr, orr = steps[variant]
+            rr.step(fr, hr, orr, yb, generator=gen, **kw_rr)
+
         for _ in range(3):  # warm-up
             plain.step(fp, hp, op, yb, **kw_plain)
-            rr.step(fr, hr, orr, yb, generator=gen, **kw_rr)
-        tp, tr = [], []
+            run("jvp")
+            run("double_backward")
+        times: dict[str, list[float]] = {"plain": [], "jvp": [], "double_backward": []}
         for _ in range(repeats):  # interleaved
-            tp.append(seconds(lambda: plain.step(fp, hp, op, yb, **kw_plain)))
-            tr.append(seconds(lambda: rr.step(fr, hr, orr, yb, generator=gen, **kw_rr)))
-        out[label] = {"plain_s": statistics.median(tp), "rr_s": statistics.median(tr),
-                      "ratio": statistics.median(tr) / statistics.median(tp)}
-    # a plain step that trains every layer (the paper's Vanilla fine-tuning), against the RR step above
-    import copy
-
-    import torch.nn.functional as F
-
-    full = copy.deepcopy(model).train()
-    opt_full = torch.optim.Adam(full.parameters(), lr=cfg.lr)
-
-    def full_step() -> None:
-        opt_full.zero_grad(set_to_none=True)
-        F.cross_entropy(full(xb), yb).backward()
-        opt_full.step()
-
-    tf, tr = [], []
-    for _ in range(repeats):
-        tf.append(seconds(full_step))
-        tr.append(seconds(lambda: rr.step(fr, hr, orr, yb, x=xb, generator=gen)))
-    out["vs_all_layers_trainable"] = {"plain_s": statistics.median(tf), "rr_s": statistics.median(tr),
-                                      "ratio": statistics.median(tr) / statistics.median(tf)}
+            times["plain"].append(seconds(lambda: plain.step(fp, hp, op, yb, **kw_plain)))
+            times["jvp"].append(seconds(lambda: run("jvp")))
+            times["double_backward"].append(seconds(lambda: run("double_backward")))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[label] = {"plain_s": med["plain"], "rr_s": med["jvp"], "ratio": med["jvp"] / med["plain"],
+                      "rr_double_backward_s": med["double_backward"],
+                      "ratio_double_backward": med["double_backward"] / med["plain"]}
     out["bar_ratio"] = out["full_step"]["ratio"]
     out["passes"] = out["bar_ratio"] <= 1.5
     return out
 
 
-def heads(model: torch.nn.Module, data: Any, repeats: int = 30) -> dict[str, Any]:
+def heads(model: torch.nn.Module, data: Any, repeats: int = 40) -> dict[str, Any]:
+    """Concept heads: accuracy against autograd and onnxruntime time per batch of 64 for M = 0, 1, 2, 4.
+
+    Exact JVP heads for channel-pooled (``mean``, what ``watch_concept`` fits by default) and
+    full-map (``none``) CAVs, and the central-difference fallback for comparison.
+    """
     from refinement.artifacts import get_artifact
 
     xr = data.x_refine[:300]
     yr = data.y_refine[:300]
-    watched = [watch_concept(model, name, xr, get_artifact(name).apply(xr), xr, yr, data.classes)
-               for name in ("corner", "frame", "stamp", "dot")]
+    names = ("corner", "frame", "stamp", "dot")
+    watched = {pooling: [watch_concept(model, name, xr, get_artifact(name).apply(xr), xr, yr, data.classes,
+                                       pooling=pooling) for name in names] for pooling in ("mean", "none")}
     x_check = data.x_test[:256]
-    out: dict[str, Any] = {"n_check": len(x_check), "tolerance": None, "accuracy": {}, "timing": {}}
+    out: dict[str, Any] = {"n_check": len(x_check), "tolerance": {}, "scheme_used": {}, "accuracy": {}, "timing": {}}
     graphs: dict[str, bytes] = {"M=0": export_onnx(model.eval(), x_check, ["logits"])}
-    for m in (1, 2, 4):
-        h = ConceptHeads(watched[:m])
+    variants = [(f"M={m}", "mean", m, "jvp") for m in (1, 2, 4)] + \
+        [(f"M={m} pooling=none", "none", m, "jvp") for m in (1, 2, 4)] + [("M=4 central", "mean", 4, "central")]
+    for label, pooling, m, scheme in variants:
+        h = ConceptHeads(watched[pooling][:m], scheme=scheme)  # type: ignore[arg-type]
         ob = export_onnx(h.graph(model), x_check, ["logits", "concept_scores", "concept_sensitivity"])
-        graphs[f"M={m}"] = ob
-        out["tolerance"] = h.tolerance
-        errors = h.check(ob, model, x_check) if m == 4 else h.sensitivity_errors(run_onnx(ob, x_check.numpy())[2],
-                                                                                 model, x_check)
-        out["accuracy"][f"M={m}"] = errors
-    hf = ConceptHeads(watched, scheme="forward")
-    obf = export_onnx(hf.graph(model), x_check, ["logits", "concept_scores", "concept_sensitivity"])
-    graphs["M=4 forward"] = obf
-    out["accuracy"]["M=4 forward"] = hf.sensitivity_errors(run_onnx(obf, x_check.numpy())[2], model, x_check)
+        graphs[label] = ob
+        out["tolerance"][label], out["scheme_used"][label] = h.tolerance, h.scheme_
+        out["accuracy"][label] = h.sensitivity_errors(run_onnx(ob, x_check.numpy())[2], model, x_check)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -245,11 +256,14 @@ def heads(model: torch.nn.Module, data: Any, repeats: int = 30) -> dict[str, Any
     out["timing"] = {k: {"median_s": statistics.median(v), "ratio": statistics.median(v) / base}
                      for k, v in times.items()}
     out["timing_setup"] = {"batch": 64, "repeats": repeats, "intra_op_threads": 1}
-    worst_rel = max(e["relative_error"] for acc in out["accuracy"].values() if acc for e in acc.values())
-    out["passes_accuracy"] = all(e["relative_error"] <= out["tolerance"]
-                                 for k, acc in out["accuracy"].items() if "forward" not in k for e in acc.values())
-    out["worst_relative_error"] = worst_rel
+    out["worst_relative_error"] = {k: max(e["relative_error"] for e in acc.values())
+                                   for k, acc in out["accuracy"].items()}
+    out["passes_accuracy"] = all(e["relative_error"] <= out["tolerance"][k]
+                                 for k, acc in out["accuracy"].items() for e in acc.values())
+    worst_jvp = max(v["ratio"] for k, v in out["timing"].items() if k != "M=0" and "central" not in k)
+    out["worst_jvp_ratio"] = worst_jvp
     out["passes_cost"] = out["timing"]["M=4"]["ratio"] <= 1.25
+    out["passes_cost_all_poolings"] = worst_jvp <= 1.25
     return out
 
 
@@ -264,7 +278,7 @@ def markdown(res: dict[str, Any]) -> str:
         b = s["bar"]
         lines.append(f"| | **bar** | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
                      f"{b['tcav_closer_to_half']} | clean within 3 pts: {b['clean_within_3_points']} | "
-                     f"{'PASS' if b['passes'] else 'FAIL'} |")
+                     f"{('PASS' if b['passes'] else 'FAIL') if _applicable(s) else 'n/a: no shortcut learned'} |")
     lines += ["", "## CAV alignment (Eq. 7 s / Eq. 8 s_bar)", "", "| setting | pooling | " +
               " | ".join(CAV_KINDS) + " | signal best (s_bar) |", "|---|---|" + "---|" * (len(CAV_KINDS) + 1)]
     for s in res["table1"]:
@@ -276,15 +290,19 @@ def markdown(res: dict[str, Any]) -> str:
         sc = res["step_cost"]
         lines += ["", "## RR-ClArC step cost (small_vgg, batch 64)", ""]
         for k in ("full_step", "head_only_cached", "full_step_with_concept_rows"):
-            lines.append(f"- {k}: plain {sc[k]['plain_s'] * 1e3:.1f} ms, RR {sc[k]['rr_s'] * 1e3:.1f} ms, "
-                         f"ratio {sc[k]['ratio']:.2f}")
+            lines.append(f"- {k}: plain {sc[k]['plain_s'] * 1e3:.1f} ms, RR (forward-mode penalty) "
+                         f"{sc[k]['rr_s'] * 1e3:.1f} ms, ratio {sc[k]['ratio']:.2f}; RR (double backward) "
+                         f"{sc[k]['rr_double_backward_s'] * 1e3:.1f} ms, ratio {sc[k]['ratio_double_backward']:.2f}")
     if "heads" in res:
         hd = res["heads"]
         lines += ["", "## Concept heads (onnxruntime vs autograd, 256 test samples; inference batch 64)", "",
-                  f"tolerance: |s_onnx - s_autograd| <= {hd['tolerance']} x (1 + max|s|); worst relative error "
-                  f"{hd['worst_relative_error']:.2e}", ""]
+                  "| heads | scheme | tolerance (x (1 + max abs s)) | worst relative error | ms per batch | ratio |",
+                  "|---|---|---|---|---|---|"]
         for k, v in hd["timing"].items():
-            lines.append(f"- {k}: {v['median_s'] * 1e3:.2f} ms per batch, ratio {v['ratio']:.2f}")
+            tol, used = hd["tolerance"].get(k, ""), hd["scheme_used"].get(k, "")
+            err = hd["worst_relative_error"].get(k)
+            lines.append(f"| {k} | {used} | {tol} | {'' if err is None else f'{err:.1e}'} | "
+                         f"{v['median_s'] * 1e3:.2f} | {v['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,9 +335,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/concepts.json")
-    ap.add_argument("--train-epochs", type=int, default=3)
-    ap.add_argument("--train-copies", type=int, default=2, help="jittered copies per training digit (demo: 4)")
-    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs")
+    ap.add_argument("--train-epochs", type=int, default=10, help="epochs of the third-party model (mnist_cnn is under-trained at the demo's 5)")
+    ap.add_argument("--train-copies", type=int, default=4, help="jittered copies per training digit (the demo's 4)")
+    ap.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the paper's 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=[f"{m}:{a}" for m, a in SETTINGS],
                     help="MODEL:ARTIFACT pairs for Table 1 (default: all three)")
@@ -343,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    cfg = ClarcConfig(epochs=args.epochs, lambdas=(1e3, 1e4), seed=0)
+    cfg = ClarcConfig(epochs=args.epochs, seed=0)
     res: dict[str, Any] = {"load_average": os.getloadavg(), "python": platform.python_version(),
                            "torch": torch.__version__, "clarc_config": json.loads(cfg.model_dump_json()),
-                           "rrr_lambdas": [10.0, 100.0], "table1": []}
+                           "rrr_lambdas": [1.0, 10.0, 100.0, 1000.0], "table1": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, pair in enumerate(args.settings):
@@ -365,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
             res["step_cost"] = step_cost(model, default_concept_layer(model, xc[:1]), concept, data.x_train[:64],
                                          data.y_train[:64], cfg)
+            res["seconds"] = time.perf_counter() - t_start
             break
         setting, ctx = table1(model, data, t_train, model_name, artifact, cfg, tuple(res["rrr_lambdas"]))
         setting["train_config"] = {"epochs": args.train_epochs, "copies": args.train_copies}
@@ -385,20 +404,28 @@ def _label(s: dict[str, Any]) -> str:
     return f"{s['model']}/{s['artifact']} (train {t['epochs']} ep, {t['copies']} copies)"
 
 
+def _applicable(s: dict[str, Any]) -> bool:
+    return bool(s["bar"].get("applicable", s["bar"]["vanilla_gap"] >= MIN_GAP))
+
+
 def finalize(res: dict[str, Any], out: Path) -> None:
     """Bars from the measurements, then JSON + Markdown + plot."""
     out.parent.mkdir(parents=True, exist_ok=True)
     bars: dict[str, Any] = {
         "alignment_signal_best_s_bar": {f"{_label(s)}/{p}": a["signal_beats_all_regression_s_bar"]
                                         for s in res["table1"] for p, a in s["alignment"].items()},
-        "rr_clarc": {_label(s): s["bar"]["passes"] for s in res["table1"]},
+        "rr_clarc": {_label(s): s["bar"]["passes"] if _applicable(s) else "not applicable (Vanilla gap "
+                     f"{s['bar']['vanilla_gap']:.3f} < {MIN_GAP})" for s in res["table1"]},
     }
+    bars["rr_clarc_passes_where_applicable"] = all(s["bar"]["passes"] for s in res["table1"] if _applicable(s))
     if "step_cost" in res:
         bars |= {"rr_step_ratio": res["step_cost"]["bar_ratio"], "rr_step_passes": res["step_cost"]["passes"]}
     if "heads" in res:
         bars |= {"heads_sensitivity_passes": res["heads"]["passes_accuracy"],
                  "heads_cost_ratio_m4": res["heads"]["timing"]["M=4"]["ratio"],
-                 "heads_cost_passes": res["heads"]["passes_cost"]}
+                 "heads_cost_passes": res["heads"]["passes_cost"],
+                 "heads_cost_worst_jvp_ratio": res["heads"]["worst_jvp_ratio"],
+                 "heads_cost_passes_all_poolings": res["heads"]["passes_cost_all_poolings"]}
     res["bars"] = bars
     out.write_text(json.dumps(res, indent=2, default=float))
     out.with_suffix(".md").write_text(markdown(res))
