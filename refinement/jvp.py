@@ -181,7 +181,7 @@ def _masked_rule(mod: nn.Module, p: torch.Tensor, t: _Masked, window_pools: bool
         out = mod(p)
         return out, _Masked(t.u, out)
     if isinstance(mod, nn.MaxPool2d) and window_pools:
-        return _tiled_maxpool(mod, p, t.u, keep=(t.source > 0).to(p.dtype))
+        return _tiled_maxpool(mod, p, t.u, relu_input=True)
     if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
         m = t.u.shape[0]
         u = t.u.expand((m, 1) + tuple(t.source.shape[1:])).reshape(m, 1, -1)
@@ -242,39 +242,37 @@ def _reshape(p: torch.Tensor, out: torch.Tensor, t: torch.Tensor | None, what: s
 
 
 def _tiled_maxpool(mod: nn.MaxPool2d, p: torch.Tensor, t: torch.Tensor,
-                   keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   relu_input: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Max pooling over non-overlapping windows: the tangent at each window's first maximum.
 
-    The first maximum is marked without pooling indices (onnxruntime runs ``MaxPool`` with
-    indices, and ``GatherElements``, many times slower than the pooling itself): positions
-    equal to their window's maximum get the rank ``kh kw - (offset in the window)``, the
-    highest rank per window is the first maximum in row-major order (torch's tie rule),
-    and a sum pool of ``t`` times that one-hot map picks its tangent. ``keep`` ``[N, ...]``: a
-    mask to apply to ``t`` first (a ReLU's), folded into the one-hot map. ``None`` for other pools.
+    Without pooling indices (onnxruntime runs ``MaxPool`` with indices, and
+    ``GatherElements``, several times slower than the pooling itself): the window offsets
+    are strided slices on the pooled grid, visited last to first, and each offset whose
+    value equals the window's maximum overwrites the picked tangent, so the first maximum in
+    row-major order wins (torch's tie rule). ``relu_input``: ``p`` is a ReLU's output and
+    ``t`` the ReLU's unmasked input tangent; its mask is 1 at the maximum exactly when the
+    maximum is positive. ``None`` for other pools.
     """
     kh, kw = _pair(mod.kernel_size)
     sh, sw = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
     if (sh, sw) != (kh, kw) or _pair(mod.padding) != (0, 0) or _pair(mod.dilation) != (1, 1) or p.dim() != 4:
         return None
-    n, c, h, w = p.shape
+    h, w = p.shape[2:]
     ho, wo = h // kh, w // kw
     if mod.ceil_mode and (h % kh or w % kw):
         return None
     out = mod(p)
-    crop = p[:, :, : ho * kh, : wo * kw]
-
-    def spread(v: torch.Tensor) -> torch.Tensor:  # [N, C, ho, wo] -> every position of its window
-        return F.interpolate(v, scale_factor=(kh, kw), mode="nearest")
-
-    offset = torch.arange(kh * kw, dtype=p.dtype, device=p.device).view(kh, kw).repeat(ho, wo)
-    score = (crop == spread(out)).to(p.dtype) * (kh * kw - offset)
-    first = (score == spread(F.max_pool2d(score, (kh, kw)))).to(p.dtype)
-    if keep is not None:
-        first = first * keep[:, :, : ho * kh, : wo * kw]
-    m = t.shape[0]
-    picked = F.avg_pool2d((_full(t, p)[..., : ho * kh, : wo * kw] * first).reshape(m * n, c, ho * kh, wo * kw),
-                          (kh, kw)) * (kh * kw)
-    return out, picked.reshape((m,) + tuple(out.shape))
+    t = t.expand(tuple(t.shape[:2]) + tuple(p.shape[1:]))  # [M, 1 or N, C, H, W]
+    picked: torch.Tensor | None = None
+    for i in reversed(range(kh)):
+        for j in reversed(range(kw)):
+            tq = t[..., i : ho * kh : kh, j : wo * kw : kw]
+            picked = tq if picked is None else torch.where(p[:, :, i : ho * kh : kh, j : wo * kw : kw] == out,
+                                                           tq, picked)
+    assert picked is not None
+    if relu_input:
+        picked = picked * (out > 0).to(picked.dtype)
+    return out, _full(picked, out)
 
 
 def _pair(v: Any) -> tuple[int, int]:
