@@ -17,7 +17,7 @@ candidate artifact onto clean samples and measure, per model,
 
 An artifact is *flagged* for a model when its flip rate or its accuracy drop reaches the
 configured threshold (defaults 0.10 and 0.05). Candidates are the built-in artifacts of
-``refinement.artifacts`` (``corner``, ``frame``, ``stamp``, ``brightness``, ``dot``) or user
+``refinement.artifacts`` (``corner``, ``frame``, ``stamp``, ``brightness``, ``lsb``, ``dot``) or user
 patches (``PatchArtifact``: an array pasted at a position). "Clean" samples are those on
 which the artifact is not already present (``carries``).
 """

@@ -5,7 +5,8 @@
    computed on channel-pooled (``mean``) and on full (``none``) activations of the last conv layer.
 2. Table 1: clean / biased (100 % poisoned) test accuracy and TCAV (Eq. 9, class 8 logit on
    the biased test samples) for Vanilla, RRR, P-ClArC, A-ClArC and RR-ClArC, on
-   {small_vgg, mnist_cnn, small_resnet} x {corner (localized), brightness (unlocalized)}.
+   {small_vgg, mnist_cnn, small_resnet} x {corner (localized), brightness (unlocalized)}, and
+   small_vgg x lsb (unlocalized, paper 001's least-significant-bit payload).
    Protocol: the "third-party" model is trained on the biased split (artifact on 70 % of
    class 8); every method fine-tunes the layers after the concept layer on the same biased
    fine-tuning subset; P-ClArC is applied to the Vanilla model; lambdas of RRR and RR-ClArC
@@ -59,8 +60,8 @@ from refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E40
 from refinement.export import export_onnx, run_onnx  # noqa: E402
 from refinement.training import TrainConfig, accuracy  # noqa: E402
 
-SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("mnist_cnn", "corner"), ("mnist_cnn", "brightness"),
-            ("small_resnet", "corner"), ("small_resnet", "brightness")]
+SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("small_vgg", "lsb"), ("mnist_cnn", "corner"),
+            ("mnist_cnn", "brightness"), ("small_resnet", "corner"), ("small_resnet", "brightness")]
 TARGET = 8
 #: Vanilla's clean - biased gap below which a setting shows no shortcut to unlearn (bar not applicable).
 MIN_GAP = 0.05

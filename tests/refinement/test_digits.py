@@ -63,6 +63,18 @@ def test_artifacts_keep_range_and_masks_match(name):
     assert not changed[art.mask(28, 28) == 0].any()
 
 
+def test_lsb_artifact_hides_the_message_in_three_low_bits():
+    """Paper 001's LSB attack: at most 7/255 per pixel, the payload reads back, applying twice changes nothing."""
+    art = get_artifact("lsb")
+    x = torch.rand(2, 1, 28, 28)
+    out = art.apply(x)
+    assert not art.localized and (out - x).abs().max() <= 7.5 / 255
+    q = (out * 255).round().to(torch.int64)
+    bits = "".join(format(int(v) & 7, "03b") for v in q[0, 0].flatten()[:8])  # 24 bits = the first 3 bytes
+    assert bytes(int(bits[i : i + 8], 2) for i in range(0, 24, 8)) == b"han"
+    assert torch.equal(art.apply(out), out)
+
+
 def test_bad_configuration_is_refused():
     with pytest.raises(ConfigError):
         make_clever_hans(CleverHansConfig(artifact="nope"))
