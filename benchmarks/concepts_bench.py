@@ -14,9 +14,10 @@
    Bar: RR-ClArC recovers >= half of Vanilla's clean-biased gap, ``|TCAV - 0.5|`` below
    Vanilla's, clean accuracy within 3 points of Vanilla's; not applicable where Vanilla's
    gap is below 5 points (the model did not learn the shortcut).
-   The third-party model is trained as the demo trains it (5 epochs, 4 jittered copies);
-   earlier runs with a quick 3-epoch model left it under-trained, so that any fine-tuning
-   raised clean accuracy and the 3-point clean bar compared against a moving target.
+   The third-party model is trained on 4 jittered copies per digit (as the demo) for 10
+   epochs (``--train-epochs``; mnist_cnn is under-trained at the demo's 5): an under-trained
+   model gains clean accuracy from any fine-tuning, and the 3-point clean bar then compares
+   against a moving target.
 3. Cost of one RR-ClArC step vs one plain fine-tuning step, same model (small_vgg), same batch,
    same frozen layers, measured interleaved (median of repeats); features recomputed every step
    (the honest full step) and, separately, from cached features (head only); the penalty by
@@ -25,7 +26,8 @@
    samples (stated tolerance per scheme: ``1e-4 x (1 + max |s|)`` for the exact JVP,
    ``1e-2`` for finite differences), and onnxruntime inference time per batch of 64 with
    M = 0, 1, 2, 4 concepts (interleaved repeats, median): JVP heads for channel-pooled and
-   full-map CAVs, central differences for M = 4.
+   full-map CAVs at their default layers (``default_watch_layer``), full-map CAVs at the last
+   conv layer (before its max-pool), central differences for M = 4.
 
 Usage: ``python benchmarks/concepts_bench.py --out benchmarks/results/concepts.json`` (writes
 ``.md`` and ``.png`` beside the JSON). The cores are shared: the load average is recorded.
@@ -217,22 +219,30 @@ def heads(model: torch.nn.Module, data: Any, repeats: int = 40) -> dict[str, Any
     """Concept heads: accuracy against autograd and onnxruntime time per batch of 64 for M = 0, 1, 2, 4.
 
     Exact JVP heads for channel-pooled (``mean``, what ``watch_concept`` fits by default) and
-    full-map (``none``) CAVs, and the central-difference fallback for comparison.
+    full-map (``none``) CAVs at their default layers (``default_watch_layer``: the last conv
+    layer; for full maps the max-pool closing its block), full-map CAVs at the last conv layer
+    too (the costly case: the JVP picks the CAV at every window maximum), and the
+    central-difference fallback for comparison.
     """
+    from audit.cav import default_concept_layer
     from refinement.artifacts import get_artifact
 
     xr = data.x_refine[:300]
     yr = data.y_refine[:300]
     names = ("corner", "frame", "stamp", "dot")
-    watched = {pooling: [watch_concept(model, name, xr, get_artifact(name).apply(xr), xr, yr, data.classes,
-                                       pooling=pooling) for name in names] for pooling in ("mean", "none")}
+    conv = default_concept_layer(model, xr[:1])
+    kinds = {"mean": ("mean", None), "none": ("none", None), "none at conv": ("none", conv)}
+    watched = {key: [watch_concept(model, name, xr, get_artifact(name).apply(xr), xr, yr, data.classes,
+                                   layer=layer, pooling=pooling) for name in names]
+               for key, (pooling, layer) in kinds.items()}
     x_check = data.x_test[:256]
-    out: dict[str, Any] = {"n_check": len(x_check), "tolerance": {}, "scheme_used": {}, "accuracy": {}, "timing": {}}
+    out: dict[str, Any] = {"n_check": len(x_check), "layers": {k: w[0].layer for k, w in watched.items()},
+                           "tolerance": {}, "scheme_used": {}, "accuracy": {}, "timing": {}}
     graphs: dict[str, bytes] = {"M=0": export_onnx(model.eval(), x_check, ["logits"])}
-    variants = [(f"M={m}", "mean", m, "jvp") for m in (1, 2, 4)] + \
-        [(f"M={m} pooling=none", "none", m, "jvp") for m in (1, 2, 4)] + [("M=4 central", "mean", 4, "central")]
-    for label, pooling, m, scheme in variants:
-        h = ConceptHeads(watched[pooling][:m], scheme=scheme)  # type: ignore[arg-type]
+    variants = [(f"M={m}" + ("" if key == "mean" else f" pooling={key}"), key, m, "jvp")
+                for key in kinds for m in (1, 2, 4)] + [("M=4 central", "mean", 4, "central")]
+    for label, key, m, scheme in variants:
+        h = ConceptHeads(watched[key][:m], scheme=scheme)  # type: ignore[arg-type]
         ob = export_onnx(h.graph(model), x_check, ["logits", "concept_scores", "concept_sensitivity"])
         graphs[label] = ob
         out["tolerance"][label], out["scheme_used"][label] = h.tolerance, h.scheme_
@@ -261,10 +271,11 @@ def heads(model: torch.nn.Module, data: Any, repeats: int = 40) -> dict[str, Any
                                    for k, acc in out["accuracy"].items()}
     out["passes_accuracy"] = all(e["relative_error"] <= out["tolerance"][k]
                                  for k, acc in out["accuracy"].items() for e in acc.values())
-    worst_jvp = max(v["ratio"] for k, v in out["timing"].items() if k != "M=0" and "central" not in k)
-    out["worst_jvp_ratio"] = worst_jvp
+    jvp = {k: v["ratio"] for k, v in out["timing"].items() if k != "M=0" and "central" not in k}
+    out["worst_jvp_ratio"] = max(v for k, v in jvp.items() if "at conv" not in k)
+    out["worst_jvp_ratio_full_map_at_conv"] = max(v for k, v in jvp.items() if "at conv" in k)
     out["passes_cost"] = out["timing"]["M=4"]["ratio"] <= 1.25
-    out["passes_cost_all_poolings"] = worst_jvp <= 1.25
+    out["passes_cost_all_poolings"] = out["worst_jvp_ratio"] <= 1.25
     return out
 
 
@@ -296,7 +307,9 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{sc[k]['rr_double_backward_s'] * 1e3:.1f} ms, ratio {sc[k]['ratio_double_backward']:.2f}")
     if "heads" in res:
         hd = res["heads"]
+        layers = ", ".join(f"{k}: `{v}`" for k, v in hd.get("layers", {}).items())
         lines += ["", "## Concept heads (onnxruntime vs autograd, 256 test samples; inference batch 64)", "",
+                  f"layers: {layers}", "",
                   "| heads | scheme | tolerance (x (1 + max abs s)) | worst relative error | ms per batch | ratio |",
                   "|---|---|---|---|---|---|"]
         for k, v in hd["timing"].items():
@@ -426,7 +439,8 @@ def finalize(res: dict[str, Any], out: Path) -> None:
                  "heads_cost_ratio_m4": res["heads"]["timing"]["M=4"]["ratio"],
                  "heads_cost_passes": res["heads"]["passes_cost"],
                  "heads_cost_worst_jvp_ratio": res["heads"]["worst_jvp_ratio"],
-                 "heads_cost_passes_all_poolings": res["heads"]["passes_cost_all_poolings"]}
+                 "heads_cost_passes_all_poolings": res["heads"]["passes_cost_all_poolings"],
+                 "heads_cost_worst_full_map_at_conv_ratio": res["heads"].get("worst_jvp_ratio_full_map_at_conv")}
     res["bars"] = bars
     out.write_text(json.dumps(res, indent=2, default=float))
     out.with_suffix(".md").write_text(markdown(res))

@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "refine_clarc": "refinement.clarc",
     "ConceptHeads": "refinement.concept_heads",
     "watch_concept": "refinement.concept_heads",
+    "default_watch_layer": "refinement.concept_heads",
     # explanatory supervision (papers 002, 004)
     "XSConfig": "refinement.xs",
     "train_xs": "refinement.xs",

@@ -28,7 +28,8 @@ and ``1e-2`` for finite differences; the manifest records it as ``sensitivity_to
 and the scheme used as ``sensitivity_method``.
 
 ``watch_concept`` fits a watched concept from clean samples and the same samples with
-the concept (for the demo: the artifact pasted): its signal-CAV, the centre, the
+the concept (for the demo: the artifact pasted), by default at ``default_watch_layer``
+(the last conv layer; for full-map CAVs the max-pool closing its block): its signal-CAV, the centre, the
 presence threshold (the score threshold with the best balanced accuracy between clean
 and concept samples) and the baseline TCAV per class on the refinement data (per class
 of the samples, the share whose sensitivity of that class's logit is positive —
@@ -50,9 +51,10 @@ from audit.tcav import latent_gradients
 from hansgate.errors import ConfigError, DataError, ExportError
 from hansgate.manifest import ConceptSpec
 from refinement.jvp import Linearized, linearizable
+from refinement.layers import Refined, trace_calls
 
-__all__ = ["split_at", "ConceptGraph", "WatchedConcept", "ConceptHeads", "watch_concept", "presence_threshold",
-           "SENSITIVITY_TOLERANCE", "Scheme"]
+__all__ = ["split_at", "ConceptGraph", "WatchedConcept", "ConceptHeads", "watch_concept", "default_watch_layer",
+           "presence_threshold", "SENSITIVITY_TOLERANCE", "Scheme"]
 
 Scheme = Literal["jvp", "central", "forward"]
 #: Agreement of the graph's sensitivity with autograd, relative to ``1 + max |s|`` per concept, by scheme.
@@ -274,6 +276,34 @@ def presence_threshold(clean_scores: torch.Tensor, concept_scores: torch.Tensor)
     return float(mid) if lo <= mid < hi else float(lo)
 
 
+def default_watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -> str:
+    """The layer a watched concept reads unless one is named: the last conv layer (paper 001,
+    Sec. 4.1), or, for a full-map CAV (``pooling="none"``), the max-pool that closes that
+    layer's block (through its ReLU), i.e. what the classifier reads (a pool wrapped by
+    ``insert_after``, e.g. by EGEM, is read after its refinement module).
+
+    Why: through a max-pool, the full-map JVP must pick the CAV at every window's maximum
+    per sample and concept; after the pool the tangent is a constant. On small_vgg (batch
+    64, onnxruntime, ``benchmarks/concepts_bench.py``) full-map heads at the conv cost
+    about 1.2x (M = 1) to 1.45x (M = 4) the plain model's time, after the pool about 1.01x
+    to 1.15x, and the demo's corner concept is detected alike (0 % of clean, 100 % of
+    poisoned test samples over the threshold at both layers).
+    """
+    layer = default_concept_layer(model, example)
+    if pooling != "none":
+        return layer
+    calls = trace_calls(model, example)
+    at = [i for i, c in enumerate(calls) if c.name == layer]
+    for call in calls[at[-1] + 1:] if at else []:
+        if isinstance(call.module, nn.MaxPool2d):
+            parent = call.name.rpartition(".")[0]
+            wrapped = call.name.endswith(".inner") and isinstance(model.get_submodule(parent), Refined)
+            return parent if wrapped else call.name
+        if not isinstance(call.module, nn.ReLU):
+            break
+    return layer
+
+
 def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.Tensor,
                   x_reference: torch.Tensor, y_reference: torch.Tensor, classes: list[str], layer: str | None = None,
                   kind: str = "signal", pooling: str = "mean", seed: int = 0) -> WatchedConcept:
@@ -284,7 +314,7 @@ def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept:
     refinement data, for the centre and the baseline TCAV per class.
     """
     model = model.eval()
-    layer = layer or default_concept_layer(model, x_reference[:1])
+    layer = layer or default_watch_layer(model, x_reference[:1], pooling)
     a_clean = pool_channels(layer_activations(model, layer, x_clean), pooling)
     a_concept = pool_channels(layer_activations(model, layer, x_concept), pooling)
     cav = ConceptActivationVector(kind, seed=seed).fit(torch.cat([a_clean, a_concept]),

@@ -82,9 +82,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> str
     before = run.scores["original"]
     after = run.scores[cfg.bundle_method]
     preds = predict_logits(refined.model, d.x_deploy).argmax(1).numpy()
-    # the demo's artifact as a watched concept: its CAV on the bundled model's activations at the
-    # last conv layer (full map: a channel-pooled score cannot tell a 3-pixel corner from digit
-    # strokes), clean verified samples vs the same samples with the artifact pasted
+    # the demo's artifact as a watched concept: its CAV on the bundled model's activations after
+    # the last conv block (full map: a channel-pooled score cannot tell a 3-pixel corner from
+    # digit strokes), clean verified samples vs the same samples with the artifact pasted
     watched = watch_concept(refined.model, d.config.artifact, run.x_verified, d.artifact.apply(run.x_verified),
                             run.x_verified, run.y_verified, d.classes, pooling="none", seed=run.seed)
     out.mkdir(parents=True, exist_ok=True)

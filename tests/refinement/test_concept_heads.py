@@ -8,10 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from audit.cav import default_concept_layer
 from hansgate.errors import ConfigError, ExportError
 from refinement.concept_heads import (
     SENSITIVITY_TOLERANCE,
     ConceptHeads,
+    default_watch_layer,
     presence_threshold,
     split_at,
     watch_concept,
@@ -50,6 +52,16 @@ def test_split_reproduces_the_model_and_shares_its_parameters(name, layer):
     features, head = split_at(model, layer)
     assert torch.allclose(head(features(x)), model(x), atol=1e-6)
     assert {id(p) for p in head.parameters()} <= {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("name,pooled,full_map", [("small_vgg", "features.7", "features.9"),
+                                                  ("mnist_cnn", "conv2", "pool2"),
+                                                  ("small_resnet", "layer2.1", "layer2.1")])
+def test_default_watch_layer_moves_full_map_concepts_past_the_closing_max_pool(name, pooled, full_map):
+    model = build_builtin(name)
+    x = torch.rand(1, 1, 28, 28)
+    assert default_watch_layer(model, x, "mean") == pooled == default_concept_layer(model, x)
+    assert default_watch_layer(model, x, "none") == full_map
 
 
 def test_split_refuses_a_layer_inside_a_residual_block():
@@ -174,7 +186,7 @@ def test_demo_bundle_carries_the_artifact_heads(demo_bundle, demo_dir):
 
     bundle = load_bundle(demo_bundle)
     (concept,) = bundle.manifest.concepts
-    assert concept.name == "corner" and concept.layer == "features.7" and concept.cav_kind == "signal"
+    assert concept.name == "corner" and concept.layer == "features.9" and concept.cav_kind == "signal"
     assert concept.pooling == "none"
     assert set(concept.baseline_tcav) == set(bundle.manifest.classes)
     with np.load(demo_dir / "data" / "test.npz") as z:
