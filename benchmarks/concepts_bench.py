@@ -104,6 +104,19 @@ def train(model_name: str, artifact: str, train_epochs: int, copies: int = 4) ->
     return model, data, time.perf_counter() - t0
 
 
+def logit_shift(model: torch.nn.Module, data: Any, n: int = 300) -> dict[str, float]:
+    """How the artifact moves the logits on test samples of the other classes (mean):
+    ``target_logit_rise`` (class ``TARGET``, what the shortcut adds) and ``true_logit_drop``
+    (the true class, what it erases). A concept direction can remove the first, not the second."""
+    keep = data.y_test[:n] != TARGET
+    x, y = data.x_test[:n][keep], data.y_test[:n][keep]
+    with torch.no_grad():
+        clean, poisoned = model.eval()(x), model(data.artifact.apply(x))
+    rows = torch.arange(len(y))
+    return {"target_logit_rise": float((poisoned[:, TARGET] - clean[:, TARGET]).mean()),
+            "true_logit_drop": float((clean[rows, y] - poisoned[rows, y]).mean())}
+
+
 def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, artifact: str, cfg: ClarcConfig,
            rrr_lambdas: tuple[float, ...]) -> tuple[dict[str, Any], Any]:
     ft = _subset(len(data.y_train), 500, 1)
@@ -123,7 +136,7 @@ def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, a
         return {"clean_acc": accuracy(m, data.x_test, data.y_test),
                 "biased_acc": accuracy(m, data.x_test_poisoned, data.y_test),
                 "tcav": tcav_score(sens), "mean_sensitivity": float(sens.mean()),
-                "val_balanced_acc": balanced_accuracy(m, val_part)}
+                "val_balanced_acc": balanced_accuracy(m, val_part)} | logit_shift(m, data)
 
     rows: dict[str, Any] = {"original": scores(model)}
     t0 = time.perf_counter()
@@ -282,13 +295,16 @@ def heads(model: torch.nn.Module, data: Any, repeats: int = 40) -> dict[str, Any
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# Concept bars (issue 3)", "", f"load average at start: {res['load_average']}", ""]
     lines += ["## Table 1 (clean / biased accuracy, TCAV of class 8 on biased samples)", "",
-              "| setting | method | clean | biased | TCAV | lambda |", "|---|---|---|---|---|---|"]
+              f"Logit change under the artifact (test samples of the other classes, mean): class {TARGET} "
+              "/ the true class.", "",
+              "| setting | method | clean | biased | TCAV | logit change | lambda |", "|---|---|---|---|---|---|---|"]
     for s in res["table1"]:
         for meth, row in s["methods"].items():
+            shift = f"{row['target_logit_rise']:+.2f} / {-row['true_logit_drop']:+.2f}" if "true_logit_drop" in row else ""
             lines.append(f"| {_label(s)} | {meth} | {row['clean_acc']:.3f} | {row['biased_acc']:.3f} "
-                         f"| {row['tcav']:.2f} | {row.get('lambda', '')} |")
+                         f"| {row['tcav']:.2f} | {shift} | {row.get('lambda', '')} |")
         b = s["bar"]
-        lines.append(f"| | **bar** | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
+        lines.append(f"| | **bar** | | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
                      f"{b['tcav_closer_to_half']} | clean within 3 pts: {b['clean_within_3_points']} | "
                      f"{('PASS' if b['passes'] else 'FAIL') if _applicable(s) else 'n/a: no shortcut learned'} |")
     lines += ["", "## CAV alignment (Eq. 7 s / Eq. 8 s_bar)", "", "| setting | pooling | " +
