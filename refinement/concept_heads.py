@@ -285,7 +285,7 @@ def default_watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -
     Why: through a max-pool, the full-map JVP must pick the CAV at every window's maximum
     per sample and concept; after the pool the tangent is a constant. On small_vgg (batch
     64, onnxruntime, ``benchmarks/concepts_bench.py``) full-map heads at the conv cost
-    about 1.2x (M = 1) to 1.45x (M = 4) the plain model's time, after the pool about 1.01x
+    about 1.3x (M = 1) to 1.55x (M = 4) the plain model's time, after the pool about 1.02x
     to 1.15x, and the demo's corner concept is detected alike (0 % of clean, 100 % of
     poisoned test samples over the threshold at both layers).
     """

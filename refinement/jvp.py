@@ -10,8 +10,9 @@ stacked in front, ``[M, N, ...]``) by its derivative:
 - linear ops (``Conv``, ``Linear`` without bias, average pools, flatten and batch-preserving
   reshapes, batch-norm in eval mode, dropout with the primal's mask): applied to ``t``;
 - ``ReLU``: ``t * (p > 0)`` (autograd's convention at 0); ``MaxPool2d``: ``t`` at the first
-  maximum of each window (torch's tie rule; non-overlapping windows are cut by a reshape and
-  searched by ``argmax``, others use the pool's indices); ``Sigmoid``/``Tanh``: the closed-form derivative;
+  maximum of each window (torch's tie rule), picked by the pool's indices, or, for graphs
+  to export (``window_pools=True``) with non-overlapping windows, by a ``where`` chain over
+  the window offsets (``_tiled_maxpool``); ``Sigmoid``/``Tanh``: the closed-form derivative;
 - a ``ReLU`` whose input tangent is the same for every sample (a CAV direction) keeps its
   tangent as ``u * (p > 0)`` unevaluated through ``MaxPool2d`` (when ``u`` is the same at
   every position of a channel, as for a channel-pooled CAV: ``u_c * (maxpool > 0)``, exact
@@ -90,6 +91,8 @@ class Linearized(nn.Module):
 
     ``tangents`` ``[M, *a.shape[1:]]`` (or anything broadcasting to ``[M, N, ...]``, e.g. a
     CAV lifted to ``[M, 1, C, 1, 1]``): the directions. Shares ``head``'s parameters.
+    ``window_pools``: max-pool tangents by window offsets instead of the pool's indices (for
+    ONNX export: onnxruntime runs ``MaxPool`` with indices several times slower).
     """
 
     def __init__(self, head: nn.Module, window_pools: bool = False) -> None:
