@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
-from audit.cav import (CAV_KINDS, ConceptActivationVector, layer_activations, mean_alignment,  # noqa: E402
-                       pool_channels, sample_alignment)
+from audit.cav import (CAV_KINDS, ConceptActivationVector, default_concept_layer, layer_activations,  # noqa: E402
+                       mean_alignment, pool_channels, sample_alignment)
 from audit.tcav import latent_gradients, tcav_score  # noqa: E402
 from refinement.clarc import ClarcConfig, ConceptData, FineTuner, balanced_accuracy, refine_clarc  # noqa: E402
 from refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
@@ -237,7 +237,6 @@ def heads(model: torch.nn.Module, data: Any, repeats: int = 40) -> dict[str, Any
     too (the costly case: the JVP picks the CAV at every window maximum), and the
     central-difference fallback for comparison.
     """
-    from audit.cav import default_concept_layer
     from refinement.artifacts import get_artifact
 
     xr = data.x_refine[:300]
@@ -409,8 +408,6 @@ def main(argv: list[str] | None = None) -> int:
             xc = data.x_refine[:150]
             concept = ConceptData(torch.cat([xc, data.artifact.apply(xc)]), torch.cat([data.y_refine[:150]] * 2),
                                   torch.cat([torch.zeros(150), torch.ones(150)]).bool())
-            from audit.cav import default_concept_layer
-
             res["step_cost"] = step_cost(model, default_concept_layer(model, xc[:1]), concept, data.x_train[:64],
                                          data.y_train[:64], cfg)
             res["seconds"] = time.perf_counter() - t_start
