@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def html_numbers_in_json(report_dir: Path) -> dict:
-    from audit.consistency import html_numbers_missing_from_json
+    from hansgate.audit.consistency import html_numbers_missing_from_json
 
     report = json.loads((report_dir / "report.json").read_text())
     numbers, missing = html_numbers_missing_from_json((report_dir / "report.html").read_text(), report)

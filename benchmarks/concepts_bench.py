@@ -52,15 +52,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
-from audit.cav import (CAV_KINDS, ConceptActivationVector, default_concept_layer, layer_activations,  # noqa: E402
-                       mean_alignment, pool_channels, sample_alignment)
-from audit.tcav import latent_gradients, tcav_score  # noqa: E402
-from refinement.clarc import ClarcConfig, ConceptData, FineTuner, balanced_accuracy, refine_clarc  # noqa: E402
-from refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
-from refinement.digits import CleverHansConfig, make_clever_hans  # noqa: E402
-from refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E402
-from refinement.export import export_onnx, run_onnx  # noqa: E402
-from refinement.training import TrainConfig, accuracy  # noqa: E402
+from hansgate.concepts.cav import (  # noqa: E402
+    CAV_KINDS,
+    ConceptActivationVector,
+    default_concept_layer,
+    layer_activations,
+    mean_alignment,
+    pool_channels,
+    sample_alignment,
+)
+from hansgate.concepts.gradients import latent_gradients, tcav_score  # noqa: E402
+from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
+from hansgate.nn.export import export_onnx, run_onnx  # noqa: E402
+from hansgate.nn.training import TrainConfig, accuracy  # noqa: E402
+from hansgate.refinement.clarc import (  # noqa: E402
+    ClarcConfig,
+    ConceptData,
+    FineTuner,
+    balanced_accuracy,
+    refine_clarc,
+)
+from hansgate.refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
+from hansgate.refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E402
 
 SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("small_vgg", "lsb"), ("mnist_cnn", "corner"),
             ("mnist_cnn", "brightness"), ("small_resnet", "corner"), ("small_resnet", "brightness")]
@@ -237,7 +250,7 @@ def heads(model: torch.nn.Module, data: Any, repeats: int = 40) -> dict[str, Any
     too (the costly case: the JVP picks the CAV at every window maximum), and the
     central-difference fallback for comparison.
     """
-    from refinement.artifacts import get_artifact
+    from hansgate.data.artifacts import get_artifact
 
     xr = data.x_refine[:300]
     yr = data.y_refine[:300]

@@ -32,12 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
-from refinement.digits import CleverHansConfig, make_clever_hans  # noqa: E402
-from refinement.egem import EgemConfig, ExposureMinimizer, triangular_schedule  # noqa: E402
-from refinement.evaluation import BenchmarkConfig, run_benchmark, train_demo_model, write_results  # noqa: E402
-from refinement.methods import RefineConfig, refine_model  # noqa: E402
-from refinement.pipeline import per_class_subset, verified_subset  # noqa: E402
-from refinement.training import TrainConfig, accuracy  # noqa: E402
+from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
+from hansgate.nn.training import TrainConfig, accuracy  # noqa: E402
+from hansgate.refinement.egem import EgemConfig, ExposureMinimizer, triangular_schedule  # noqa: E402
+from hansgate.refinement.evaluation import (  # noqa: E402
+    BenchmarkConfig,
+    run_benchmark,
+    train_demo_model,
+    write_results,
+)
+from hansgate.refinement.methods import RefineConfig, refine_model  # noqa: E402
+from hansgate.refinement.pipeline import per_class_subset, verified_subset  # noqa: E402
 
 
 def bars(table: dict) -> dict:
@@ -113,7 +118,7 @@ def cost(repeats: int = 5) -> dict:
 def _peak_fit(path: str, n: int, queue: "mp.Queue") -> None:
     torch.set_num_threads(1)
     blob = torch.load(path, weights_only=True)
-    from refinement.models import build_builtin
+    from hansgate.nn.models import build_builtin
 
     model = build_builtin("small_vgg")
     model.load_state_dict(blob["state"])

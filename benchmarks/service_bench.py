@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 TORCH_SERVICE = '''
 import bentoml, numpy as np, torch
-from refinement.models import load_model
+from hansgate.nn.models import load_model
 
 @bentoml.service(name="torch_eager", workers=1)
 class TorchEager:
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"workers": args.workers, "seconds": args.seconds, "rounds": args.rounds,
                "concurrency": args.concurrency},
     }
-    from service.runtime import CUDA, cuda_device_count
+    from hansgate.service.runtime import CUDA, cuda_device_count
 
     gpu = cuda_device_count() > 0 and CUDA in ort.get_available_providers()
     result["gpu"] = {"cuda_devices": cuda_device_count(), "measured": gpu,

@@ -16,6 +16,7 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-# the type checker on the packages, then the tests
-python3 -m mypy hansgate refinement audit service
+# the layer contract (pyproject.toml [tool.importlinter]), the type checker, then the tests
+lint-imports
+python3 -m mypy -p hansgate
 exec python3 -m pytest "$@"

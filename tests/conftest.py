@@ -13,7 +13,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 @pytest.fixture(scope="session")
 def digits_data():
     """Seed-0 embedded Clever-Hans digits with the default corner artifact."""
-    from refinement.digits import CleverHansConfig, make_clever_hans
+    from hansgate.data.digits import CleverHansConfig, make_clever_hans
 
     return make_clever_hans(CleverHansConfig(seed=0))
 
@@ -21,7 +21,7 @@ def digits_data():
 @pytest.fixture(scope="session")
 def demo_model(digits_data):
     """The demo's third-party model (small_vgg, 5 epochs) trained on the biased split; do not mutate."""
-    from refinement.evaluation import BenchmarkConfig, train_demo_model
+    from hansgate.refinement.evaluation import BenchmarkConfig, train_demo_model
 
     return train_demo_model(BenchmarkConfig(), digits_data, seed=0)
 

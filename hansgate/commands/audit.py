@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from audit.runner import audit_command
+    from hansgate.audit.runner import audit_command
     from hansgate.errors import ConfigError
 
     try:

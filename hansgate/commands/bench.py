@@ -33,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from benchmarks.xs_bench import XSBenchConfig, run_xs_bench, write_xs_results
     from hansgate.errors import ConfigError
-    from refinement.xs_bench import XSBenchConfig, run_xs_bench, write_xs_results
 
     options: dict[str, object] = {"seed": args.seed, "memory": not args.no_memory}
     for key in ("archs", "methods", "teacher_shares"):

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refinement.demo import DemoConfig, run_demo
+    from hansgate.demo.run import DemoConfig, run_demo
 
     cfg = DemoConfig.from_args(args)
     summary = run_demo(cfg, args.out, progress=not args.quiet)

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_concepts(args)
     import json
 
-    from refinement.methods import RefineConfig
-    from refinement.pipeline import refine_from_files
+    from hansgate.refinement.methods import RefineConfig
+    from hansgate.refinement.pipeline import refine_from_files
 
     config = RefineConfig(method=args.method, slack=args.slack, layers=args.layers, schedule=args.schedule,
                           seed=args.seed)
@@ -70,9 +70,12 @@ def _run_concepts(args: argparse.Namespace) -> int:
     import json
 
     from hansgate.errors import ConfigError
-    from refinement.clarc import ClarcConfig
-    from refinement.concept_refine import parse_concept_args, refine_with_concepts
-    from refinement.methods import RefineConfig
+    from hansgate.refinement.clarc import ClarcConfig
+    from hansgate.refinement.concept_refine import (
+        parse_concept_args,
+        refine_with_concepts,
+    )
+    from hansgate.refinement.methods import RefineConfig
 
     if args.mean or args.std:
         raise ConfigError("--mean/--std are not supported together with concepts; pass normalised data")

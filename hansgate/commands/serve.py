@@ -26,7 +26,7 @@ def command(bundle: Path, port: int, host: str, workers: int) -> tuple[list[str]
     env = dict(os.environ, HANSGATE_BUNDLE=str(bundle.resolve()), HANSGATE_WORKERS=str(workers))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    argv = [sys.executable, "-m", "bentoml", "serve", "service.service:Gateway", "--port", str(port),
+    argv = [sys.executable, "-m", "bentoml", "serve", "hansgate.service.service:Gateway", "--port", str(port),
             "--host", host, "--working-dir", root]
     return argv, env
 

@@ -50,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from hansgate.errors import ConfigError
-    from refinement.xs import XSConfig
-    from refinement.xs_pipeline import DEFAULT_LAMBDAS, TrainXSConfig, train_xs_from_files
+    from hansgate.refinement.xs import XSConfig
+    from hansgate.refinement.xs_pipeline import (
+        DEFAULT_LAMBDAS,
+        TrainXSConfig,
+        train_xs_from_files,
+    )
 
     try:
         xs = XSConfig(method=args.xs, lam=DEFAULT_LAMBDAS[args.xs] if args.lam is None else args.lam,

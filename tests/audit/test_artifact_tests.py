@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from audit.artifact_tests import (
+from hansgate.audit.artifact_tests import (
     ArtifactTestConfig,
     PatchArtifact,
     artifact_prediction_test,
@@ -16,8 +16,8 @@ from audit.artifact_tests import (
     parse_patch_spec,
     resolve_artifacts,
 )
+from hansgate.data.artifacts import get_artifact
 from hansgate.errors import ConfigError, DataError
-from refinement.artifacts import get_artifact
 
 
 class ShortcutNet(nn.Module):

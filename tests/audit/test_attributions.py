@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from zennit.torchvision import ResNetCanonizer
 
-from audit.attributions import (
+from hansgate.audit.attributions import (
     ATTRIBUTION_METHODS,
     AttributionConfig,
     attribute,
@@ -20,7 +20,7 @@ from audit.attributions import (
     verify_by_relevance,
 )
 from hansgate.errors import ConfigError
-from refinement.models import build_builtin
+from hansgate.nn.models import build_builtin
 
 
 def _bias_free_cnn() -> nn.Module:
@@ -85,7 +85,7 @@ def test_resnet_lrp_with_canonizer_conserves_and_without_does_not():
     without shift) the map sums to the logit; the same composite without canonizer does not."""
     from zennit.attribution import Gradient
 
-    from audit.attributions import EpsilonZPlusBox
+    from hansgate.audit.attributions import EpsilonZPlusBox
 
     torch.manual_seed(1)
     model = build_builtin("small_resnet").eval()
@@ -150,7 +150,7 @@ def test_heatmap_grid_is_a_png():
 def test_verified_indices_select_correct_samples_with_relevance_in_the_region():
     """A linear scorer that looks only at the left half: every correct sample is verified with the
     left-half mask, none with the right-half mask."""
-    from audit.attributions import verified_indices
+    from hansgate.audit.attributions import verified_indices
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2, bias=False)).eval()
     w = torch.zeros(2, 1, 4, 4)

@@ -1,4 +1,4 @@
-"""audit.compliance: Wilson intervals against closed forms, tables and flags from counts."""
+"""hansgate.audit.compliance: Wilson intervals against closed forms, tables and flags from counts."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audit.compliance import (ALL, ComplianceThresholds, Outcomes, outcomes_from_labels, rate, subgroup_table,
-                              tcav_table, wilson_interval)
+from hansgate.audit.compliance import (
+    ALL,
+    ComplianceThresholds,
+    Outcomes,
+    outcomes_from_labels,
+    rate,
+    subgroup_table,
+    tcav_table,
+    wilson_interval,
+)
 
 
 def test_torch_free():

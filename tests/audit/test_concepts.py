@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from audit.concepts import CavProjection, concept_evidence, concept_sets
-from audit.tcav import ConceptRanking, TcavConfig
+from hansgate.audit.concepts import CavProjection, concept_evidence, concept_sets
+from hansgate.audit.tcav import ConceptRanking, TcavConfig
 
 
 def _model() -> nn.Module:

@@ -6,7 +6,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from audit.influence import InfluenceConfig, LinearStudentInfluence, layer_embeddings, softmax_hessian
+from hansgate.audit.influence import (
+    InfluenceConfig,
+    LinearStudentInfluence,
+    layer_embeddings,
+    softmax_hessian,
+)
 
 
 def _mean_loss(w: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, reg: float) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import audit
+from hansgate import audit
 
 
 def test_import_does_not_load_torch():
-    code = ("import sys, audit, audit.subgroups, audit.compliance, audit.inputs; "
-            "from audit import SubgroupAuditor, read_attributes; print('torch' in sys.modules)")
+    code = ("import sys, hansgate.audit, hansgate.audit.subgroups, hansgate.audit.compliance, hansgate.audit.inputs; "
+            "from hansgate.audit import SubgroupAuditor, read_attributes; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

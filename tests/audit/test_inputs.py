@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.inputs import read_attributes, write_attributes
+from hansgate.audit.inputs import read_attributes, write_attributes
 from hansgate.errors import DataError
 from hansgate.manifest import SubgroupAttribute
 
@@ -73,8 +73,8 @@ def test_too_many_values_for_an_undeclared_attribute(tmp_path):
 
 def test_tcav_sign_counts_equal_the_gateways_batch_stats():
     """The report counts TCAV signs like the service's counters do (service.metrics.batch_stats)."""
-    from audit.inputs import tcav_sign_counts
-    from service.metrics import batch_stats
+    from hansgate.audit.inputs import tcav_sign_counts
+    from hansgate.service.metrics import batch_stats
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(200, 4))

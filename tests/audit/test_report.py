@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.consistency import HtmlContents, html_numbers_missing_from_json
-from audit.report import find_chromium, fmt_num, screenshot
+from hansgate.audit.consistency import HtmlContents, html_numbers_missing_from_json
+from hansgate.audit.report import find_chromium, fmt_num, screenshot
 from hansgate.cli import main
 
 
@@ -59,8 +59,8 @@ def test_training_artifact_flagged_control_not(report):
 def test_bundle_concepts_counted_like_the_gateway(demo_dir, report):
     """The demo bundle watches its artifact; the report's TCAV rows come from compliance.tcav_table on
     sign counts of the bundle's concept_sensitivity output, as the gateway's snapshot does."""
-    from audit.compliance import tcav_table
-    from audit.inputs import onnx_predictor, tcav_sign_counts
+    from hansgate.audit.compliance import tcav_table
+    from hansgate.audit.inputs import onnx_predictor, tcav_sign_counts
     from hansgate.bundle import load_bundle
 
     bundle = load_bundle(demo_dir / "bundle")
@@ -180,7 +180,7 @@ def test_cli_bad_inputs_fail_cleanly(demo_dir, tmp_path, capsys):
 
 
 def test_pdf_without_chromium_is_a_config_error_and_writes_nothing(tmp_path, monkeypatch):
-    import audit.report as rep
+    import hansgate.audit.report as rep
     from hansgate.errors import ConfigError
 
     monkeypatch.setattr(rep, "find_chromium", lambda: None)

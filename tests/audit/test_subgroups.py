@@ -6,8 +6,20 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.compliance import ALL, ComplianceThresholds, Outcomes, outcomes_from_labels, subgroup_table
-from audit.subgroups import SubgroupAuditor, class_counts, outcome_counts, recall_by_group, subgroup_counts
+from hansgate.audit.compliance import (
+    ALL,
+    ComplianceThresholds,
+    Outcomes,
+    outcomes_from_labels,
+    subgroup_table,
+)
+from hansgate.audit.subgroups import (
+    SubgroupAuditor,
+    class_counts,
+    outcome_counts,
+    recall_by_group,
+    subgroup_counts,
+)
 
 CLASSES = ["a", "b", "c"]
 

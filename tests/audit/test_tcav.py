@@ -1,4 +1,4 @@
-"""audit.tcav: latent gradients against closed forms and finite differences, Eq. 9, the t-test, rankings."""
+"""hansgate.audit.tcav: latent gradients against closed forms and finite differences, Eq. 9, the t-test, rankings."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from audit.cav import lift_cav
-from audit.tcav import (
+from hansgate.audit.tcav import (
     ConceptRanking,
     TcavConfig,
     directional_derivatives,
@@ -16,8 +15,9 @@ from audit.tcav import (
     tcav_score,
     tcav_test,
 )
+from hansgate.concepts.cav import lift_cav
 from hansgate.errors import ConfigError, DataError
-from refinement.models import build_builtin
+from hansgate.nn.models import build_builtin
 
 
 def _linear_head_model() -> nn.Sequential:

@@ -10,8 +10,13 @@ import torch
 from torch import nn
 
 from hansgate.bundle import load_bundle, read_manifest, write_bundle
-from hansgate.errors import BundleError, BundleHashError, ExportError, SchemaVersionError
-from refinement.export import export_checked
+from hansgate.errors import (
+    BundleError,
+    BundleHashError,
+    ExportError,
+    SchemaVersionError,
+)
+from hansgate.nn.export import export_checked
 
 
 def test_demo_bundle_verifies(demo_bundle):

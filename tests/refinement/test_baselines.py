@@ -7,8 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from refinement.baselines import last_linear, ridge_moments, ridge_solve, with_last_layer
-from refinement.selection import Candidate, select_by_slack, validation_split
+from hansgate.refinement.baselines import (
+    last_linear,
+    ridge_moments,
+    ridge_solve,
+    with_last_layer,
+)
+from hansgate.refinement.selection import Candidate, select_by_slack, validation_split
 
 
 def _net() -> nn.Module:

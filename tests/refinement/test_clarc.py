@@ -1,4 +1,4 @@
-"""refinement.clarc and the ``hansgate refine --method *-clarc`` path: closed forms, freezing, end to end."""
+"""hansgate.refinement.clarc and the ``hansgate refine --method *-clarc`` path: closed forms, freezing, end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from hansgate.errors import ConfigError, DataError
-from refinement.clarc import (
+from hansgate.nn.models import build_builtin
+from hansgate.nn.training import TrainConfig, train_classifier
+from hansgate.refinement.clarc import (
     ClarcConfig,
     ConceptData,
     FineTuner,
@@ -18,8 +20,6 @@ from refinement.clarc import (
     rr_penalty,
     with_projection,
 )
-from refinement.models import build_builtin
-from refinement.training import TrainConfig, train_classifier
 
 
 @pytest.mark.parametrize("pooling", ["mean", "none"])
@@ -29,7 +29,7 @@ def test_projection_sets_the_pooled_length_and_moves_only_along_h(pooling):
     d = 3 if pooling == "mean" else 48
     h = torch.randn(d, generator=gen)
     out = project_along(a, h, 0.7, pooling)
-    from audit.cav import lift_cav, pool_channels
+    from hansgate.concepts.cav import lift_cav, pool_channels
 
     assert torch.allclose(pool_channels(out, pooling) @ h, torch.full((5,), 0.7), atol=1e-5)
     step = (out - a) / lift_cav(h, a, pooling)  # the change is a multiple of the lifted CAV
@@ -68,7 +68,7 @@ def test_forward_mode_penalty_equals_the_double_backward(name, layer, pooling):
 
     small_vgg's head trains with dropout on: both paths draw the same mask from the same seed.
     """
-    from refinement.clarc import _head_train_mode
+    from hansgate.refinement.clarc import _head_train_mode
 
     torch.manual_seed(0)
     model = build_builtin(name).eval()
@@ -142,7 +142,7 @@ def biased_cnn(digits_data):
 
 
 def test_rr_clarc_reduces_the_sensitivity_along_the_cav(biased_cnn, digits_data):
-    from audit.tcav import latent_gradients
+    from hansgate.concepts.gradients import latent_gradients
 
     model, x, y = biased_cnn
     concept = _concept(digits_data)
@@ -158,7 +158,7 @@ def test_rr_clarc_reduces_the_sensitivity_along_the_cav(biased_cnn, digits_data)
 
     assert sensitivity(res.model) < 0.5 * sensitivity(vanilla)
     p = refine_clarc(model, x, y, concept, cfg.model_copy(update={"method": "p-clarc"}))
-    from audit.cav import layer_activations
+    from hansgate.concepts.cav import layer_activations
 
     lengths = layer_activations(p.model, "conv2", x_bias).flatten(1) @ res.cav.cav_  # after the projection
     assert torch.allclose(lengths, torch.full_like(lengths, p.hyperparameters["target_length"]), atol=1e-3)
@@ -177,7 +177,7 @@ def test_concept_data_is_validated():
 
 
 def test_concept_files_are_read_without_pickle(tmp_path):
-    from refinement.concept_refine import load_concept_data, parse_concept_args
+    from hansgate.refinement.concept_refine import load_concept_data, parse_concept_args
 
     good = tmp_path / "c.npz"
     np.savez(good, x=np.zeros((8, 1, 4, 4), np.float32), y=np.zeros(8, np.int64), concept=np.arange(8) < 4)

@@ -1,4 +1,4 @@
-"""refinement.concept_heads: graph split, heads vs autograd in torch and onnxruntime, manifest, demo bundle."""
+"""hansgate.refinement.concept_heads: graph split, heads vs autograd in torch and onnxruntime, manifest, demo bundle."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.cav import default_concept_layer
+from hansgate.concepts.cav import default_concept_layer
 from hansgate.errors import ConfigError, ExportError
-from refinement.concept_heads import (
+from hansgate.nn.models import build_builtin
+from hansgate.nn.training import TrainConfig, train_classifier
+from hansgate.refinement.concept_heads import (
     SENSITIVITY_TOLERANCE,
     ConceptHeads,
     default_watch_layer,
@@ -18,8 +20,6 @@ from refinement.concept_heads import (
     split_at,
     watch_concept,
 )
-from refinement.models import build_builtin
-from refinement.training import TrainConfig, train_classifier
 
 OUTPUTS = ["logits", "concept_scores", "concept_sensitivity"]
 
@@ -35,7 +35,7 @@ def trained(digits_data):
 
 @pytest.fixture(scope="module")
 def watched(trained, digits_data):
-    from refinement.artifacts import get_artifact
+    from hansgate.data.artifacts import get_artifact
 
     x = digits_data.x_refine[:200]
     y = digits_data.y_refine[:200]
@@ -89,7 +89,7 @@ def test_torch_graph_matches_model_scores_and_autograd(trained, watched, digits_
     with torch.no_grad():
         logits, scores, sens = graph(x)
     assert torch.allclose(logits, trained(x), atol=1e-5)
-    from audit.cav import layer_activations
+    from hansgate.concepts.cav import layer_activations
 
     pooled = layer_activations(trained, "conv2", x).mean((2, 3))
     expected = torch.stack([(pooled - c.center) @ c.cav for c in watched], 1)
@@ -102,8 +102,8 @@ def test_torch_graph_matches_model_scores_and_autograd(trained, watched, digits_
 @pytest.mark.parametrize("pooling", ["mean", "none"])
 def test_onnx_sensitivity_matches_autograd_on_real_samples(trained, digits_data, pooling):
     """The stated tolerance: |s_onnx - s_autograd| <= 1e-4 (1 + max |s|) per concept (exact JVP), 128 test images."""
-    from refinement.artifacts import get_artifact
-    from refinement.export import export_onnx, run_onnx
+    from hansgate.data.artifacts import get_artifact
+    from hansgate.nn.export import export_onnx, run_onnx
 
     xr, yr = digits_data.x_refine[:200], digits_data.y_refine[:200]
     watched = [watch_concept(trained, name, xr, get_artifact(name).apply(xr), xr, yr, digits_data.classes,
@@ -122,7 +122,7 @@ def test_onnx_sensitivity_matches_autograd_on_real_samples(trained, digits_data,
 def test_check_refuses_a_graph_that_disagrees_with_autograd(trained, watched, digits_data):
     import copy
 
-    from refinement.export import export_onnx
+    from hansgate.nn.export import export_onnx
 
     heads = ConceptHeads(watched)
     x = digits_data.x_test[:64]
@@ -135,13 +135,13 @@ def test_check_refuses_a_graph_that_disagrees_with_autograd(trained, watched, di
 
 def test_heads_fall_back_to_central_differences_without_derivative_rules(digits_data):
     """A head op refinement.jvp has no rule for (GELU): finite differences, their looser tolerance, on record."""
-    from refinement.export import export_onnx
+    from hansgate.nn.export import export_onnx
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GELU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 26 * 26, 10)).eval()
     xr, yr = digits_data.x_refine[:60], digits_data.y_refine[:60]
-    from refinement.artifacts import get_artifact
+    from hansgate.data.artifacts import get_artifact
 
     wc = watch_concept(model, "corner", xr, get_artifact("corner").apply(xr), xr, yr, digits_data.classes, layer="0")
     heads = ConceptHeads([wc])
@@ -182,7 +182,7 @@ def test_heads_validate_their_concepts(watched):
 
 def test_demo_bundle_carries_the_artifact_heads(demo_bundle, demo_dir):
     from hansgate.bundle import load_bundle
-    from refinement.export import run_onnx
+    from hansgate.nn.export import run_onnx
 
     bundle = load_bundle(demo_bundle)
     (concept,) = bundle.manifest.concepts

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from refinement.egem import (
+from hansgate.refinement.egem import (
     EgemConfig,
     ExposureMinimizer,
     ExposureScale,

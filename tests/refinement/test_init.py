@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-import refinement
+from hansgate import refinement
 
 
 def test_all_names_resolve_to_their_modules():

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from hansgate.errors import ConfigError, DataError
-from refinement.teacher import Teacher, TeacherConfig, mask_precision_recall, normalized_saliency, threshold_masks
+from hansgate.refinement.teacher import (
+    Teacher,
+    TeacherConfig,
+    mask_precision_recall,
+    normalized_saliency,
+    threshold_masks,
+)
 
 
 def test_saliency_of_a_linear_model_is_its_normalised_weight_row():
@@ -40,7 +46,7 @@ def test_threshold_and_precision_recall_by_hand():
 
 
 def test_teacher_end_to_end_masks_cover_the_decoy_patch():
-    from refinement.decoy import DecoyConfig, make_decoy
+    from hansgate.data.decoy import DecoyConfig, make_decoy
 
     data = make_decoy(DecoyConfig(train_copies=1, test_copies=1))
     x, y = data.teacher_subset(0.1)

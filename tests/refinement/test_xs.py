@@ -9,16 +9,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hansgate.errors import ConfigError, DataError
-from refinement.models import build_builtin
-from refinement.xs import (
+from hansgate.nn.models import build_builtin
+from hansgate.refinement.xs import (
     TargetedActivations,
     XSConfig,
     downscale_masks,
     explicit_batchnorm,
     influence_map,
+    input_gradient,
     rbr_loss,
     rbr_penalty,
-    input_gradient,
     rrr_loss,
     tap_layers,
     tap_loss,
@@ -277,7 +277,7 @@ def test_tap_loss_matches_objective_and_needs_no_second_order():
 
 
 def test_train_xs_smoke_tap_lowers_the_penalty(tmp_path):
-    from refinement.decoy import DecoyConfig, make_decoy
+    from hansgate.data.decoy import DecoyConfig, make_decoy
 
     data = make_decoy(DecoyConfig(train_copies=1, test_copies=1)).subset(160)
     losses: dict[str, list[dict[str, float]]] = {}

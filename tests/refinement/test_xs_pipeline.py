@@ -10,8 +10,8 @@ import torch
 
 from hansgate.bundle import load_bundle
 from hansgate.cli import main
-from refinement.datasets import save_npz
-from refinement.decoy import DecoyConfig, make_decoy
+from hansgate.data.datasets import save_npz
+from hansgate.data.decoy import DecoyConfig, make_decoy
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_train_bad_input_is_one_clear_error(small_files, tmp_path, capsys, extra
 
 
 def test_teacher_masks_from_clean_data(small_files):
-    from refinement.xs import XSConfig
-    from refinement.xs_pipeline import TrainXSConfig, train_xs_from_files
+    from hansgate.refinement.xs import XSConfig
+    from hansgate.refinement.xs_pipeline import TrainXSConfig, train_xs_from_files
 
     cfg = TrainXSConfig(xs=XSConfig(method="tap", lam=1e-3, epochs=1), teacher_share=0.5, teacher_epochs=2)
     torch.manual_seed(0)

@@ -9,9 +9,17 @@ from torch import nn
 
 import hansgate
 from hansgate.bundle import Bundle, sha256_bytes, write_bundle
-from hansgate.manifest import (ConceptSpec, GraphOutput, GraphSpec, InputSpec, Manifest, MethodSpec, SourceModel,
-                               SubgroupAttribute)
-from refinement.export import OPSET, export_checked
+from hansgate.manifest import (
+    ConceptSpec,
+    GraphOutput,
+    GraphSpec,
+    InputSpec,
+    Manifest,
+    MethodSpec,
+    SourceModel,
+    SubgroupAttribute,
+)
+from hansgate.nn.export import OPSET, export_checked
 
 CLASSES = ["cat", "dog", "fox"]
 CONCEPTS = ["stripes", "stamp"]

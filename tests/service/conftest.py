@@ -24,8 +24,8 @@ def gateway_factory(tmp_path):
     """Builds in-process gateways with private metric registries; closes them afterwards."""
     from prometheus_client import CollectorRegistry
 
-    from service.config import GatewayConfig
-    from service.gateway import Gateway
+    from hansgate.service.config import GatewayConfig
+    from hansgate.service.gateway import Gateway
 
     made = []
 

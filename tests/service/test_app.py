@@ -1,4 +1,4 @@
-"""service.app over HTTP (in-process ASGI): routes, every bad input, counted refusals, OpenAPI fuzz."""
+"""hansgate.service.app over HTTP (in-process ASGI): routes, every bad input, counted refusals, OpenAPI fuzz."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.app import create_app
+from hansgate.service.app import create_app
 
 
 class Client:

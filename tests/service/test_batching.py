@@ -1,4 +1,4 @@
-"""service.batching: concurrent requests are joined, results go back in order, errors to their batch."""
+"""hansgate.service.batching: concurrent requests are joined, results go back in order, errors to their batch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.batching import MicroBatcher
+from hansgate.service.batching import MicroBatcher
 
 
 def test_joins_concurrent_requests_and_keeps_order():

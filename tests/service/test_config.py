@@ -1,4 +1,4 @@
-"""service.config: the environment is read in one place, bad values are one-line ConfigErrors."""
+"""hansgate.service.config: the environment is read in one place, bad values are one-line ConfigErrors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from hansgate.errors import ConfigError
-from service.config import GatewayConfig, ServiceOptions, load_receipt_key
+from hansgate.service.config import GatewayConfig, ServiceOptions, load_receipt_key
 
 
 def test_from_env_reads_hansgate_variables(tmp_path):

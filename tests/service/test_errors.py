@@ -1,9 +1,9 @@
-"""service.errors: one mapping from hansgate errors to statuses and bounded reasons."""
+"""hansgate.service.errors: one mapping from hansgate errors to statuses and bounded reasons."""
 
 from __future__ import annotations
 
 from hansgate.errors import BundleError, DataError, ModelRunError, RequestError
-from service.errors import REASONS, STATUS_BY_REASON, rejection
+from hansgate.service.errors import REASONS, STATUS_BY_REASON, rejection
 
 
 def test_statuses():

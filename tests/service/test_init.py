@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import service
+from hansgate import service
 
 
 def test_all_is_public_and_importable():

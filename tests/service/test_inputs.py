@@ -1,4 +1,4 @@
-"""service.inputs: decoding tensors, .npy and images per the manifest; each bad input one reason."""
+"""hansgate.service.inputs: decoding tensors, .npy and images per the manifest; each bad input one reason."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from hansgate.errors import RequestError
 from hansgate.manifest import InputSpec
-from service.inputs import Preprocessor
+from hansgate.service.inputs import Preprocessor
 
 SPEC = InputSpec(channels=1, height=8, width=8, mean=[0.5], std=[0.25], color_mode="L")
 

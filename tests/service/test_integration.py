@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from audit.compliance import ALL
+from hansgate.audit.compliance import ALL
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")

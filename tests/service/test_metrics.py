@@ -1,4 +1,4 @@
-"""service.metrics: per-batch counts against a direct loop, counters with bounded labels."""
+"""hansgate.service.metrics: per-batch counts against a direct loop, counters with bounded labels."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from prometheus_client import CollectorRegistry
 
-from audit.compliance import ALL
+from hansgate.audit.compliance import ALL
 from hansgate.bundle import load_bundle
-from service.metrics import GatewayMetrics, batch_stats
+from hansgate.service.metrics import GatewayMetrics, batch_stats
 
 finite = st.floats(-5, 5, allow_nan=False, width=32)
 

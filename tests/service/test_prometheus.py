@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.metrics import METRIC_NAMES
+from hansgate.service.metrics import METRIC_NAMES
 
 PROM = Path(__file__).resolve().parents[2] / "service" / "prometheus"
 GRAFANA = Path(__file__).resolve().parents[2] / "service" / "grafana"

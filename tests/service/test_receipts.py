@@ -1,4 +1,4 @@
-"""service.receipts: signed receipts (forged, other model, expired) and the bounded shared store."""
+"""hansgate.service.receipts: signed receipts (forged, other model, expired) and the bounded shared store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hansgate.errors import RequestError
-from service.receipts import PredictionStore, Receipt, ReceiptSigner
+from hansgate.service.receipts import PredictionStore, Receipt, ReceiptSigner
 
 SHA = "a" * 64
 

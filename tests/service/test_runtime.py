@@ -1,4 +1,4 @@
-"""service.runtime: provider choice, the check of the provider in use, outputs vs onnxruntime."""
+"""hansgate.service.runtime: provider choice, the check of the provider in use, outputs vs onnxruntime."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 
 from hansgate.bundle import load_bundle
 from hansgate.errors import ConfigError
-from service.runtime import CPU, CUDA, OnnxRuntime, cuda_device_count, provider_in_use, select_providers
+from hansgate.service.runtime import (
+    CPU,
+    CUDA,
+    OnnxRuntime,
+    cuda_device_count,
+    provider_in_use,
+    select_providers,
+)
 
 
 @pytest.mark.parametrize("pref, available, devices, expected", [

@@ -19,7 +19,7 @@ def test_parser_and_command_line(concept_bundle):
     args = build_parser().parse_args(["serve", str(concept_bundle), "--port", "3111", "--workers", "3"])
     assert (args.port, args.workers) == (3111, 3)
     argv, env = command(concept_bundle, 3111, "127.0.0.1", 3)
-    assert argv[1:5] == ["-m", "bentoml", "serve", "service.service:Gateway"] and "3111" in argv
+    assert argv[1:5] == ["-m", "bentoml", "serve", "hansgate.service.service:Gateway"] and "3111" in argv
     assert env["HANSGATE_BUNDLE"] == str(concept_bundle.resolve()) and env["HANSGATE_WORKERS"] == "3"
 
 
@@ -42,8 +42,8 @@ def test_bad_bundle_is_refused_before_any_worker_starts(concept_bundle, tmp_path
 
 def test_worker_refuses_a_bad_bundle_with_one_line(tmp_path):
     """``bentoml serve`` without the CLI: the service class's constructor raises the BundleError."""
-    code = ("import sys\nfrom hansgate.errors import BundleError\nfrom service.config import GatewayConfig\n"
-            "from service.gateway import Gateway\n"
+    code = ("import sys\nfrom hansgate.errors import BundleError\nfrom hansgate.service.config import GatewayConfig\n"
+            "from hansgate.service.gateway import Gateway\n"
             "try:\n    Gateway(GatewayConfig.from_env())\nexcept BundleError as e:\n    print(e); sys.exit(3)\n")
     env = dict(os.environ, HANSGATE_BUNDLE=str(tmp_path / "nope"), HANSGATE_STATE_DIR=str(tmp_path / "s"))
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -57,6 +57,6 @@ def test_bentoml_build(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "hansgate:" in r.stdout
     bento = next(p for p in (tmp_path / "home" / "bentos" / "hansgate").iterdir() if p.is_dir())
-    assert (bento / "src" / "service" / "service.py").is_file()
-    assert (bento / "src" / "audit" / "compliance.py").is_file()
-    assert (bento / "src" / "service" / "templates" / "compliance.html").is_file()
+    assert (bento / "src" / "hansgate" / "service" / "service.py").is_file()
+    assert (bento / "src" / "hansgate" / "audit" / "compliance.py").is_file()
+    assert (bento / "src" / "hansgate" / "service" / "templates" / "compliance.html").is_file()
