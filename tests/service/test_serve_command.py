@@ -281,3 +281,22 @@ def test_sigterm_stops_the_server_and_drains_in_flight_requests(concept_bundle, 
     assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/livez", timeout=2)
+
+
+def test_kubernetes_grace_period_covers_the_drain():
+    """The kubelet SIGKILLs after terminationGracePeriodSeconds: preStop sleep + drain bound must fit in it."""
+    import yaml
+
+    from hansgate.service.config import ServiceOptions
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "hansgate" / "service" / "deploy" / "kubernetes.yaml").read_text())
+            if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    drain = int(c["args"][c["args"].index("--timeout-graceful-shutdown") + 1])
+    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert drain == ServiceOptions().grace_s  # the container and `hansgate serve` drain alike
+    assert pod["terminationGracePeriodSeconds"] >= sleep + drain + 5
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HANSGATE_PUBLIC_KEY"]["value"].startswith(next(m["mountPath"] for m in c["volumeMounts"]
+                                                              if m["name"] == "bundle-key"))
