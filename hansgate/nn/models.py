@@ -148,7 +148,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises several types for a bad header
             raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would add lines to a one-line refusal
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything that is not plain tensors
         raise ModelLoadError(f"refused {path}: not a plain state dict of tensors (read with weights_only=True, never "
                              f"unpickled): {_first_reason(exc)}") from None
