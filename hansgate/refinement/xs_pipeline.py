@@ -105,6 +105,8 @@ def xs_inputs(data: str, config: TrainXSConfig, options: DataOptions | None = No
     truth: torch.Tensor | None = None
     clean: tuple[torch.Tensor, torch.Tensor] | None = None
     if data == "decoy":
+        if opts.mean or opts.std:
+            raise ConfigError("--data decoy is raw grey pixels for a model without normalisation; drop --mean/--std")
         inputs, truth, clean = _decoy_inputs(config)
     else:
         ds = opts.load(data)
