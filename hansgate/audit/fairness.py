@@ -13,27 +13,20 @@ For a class ``c`` a sample is *selected* when the model predicts ``c``. Per attr
   class the largest gap of each among the groups where the rate is defined, flagged when one exceeds
   ``margin`` among groups with at least ``min_samples`` positives (TPR) or negatives (FPR).
 
-The attribute-level summaries are fairlearn's ``demographic_parity_ratio`` and
-``demographic_parity_difference``; the gaps are computed here because fairlearn's
-``equalized_odds_difference`` counts a group without positives as a TPR of 0.
+The attribute-level summaries follow fairlearn's ``demographic_parity_ratio`` and
+``demographic_parity_difference`` (lowest over highest, highest minus lowest group rate; the tests
+check they agree); the gaps are computed here because fairlearn's ``equalized_odds_difference``
+counts a group without positives as a TPR of 0.
 Intervals are Wilson score intervals (``audit.compliance.rate``). Torch-free.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
-from fairlearn.metrics import (
-    MetricFrame,
-    count,
-    demographic_parity_difference,
-    demographic_parity_ratio,
-    false_positive_rate,
-    selection_rate,
-    true_positive_rate,
-)
+from fairlearn.metrics import MetricFrame, count, false_positive_rate, selection_rate, true_positive_rate
 
 from hansgate.audit.compliance import rate
 
@@ -156,52 +149,65 @@ def _spread(values: dict[str, float | None], guard: dict[str, bool] | None = Non
     return max(vals) - min(vals) if len(vals) >= 2 else None
 
 
+def _one_vs_rest(metric: Callable[..., float], c: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """fairlearn's binary ``metric`` for class ``c`` against the rest, on multi-class labels."""
+
+    def fn(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        return float(metric((np.asarray(y_true) == c).astype(int), (np.asarray(y_pred) == c).astype(int)))
+
+    return fn
+
+
 def model_fairness(y_true: np.ndarray, y_pred: np.ndarray, attributes: Mapping[str, np.ndarray],
                    classes: list[str], bound: float = 0.8, margin: float = 0.1, min_samples: int = 30,
                    z: float = 1.96) -> ModelFairness:
-    """The fairness tables of one model's predictions ``y_pred`` against labels ``y_true``."""
+    """The fairness tables of one model's predictions ``y_pred`` against labels ``y_true``.
+
+    One ``MetricFrame`` per attribute computes every class's selection rate, TPR and FPR (fairlearn's
+    metrics, one class against the rest); the counts behind them (for the intervals) are counted here,
+    and the parity ratio and difference are fairlearn's definitions over those rates.
+    """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float | int]] = {"n": count}
+    for c in range(len(classes)):
+        metrics |= {f"selection_{c}": _one_vs_rest(selection_rate, c), f"tpr_{c}": _one_vs_rest(true_positive_rate, c),
+                    f"fpr_{c}": _one_vs_rest(false_positive_rate, c)}
     selection, parity, odds, gaps = [], [], [], []
     for attr, raw in attributes.items():
         groups = np.asarray(raw).astype(str)
+        by = MetricFrame(metrics=metrics, y_true=y_true, y_pred=y_pred, sensitive_features={attr: groups}).by_group
+        values = [str(v) for v in by.index]
+        total = {v: int(by.loc[v, "n"]) for v in values}
         for c, cls in enumerate(classes):
-            t, p = (y_true == c).astype(int), (y_pred == c).astype(int)
-            frame = MetricFrame(
-                metrics={"selection": selection_rate, "tpr": true_positive_rate, "fpr": false_positive_rate,
-                         "n": count},
-                y_true=t, y_pred=p, sensitive_features={attr: groups})
-            by = frame.by_group
-            values = [str(v) for v in by.index]
-            sel = {v: float(by.loc[v, "selection"]) for v in values}
-            total = {v: int(by.loc[v, "n"]) for v in values}
+            sel = {v: float(by.loc[v, f"selection_{c}"]) for v in values}
             top = max(values, key=lambda v: sel[v])
             max_rate = sel[top]
+            rows_sel, rows_odds = [], []
             for v in values:
-                in_group = groups == v
-                predicted, positives = int(p[in_group].sum()), int(t[in_group].sum())
+                t, q = y_true[groups == v] == c, y_pred[groups == v] == c
+                predicted, positives, tp = int(q.sum()), int(t.sum()), int((t & q).sum())
+                negatives = total[v] - positives
                 r = rate(predicted, total[v], z)
                 ratio = sel[v] / max_rate if max_rate > 0 else None
                 guarded = total[v] >= min_samples and total[top] >= min_samples
                 flags = ("four_fifths",) if ratio is not None and ratio < bound and guarded else ()
-                selection.append(SelectionRow(attr, v, cls, predicted, total[v], sel[v], float(r.low or 0.0),
-                                              float(r.high or 0.0), ratio, flags))
-                negatives = total[v] - positives
-                tp = int((t[in_group] & p[in_group]).sum())
+                rows_sel.append(SelectionRow(attr, v, cls, predicted, total[v], sel[v], float(r.low or 0.0),
+                                             float(r.high or 0.0), ratio, flags))
                 tr, fr = rate(tp, positives, z), rate(predicted - tp, negatives, z)
-                odds.append(OddsRow(attr, v, cls, positives, float(by.loc[v, "tpr"]) if positives else None, tr.low,
-                                    tr.high, negatives, float(by.loc[v, "fpr"]) if negatives else None, fr.low,
-                                    fr.high))
-            ratio_all = float(demographic_parity_ratio(t, p, sensitive_features=groups)) if max_rate > 0 else None
-            parity.append(ParityRow(attr, cls, min(sel.values()), max_rate, ratio_all,
-                                    float(demographic_parity_difference(t, p, sensitive_features=groups)),
-                                    any("four_fifths" in row.flags for row in selection[-len(values):])))
-            rows = odds[-len(values):]
-            tpr = {r.value: r.tpr for r in rows}
-            fpr = {r.value: r.fpr for r in rows}
-            g_tpr = _spread(tpr, {r.value: r.positives >= min_samples for r in rows})
-            g_fpr = _spread(fpr, {r.value: r.negatives >= min_samples for r in rows})
+                rows_odds.append(OddsRow(attr, v, cls, positives, float(by.loc[v, f"tpr_{c}"]) if positives else None,
+                                         tr.low, tr.high, negatives,
+                                         float(by.loc[v, f"fpr_{c}"]) if negatives else None, fr.low, fr.high))
+            low_rate = min(sel.values())
+            parity.append(ParityRow(attr, cls, low_rate, max_rate, low_rate / max_rate if max_rate > 0 else None,
+                                    max_rate - low_rate, any(row.flags for row in rows_sel)))
+            tpr = {r.value: r.tpr for r in rows_odds}
+            fpr = {r.value: r.fpr for r in rows_odds}
+            g_tpr = _spread(tpr, {r.value: r.positives >= min_samples for r in rows_odds})
+            g_fpr = _spread(fpr, {r.value: r.negatives >= min_samples for r in rows_odds})
             flagged = any(g is not None and g > margin for g in (g_tpr, g_fpr))
             gaps.append(OddsGapRow(attr, cls, _spread(tpr), _spread(fpr), flagged))
+            selection += rows_sel
+            odds += rows_odds
     return ModelFairness(selection, parity, odds, gaps)
 
 

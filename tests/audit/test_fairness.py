@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from fairlearn.metrics import demographic_parity_ratio
+from fairlearn.metrics import demographic_parity_difference, demographic_parity_ratio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +42,8 @@ def test_rates_match_numpy(rows):
         c = CLASSES.index(row.class_name)
         rates = [r.rate for r in fm.selection if r.class_name == row.class_name]
         assert row.difference == max(rates) - min(rates)
+        assert abs(row.difference - demographic_parity_difference((y == c).astype(int), (p == c).astype(int),
+                                                                  sensitive_features=g)) < 1e-12
         if row.ratio is not None:  # fairlearn's ratio is the lowest ratio_to_max
             assert row.ratio == demographic_parity_ratio((y == c).astype(int), (p == c).astype(int),
                                                          sensitive_features=g)
