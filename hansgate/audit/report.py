@@ -30,6 +30,9 @@ from hansgate.errors import ConfigError, HansgateError
 from hansgate.files import atomic_directory, to_jsonable
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from hansgate.audit.runner import AuditReport, FigureData
 
 __all__ = ["CHROMIUM_FLAGS", "find_chromium", "check_pdf_renderer", "chromium_command", "render_figures",
@@ -111,7 +114,7 @@ def _signed(v: Any, digits: int = 3) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -120,7 +123,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _bar_groups(ax: Any, labels: list[str], series: dict[str, list[Any]],
+def _bar_groups(ax: Axes, labels: list[str], series: dict[str, list[Any]],
                 errors: dict[str, tuple[list[Any], list[Any]]] | None,
                 ylabel: str) -> None:
     n = len(series)
