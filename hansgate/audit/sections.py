@@ -8,7 +8,7 @@ fairness in ``audit.fairness``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -146,6 +146,3 @@ def bundle_tcav_section(bundle: Bundle, x: np.ndarray, classes: list[str],
     baseline = {(c.name, k): v for c in manifest.concepts for k, v in c.baseline_tcav.items()}
     return BundleTcavSection(names, tcav_table(positive, samples, baseline, thresholds))
 
-
-def headline_as_dicts(rows: list[HeadlineRow]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]

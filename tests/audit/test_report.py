@@ -228,3 +228,15 @@ def test_pdf_without_chromium_is_a_config_error_and_writes_nothing(tmp_path, mon
 def test_fmt_num_formats():
     assert fmt_num(3) == "3" and fmt_num(0.12345) == "0.123" and fmt_num(None) == "–"
     assert fmt_num(float("nan")) == "–" and fmt_num(True) == "yes" and fmt_num(0.5, 4) == "0.5000"
+
+
+def test_cli_invalid_option_is_one_line_from_the_cli_layer(tmp_path, capsys):
+    """Option values are validated by AuditConfig before any file is read; cli.py maps the error once."""
+    out = tmp_path / "o"
+    args = ["audit", str(tmp_path / "nobundle"), "--data", "x.npz", "--attributes", "a.csv", "--out", str(out),
+            "--no-pdf", "--gap-threshold", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hansgate: error: invalid option recall_margin: Input should be less than 1"]
+    assert main(args[:-2] + ["--parity-bound", "0"]) == 2
+    assert "invalid option parity_bound" in capsys.readouterr().err and not out.exists()
