@@ -5,7 +5,9 @@
    number in the HTML tables is in report.json.
 2. Known-artifact test: the training artifact (corner) is flagged for the original model, the
    control artifact (dot) is not.
-3. ``hansgate audit`` on 1,000 embedded samples with LRP heatmaps for 32 of them, pinned to two
+3. Fairness (issue 15): the four-fifths rule and equalized-odds gaps of the original vs the bundle
+   per attribute and class, from the same report.
+4. ``hansgate audit`` on 1,000 embedded samples with LRP heatmaps for 32 of them, pinned to two
    CPU cores (``taskset``), within 3 minutes: wall time, CPU time and peak memory (max RSS of
    the child process). The machine's load average is recorded, because the cores are shared.
 
@@ -113,6 +115,14 @@ def main() -> None:
         result["bar_artifacts"]["control_artifact_flagged_for_original"] = arts["dot"]["models"]["before"]["flagged"]
         result["bar_artifacts"]["thresholds"] = {"flip_rate": report["config"]["flip_threshold"],
                                                  "accuracy_drop": report["config"]["accuracy_drop_threshold"]}
+        fair = report["fairness"]["models"]
+        result["bar_fairness"] = {
+            m: {"parity_flagged": [f"{p['attribute']}/{p['class']}" for p in fair[m]["parity"] if p["flagged"]],
+                "odds_flagged": [f"{g['attribute']}/{g['class']}" for g in fair[m]["odds_gaps"] if g["flagged"]],
+                "site_class_8": next({"ratio": p["ratio"], "min_rate": p["min_rate"], "max_rate": p["max_rate"]}
+                                     for p in fair[m]["parity"] if p["attribute"] == "site" and p["class"] == "8")}
+            for m in fair}
+        result["calibration"] = report["calibration"]
         result["influence"] = {k: report["influence"].get(k) for k in ("fidelity", "rankings", "train_artifact_rate",
                                                                          "n_train", "n_test")}
         result["bar_runtime"] = timed_audit(demo, tmp / "audit_1000")

@@ -29,8 +29,12 @@ __all__ = [
     "LinearStudentInfluence",
     "AuditConfig",
     "AuditInputs",
+    "AuditReport",
+    "AuditSources",
+    "load_inputs",
     "run_audit",
     "write_report",
+    "fairness_section",
 ]
 
 _LAZY = {
@@ -48,8 +52,12 @@ _LAZY = {
     "known_artifact_tests": "hansgate.audit.artifact_tests",
     "InfluenceConfig": "hansgate.audit.influence",
     "LinearStudentInfluence": "hansgate.audit.influence",
-    "AuditConfig": "hansgate.audit.runner",
+    "AuditConfig": "hansgate.audit.config",
     "AuditInputs": "hansgate.audit.runner",
+    "AuditReport": "hansgate.audit.runner",
+    "AuditSources": "hansgate.audit.loading",
+    "load_inputs": "hansgate.audit.loading",
+    "fairness_section": "hansgate.audit.fairness",
     "run_audit": "hansgate.audit.runner",
     "write_report": "hansgate.audit.report",
 }

@@ -13,7 +13,8 @@ candidate artifact onto clean samples and measure, per model,
   The default composite is epsilon-z+-box: its z^B rule keeps the first layer's relevance
   on the pixels that carry it, where EpsilonPlusFlat's flat rule spreads it evenly over the
   first layer's receptive field and so dilutes small masks;
-- **TCAV** of the artifact's concept, when the caller passes a concept test (``audit.tcav``).
+- **TCAV** of the artifact's concept (``ArtifactResult.tcav``), filled in by the report's concept
+  section (``audit.explain``) from its TCAV rankings.
 
 An artifact is *flagged* for a model when its flip rate or its accuracy drop reaches the
 configured threshold (defaults 0.10 and 0.05). Candidates are the built-in artifacts of
@@ -24,12 +25,14 @@ which the artifact is not already present (``carries``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from hansgate.errors import ConfigError, DataError
 
@@ -40,6 +43,11 @@ __all__ = [
     "carries",
     "parse_patch_spec",
     "resolve_artifacts",
+    "ModelArtifactResult",
+    "ArtifactTcav",
+    "ArtifactResult",
+    "ArtifactHeatmaps",
+    "ArtifactTests",
     "artifact_prediction_test",
     "known_artifact_tests",
 ]
@@ -56,9 +64,9 @@ class ArtifactLike(Protocol):
     @property
     def localized(self) -> bool: ...
 
-    def mask(self, height: int, width: int) -> Any: ...
+    def mask(self, height: int, width: int) -> torch.Tensor: ...
 
-    def apply(self, x: Any) -> Any: ...
+    def apply(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,7 @@ class PatchArtifact:
     def localized(self) -> bool:
         return True
 
-    def mask(self, height: int, width: int) -> Any:
-        import torch
-
+    def mask(self, height: int, width: int) -> torch.Tensor:
         h, w = self.patch.shape[-2:]
         if self.row < 0 or self.col < 0 or self.row + h > height or self.col + w > width:
             raise ConfigError(f"patch {self.name!r} ({h}x{w} at {self.row},{self.col}) does not fit a "
@@ -85,9 +91,7 @@ class PatchArtifact:
         m[self.row : self.row + h, self.col : self.col + w] = 1.0
         return m
 
-    def apply(self, x: Any) -> Any:
-        import torch
-
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
         h, w = self.patch.shape[-2:]
         self.mask(x.shape[-2], x.shape[-1])  # bounds check
@@ -98,7 +102,7 @@ class PatchArtifact:
         return out
 
 
-def carries(x: Any, artifact: ArtifactLike, tol: float = 1e-6) -> np.ndarray:
+def carries(x: torch.Tensor, artifact: ArtifactLike, tol: float = 1e-6) -> np.ndarray:
     """``[N]`` bool: images on which pasting ``artifact`` changes (almost) nothing, i.e. it is already there."""
     pasted = artifact.apply(x)
     return ((pasted - x).abs().flatten(1).amax(1) <= tol).numpy()
@@ -165,9 +169,78 @@ class ArtifactTestConfig(BaseModel):
     seed: int = 0
 
 
+@dataclass
+class ModelArtifactResult:
+    """One model on one artifact: flip rate, accuracy drop, most flipped-to class, relevance share in the mask."""
+
+    n: int
+    flip_rate: float
+    accuracy_clean: float
+    accuracy_pasted: float
+    accuracy_drop: float
+    top_target: str | None
+    top_target_share: float | None
+    flagged: bool
+    relevance_share: float | None = None
+    relevance_share_n: int | None = None
+    relevance_share_ratio: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The report's layout: relevance fields only where they were measured."""
+        return {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("relevance_share")}
+
+
+@dataclass(frozen=True)
+class ArtifactTcav:
+    """TCAV of the artifact's concept on one torch model (filled in by the concept section)."""
+
+    model: str
+    significant_positive_classes: list[str]
+    max_mean_score: float | None
+
+
+@dataclass
+class ArtifactResult:
+    """Every model on one artifact, on ``n_clean`` samples that did not carry it."""
+
+    localized: bool
+    n_clean: int
+    mask_area_share: float | None
+    models: dict[str, ModelArtifactResult] = field(default_factory=dict)
+    tcav: ArtifactTcav | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"localized": self.localized, "n_clean": self.n_clean,
+                                  "mask_area_share": self.mask_area_share,
+                                  "models": {m: r.as_dict() for m, r in self.models.items()}}
+        if self.tcav is not None:
+            out["tcav"] = asdict(self.tcav)
+        return out
+
+
+@dataclass(frozen=True)
+class ArtifactHeatmaps:
+    """Pasted images ``[n, H, W]`` (first channel) and per model the LRP heatmaps ``[n, H, W]``."""
+
+    images: np.ndarray
+    rows: dict[str, np.ndarray]
+
+
+@dataclass
+class ArtifactTests:
+    """The known-artifact test of every artifact against every model."""
+
+    config: ArtifactTestConfig
+    artifacts: dict[str, ArtifactResult]
+    heatmaps: dict[str, ArtifactHeatmaps]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"config": self.config.model_dump(), "artifacts": {a: r.as_dict() for a, r in self.artifacts.items()}}
+
+
 def artifact_prediction_test(predict: PredictFn, x_clean: np.ndarray, y: np.ndarray, x_pasted: np.ndarray,
                              classes: list[str], config: ArtifactTestConfig,
-                             clean_pred: np.ndarray | None = None) -> dict[str, Any]:
+                             clean_pred: np.ndarray | None = None) -> ModelArtifactResult:
     """Flip rate, accuracy drop and most-flipped-to class of one model on clean vs pasted images
     (``clean_pred``: the model's predicted classes on ``x_clean`` when already known)."""
     p0 = predict(x_clean).argmax(1) if clean_pred is None else np.asarray(clean_pred)
@@ -180,31 +253,28 @@ def artifact_prediction_test(predict: PredictFn, x_clean: np.ndarray, y: np.ndar
         counts = np.bincount(p1[flips], minlength=len(classes))
         target, target_share = classes[int(counts.argmax())], float(counts.max() / flips.sum())
     drop = acc0 - acc1
-    return {"n": int(len(y)), "flip_rate": flip_rate, "accuracy_clean": acc0, "accuracy_pasted": acc1,
-            "accuracy_drop": drop, "top_target": target, "top_target_share": target_share,
-            "flagged": bool(flip_rate >= config.flip_threshold or drop >= config.accuracy_drop_threshold)}
+    return ModelArtifactResult(
+        n=int(len(y)), flip_rate=flip_rate, accuracy_clean=acc0, accuracy_pasted=acc1, accuracy_drop=drop,
+        top_target=target, top_target_share=target_share,
+        flagged=bool(flip_rate >= config.flip_threshold or drop >= config.accuracy_drop_threshold))
 
 
-def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[str, Any], x: Any, y: Any,
-                         classes: list[str], artifacts: list[ArtifactLike], config: ArtifactTestConfig,
-                         concept_test: Callable[[str, Any, Any], dict[str, Any]] | None = None,
-                         clean_preds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[str, nn.Module], x: torch.Tensor,
+                         y: torch.Tensor, classes: list[str], artifacts: list[ArtifactLike],
+                         config: ArtifactTestConfig,
+                         clean_preds: dict[str, np.ndarray] | None = None) -> ArtifactTests:
     """Run every artifact against every model.
 
-    ``predictors``: ``{model: numpy [N, C, H, W] -> logits [N, K]}`` (ONNX or torch);
-    ``torch_models``: the subset with a torch module, for the relevance share (LRP,
+    ``predictors``: ``{model: numpy [N, C, H, W] -> logits [N, K]}`` (ONNX or torch) on raw pixels;
+    ``torch_models``: the subset with a torch module taking raw pixels, for the relevance share (LRP,
     ``config.lrp_method``); ``x`` ``[N, C, H, W]`` / ``y`` ``[N]`` torch tensors;
-    ``concept_test(model, x_clean, x_pasted)``: optional TCAV of the artifact concept;
     ``clean_preds``: ``{model: predicted classes [N] on x}`` to skip predicting the clean samples again.
-    Returns ``{"config", "artifacts": {name: {...per model...}}, "heatmaps": {name: (images, rows)}}``.
     """
-    import torch
-
     from hansgate.audit.attributions import attribute, relevance_share_in_mask
 
     gen = np.random.default_rng(config.seed)
-    out: dict[str, Any] = {"config": config.model_dump(), "artifacts": {}}
-    heatmaps: dict[str, Any] = {}
+    results: dict[str, ArtifactResult] = {}
+    heatmaps: dict[str, ArtifactHeatmaps] = {}
     for art in artifacts:
         clean = ~carries(x, art)
         idx = np.flatnonzero(clean)
@@ -217,8 +287,8 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
         xp = art.apply(xc)
         h, w = x.shape[-2:]
         mask = art.mask(h, w)
-        entry: dict[str, Any] = {"localized": bool(art.localized), "n_clean": int(len(idx)),
-                                 "mask_area_share": float(mask.mean()) if art.localized else None, "models": {}}
+        entry = ArtifactResult(localized=bool(art.localized), n_clean=int(len(idx)),
+                               mask_area_share=float(mask.mean()) if art.localized else None)
         for model, predict in predictors.items():
             known = None if clean_preds is None or model not in clean_preds else clean_preds[model][idx]
             res = artifact_prediction_test(predict, xc.numpy(), yc.numpy(), xp.numpy(), classes, config, known)
@@ -229,14 +299,11 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
                     pred = net(sub).argmax(1)
                 rel = attribute(net, sub, pred, config.lrp_method)
                 share = relevance_share_in_mask(rel, mask)
-                res["relevance_share"] = float(share.mean())
-                res["relevance_share_n"] = int(len(sub))
-                res["relevance_share_ratio"] = float(share.mean() / max(float(mask.mean()), 1e-12))
-                heatmaps.setdefault(art.name, {"images": sub[:4, 0].numpy(), "rows": {}})
-                heatmaps[art.name]["rows"][model] = rel[:4].sum(1).numpy()
-            if concept_test is not None:
-                res["tcav"] = concept_test(model, xc, xp)
-            entry["models"][model] = res
-        out["artifacts"][art.name] = entry
-    out["heatmaps"] = heatmaps
-    return out
+                res.relevance_share = float(share.mean())
+                res.relevance_share_n = int(len(sub))
+                res.relevance_share_ratio = float(share.mean() / max(float(mask.mean()), 1e-12))
+                heatmaps.setdefault(art.name, ArtifactHeatmaps(sub[:4, 0].numpy(), {}))
+                heatmaps[art.name].rows[model] = rel[:4].sum(1).numpy()
+            entry.models[model] = res
+        results[art.name] = entry
+    return ArtifactTests(config, results, heatmaps)

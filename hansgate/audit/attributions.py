@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import base64
 import io
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +47,7 @@ from zennit.torchvision import ResNetCanonizer
 from zennit.types import Convolution
 
 from hansgate.errors import ConfigError
+from hansgate.nn.hooks import eval_mode
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -104,17 +104,6 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
     return []
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-
-
 def _composite(method: str, model: nn.Module, x: torch.Tensor, cfg: AttributionConfig) -> Composite | None:
     canon = canonizers_for(model)
     if method == "lrp-epsilon-plus-flat":
@@ -161,7 +150,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
         raise ConfigError("attribute() needs a target class per sample or an output function")
     out = []
     # SmoothGrad's noise is seeded; fork_rng restores the caller's RNG state afterwards
-    with torch.random.fork_rng(), _eval_mode(model):
+    with torch.random.fork_rng(), eval_mode(model):
         torch.manual_seed(cfg.seed)
         for start in range(0, len(x), cfg.batch_size):
             xb = x[start : start + cfg.batch_size].detach().clone()
@@ -207,7 +196,7 @@ def verified_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: t
     """Indices of the samples a simulated user verifies (paper 000, Supp. F.1): predicted correctly
     and at least ``accept_share`` of the true class's absolute relevance inside ``mask`` ``[H, W]``.
     The result selects the verified refinement set, e.g. ``x[idx], y[idx]``."""
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         correct = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]) == y
     rel = attribute(model, x, y, method, config)
     return (correct & verify_by_relevance(rel, mask, accept_share)).nonzero().flatten()

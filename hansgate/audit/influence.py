@@ -26,7 +26,7 @@ budget of an audit; ``InfluenceConfig.projection_dim`` raises it.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -36,8 +36,10 @@ from sklearn.random_projection import SparseRandomProjection
 from torch import nn
 
 from hansgate.errors import DataError
+from hansgate.nn.hooks import capture, eval_mode
 
-__all__ = ["InfluenceConfig", "layer_embeddings", "softmax_hessian", "LinearStudentInfluence"]
+__all__ = ["InfluenceConfig", "layer_embeddings", "softmax_hessian", "LinearStudentInfluence", "Fidelity",
+           "TopKShares", "InfluenceReport"]
 
 
 class InfluenceConfig(BaseModel):
@@ -64,25 +66,20 @@ def layer_embeddings(model: nn.Module, x: torch.Tensor, projection: SparseRandom
     """Outputs of every conv/linear layer, flattened and concatenated, then randomly projected.
 
     Returns ``(features [N, D], logits [N, K])``; ``projection`` must already be fitted on the
-    concatenated width (``fit`` below does it). Hooks are removed on return; eval mode is restored.
+    concatenated width (``fit`` below does it). The outputs are read live (``hooks.capture`` with
+    ``copy=False``): where an in-place activation follows a layer, its embedding is the activated
+    value. Runs in eval mode; the caller's modes come back.
     """
-    layers = _leaf_layers(model)
-    captured: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda _m, _i, o: captured.append(o.flatten(1))) for _, m in layers]
-    was_training = model.training
-    model.eval()
+    names = [n for n, _ in _leaf_layers(model)]
     feats, logits = [], []
-    try:
+    with eval_mode(model), capture(model, names, copy=False) as store:
         for start in range(0, len(x), batch_size):
-            captured.clear()
+            for calls in store.values():
+                calls.clear()
             out = model(x[start : start + batch_size])
-            flat = torch.cat(captured, 1).numpy()
+            flat = torch.cat([o.flatten(1) for n in names for o in store[n]], 1).numpy()
             feats.append(flat if projection is None else projection.transform(flat))
             logits.append(out.numpy())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return np.concatenate(feats).astype(np.float64), np.concatenate(logits)
 
 
@@ -114,7 +111,7 @@ class LinearStudentInfluence:
 
     ``fit(model, x_train)`` embeds the training set, trains the student on the model's
     predicted classes and factorises the Hessian. Learned: ``projection_``, ``student_``,
-    ``fidelity_`` (``{"logit_correlation", "agreement"}`` on the training set),
+    ``fidelity_`` (``Fidelity`` on the training set),
     ``train_labels_`` (the model's predictions the student mimics), ``train_index_`` (the seeded subset
     of at most ``max_train`` training points used; ``report`` takes full-length label/artifact arrays).
     ``rank(x_test, y_test)`` -> ``[n_test, n_train]`` scores ``-I(t, i)``, highest = most helpful.
@@ -152,8 +149,8 @@ class LinearStudentInfluence:
         student_logits = self.student_.decision_function(phi)
         a = student_logits - student_logits.mean(1, keepdims=True)
         b = logits - logits.mean(1, keepdims=True)
-        self.fidelity_ = {"logit_correlation": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
-                          "agreement": float((student_logits.argmax(1) == labels).mean())}
+        self.fidelity_ = Fidelity(logit_correlation=float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
+                                  agreement=float((student_logits.argmax(1) == labels).mean()))
         n = len(phi)
         p = self.student_.predict_proba(phi)
         # sklearn minimises 1/2 ||W||^2 + C sum_i l_i; per sample mean: reg = 1 / (n C)
@@ -183,25 +180,62 @@ class LinearStudentInfluence:
         return (self.train_grads_ @ v).T
 
     def report(self, x_test: torch.Tensor, y_test: np.ndarray, y_train: np.ndarray,
-               train_has_artifact: np.ndarray | None = None, x_test_pasted: torch.Tensor | None = None) -> dict[str, Any]:
+               train_has_artifact: np.ndarray | None = None,
+               x_test_pasted: torch.Tensor | None = None) -> "InfluenceReport":
         """Top-k class share and top-k artifact share, for the most helpful (``-I`` largest) and the most
         harmful (``I`` largest) training points, on clean test points and on the same points with the
         artifact pasted (``x_test_pasted``)."""
         k = self.config.top_k
         y_test, y_train = np.asarray(y_test), np.asarray(y_train)[self.train_index_]
         art = None if train_has_artifact is None else np.asarray(train_has_artifact, dtype=bool)[self.train_index_]
-        out: dict[str, Any] = {
-            "config": self.config.model_dump(), "fidelity": self.fidelity_, "n_train": int(len(y_train)),
-            "n_test": int(len(y_test)), "top_k": k,
-            "train_artifact_rate": None if art is None else float(art.mean()), "rankings": {}}
+        rankings: dict[str, TopKShares] = {}
         sets = {"clean": x_test} | ({"pasted": x_test_pasted} if x_test_pasted is not None else {})
         for name, xs in sets.items():
             scores = self.rank(xs, y_test)
             for direction, sc in (("helpful", scores), ("harmful", -scores)):
                 top = np.argsort(-sc, axis=1)[:, :k]
                 class_share = (y_train[top] == y_test[:, None]).mean(1)
-                row: dict[str, Any] = {"top_k_class_share": float(class_share.mean()),
-                                       "top_k_artifact_share": None if art is None else float(art[top].mean())}
-                out["rankings"][f"{name}_{direction}"] = row
-        out["top_k_class_share"] = out["rankings"]["clean_helpful"]["top_k_class_share"]
-        return out
+                rankings[f"{name}_{direction}"] = TopKShares(
+                    float(class_share.mean()), None if art is None else float(art[top].mean()))
+        return InfluenceReport(config=self.config, fidelity=self.fidelity_, n_train=int(len(y_train)),
+                               n_test=int(len(y_test)), top_k=k,
+                               train_artifact_rate=None if art is None else float(art.mean()), rankings=rankings)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How well the student mimics the network on the training set: centred-logit correlation, agreement."""
+
+    logit_correlation: float
+    agreement: float
+
+
+@dataclass(frozen=True)
+class TopKShares:
+    """Share of the top-k training points with the test point's class, and carrying the artifact."""
+
+    top_k_class_share: float
+    top_k_artifact_share: float | None
+
+
+@dataclass(frozen=True)
+class InfluenceReport:
+    """``LinearStudentInfluence.report``: the rankings ``{clean,pasted}_{helpful,harmful}``."""
+
+    config: InfluenceConfig
+    fidelity: Fidelity
+    n_train: int
+    n_test: int
+    top_k: int
+    train_artifact_rate: float | None
+    rankings: dict[str, TopKShares]
+
+    @property
+    def top_k_class_share(self) -> float:
+        return self.rankings["clean_helpful"].top_k_class_share
+
+    def as_dict(self) -> dict[str, object]:
+        return {"config": self.config.model_dump(), "fidelity": asdict(self.fidelity), "n_train": self.n_train,
+                "n_test": self.n_test, "top_k": self.top_k, "train_artifact_rate": self.train_artifact_rate,
+                "rankings": {k: asdict(v) for k, v in self.rankings.items()},
+                "top_k_class_share": self.top_k_class_share}

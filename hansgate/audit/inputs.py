@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from hansgate.bundle import Bundle
 from hansgate.errors import DataError, ModelLoadError
 from hansgate.manifest import Manifest
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["read_attributes", "write_attributes", "onnx_predictor", "normalize", "source_weights_path",
            "load_source_model", "tcav_sign_counts", "MAX_ATTRIBUTES", "MAX_VALUES"]
@@ -131,7 +133,7 @@ def normalize(x: np.ndarray, manifest: Manifest) -> np.ndarray:
 
 
 def onnx_predictor(bundle: Bundle, batch_size: int = 256,
-                   outputs: tuple[str, ...] = ("logits",)) -> Callable[[np.ndarray], Any]:
+                   outputs: tuple[str, ...] = ("logits",)) -> Callable[[np.ndarray], np.ndarray]:
     """``x [N, C, H, W]`` (raw, in the manifest's value range) -> logits ``[N, K]`` through onnxruntime (CPU);
     with several ``outputs`` (e.g. ``("logits", "concept_sensitivity")``) a tuple of arrays in that order."""
     import onnxruntime as ort
@@ -142,7 +144,7 @@ def onnx_predictor(bundle: Bundle, batch_size: int = 256,
     manifest = bundle.manifest
     expected = tuple(manifest.input.shape)
 
-    def predict(x: np.ndarray) -> Any:
+    def predict(x: np.ndarray) -> np.ndarray:
         if tuple(x.shape[1:]) != expected:
             raise DataError(f"data samples have shape {tuple(x.shape[1:])}, the bundle expects {expected}")
         if len(x) == 0:
@@ -151,14 +153,16 @@ def onnx_predictor(bundle: Bundle, batch_size: int = 256,
         parts = [session.run(list(outputs), {manifest.graph.input_name: xn[i : i + batch_size]})
                  for i in range(0, len(xn), batch_size)]
         joined = tuple(np.concatenate([p[j] for p in parts]) for j in range(len(outputs)))
-        return joined[0] if len(outputs) == 1 else joined
+        # several outputs come back as a tuple of arrays (callers unpack them)
+        return joined[0] if len(outputs) == 1 else joined  # type: ignore[return-value]
 
     return predict
 
 
 def source_weights_path(bundle: Bundle, override: str | Path | None = None) -> Path | None:
-    """Where the source model's weights are: ``override``, or ``manifest.source_model.weights`` resolved
-    next to the bundle directory (or inside it); ``None`` when the manifest names none."""
+    """Where the source model's weights are: ``override``, or ``manifest.source_model.weights`` next to the
+    bundle directory or inside it (as recorded, then by file name), or as recorded (absolute, or relative
+    to the working directory, as ``hansgate refine`` was given it); ``None`` when none of these exists."""
     if override is not None:
         p = Path(override)
         if not p.is_file():
@@ -167,23 +171,29 @@ def source_weights_path(bundle: Bundle, override: str | Path | None = None) -> P
     name = bundle.manifest.source_model.weights
     if not name:
         return None
-    for base in (bundle.path.parent, bundle.path):
-        if (base / name).is_file():
-            return base / name
+    recorded = Path(name)
+    candidates = [base / rel for base in (bundle.path.parent, bundle.path) for rel in (recorded, Path(recorded.name))]
+    for path in [*candidates, recorded]:
+        if path.is_file():
+            return path
     return None
 
 
-def load_source_model(bundle: Bundle, weights: Path) -> Any:
-    """The bundle's source model as a torch module (never unpickled), checked against the manifest's sha256."""
-    from hansgate.nn.models import load_model, state_dict_sha256
+def load_source_model(bundle: Bundle, weights: Path) -> nn.Module:
+    """The bundle's source model as a torch module (never unpickled), checked against the manifest's hash.
+
+    The hash is the one the refine side records (``nn.models.source_sha256``: the weights file's
+    sha256); bundles that record the state dict's hash instead (``hansgate demo``) match on that.
+    """
+    from hansgate.nn.models import load_model, source_sha256, state_dict_sha256
 
     m = bundle.manifest
     spec = m.source_model.spec
     name = spec.split(":", 1)[1] if spec.startswith("builtin:") else spec
     model = load_model(name, weights=weights, num_classes=len(m.classes), in_channels=m.input.channels,
                        image_size=m.input.height)
-    digest = state_dict_sha256(model)
-    if digest != m.source_model.sha256:
+    digest = source_sha256(spec, weights, model)
+    if digest != m.source_model.sha256 and state_dict_sha256(model) != m.source_model.sha256:
         raise ModelLoadError(f"source model weights {weights} have sha256 {digest[:12]}..., the manifest says "
                              f"{m.source_model.sha256[:12]}...; they are not the model this bundle was refined from")
     return model

@@ -22,12 +22,18 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hansgate.errors import ConfigError, HansgateError
 from hansgate.files import atomic_directory, to_jsonable
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from hansgate.audit.runner import AuditReport, FigureData
 
 __all__ = ["CHROMIUM_FLAGS", "find_chromium", "check_pdf_renderer", "chromium_command", "render_figures",
            "render_html", "write_report", "fmt_num"]
@@ -108,7 +114,7 @@ def _signed(v: Any, digits: int = 3) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -117,7 +123,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _bar_groups(ax: Any, labels: list[str], series: dict[str, list[Any]],
+def _bar_groups(ax: Axes, labels: list[str], series: dict[str, list[Any]],
                 errors: dict[str, tuple[list[Any], list[Any]]] | None,
                 ylabel: str) -> None:
     n = len(series)
@@ -139,7 +145,7 @@ def _bar_groups(ax: Any, labels: list[str], series: dict[str, list[Any]],
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(n, 3), frameon=False)
 
 
-def render_figures(report: dict[str, Any], data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[str, Any]]:
     """``{figure id: {"title", "png" (bytes), "data" (the plotted numbers)}}``."""
     import matplotlib
 
@@ -189,20 +195,20 @@ def render_figures(report: dict[str, Any], data: dict[str, Any]) -> dict[str, di
         cols = [list(r) for r in zip(*rows.values())]  # one row per sample
         return base64.b64decode(heatmap_grid_png(cols, None, ["input", *titles], images=list(images)))
 
-    if "heatmaps" in data:
-        h = data["heatmaps"]
+    if data.heatmaps is not None:
+        h = data.heatmaps
         figs["heatmaps_lrp"] = {
             "title": f"LRP heatmaps ({report['attributions']['composite']}) of the predicted class, red = evidence for it",
-            "png": grid(h["images"], h["rows"], [labels_of.get(m, m) for m in h["rows"]]),
-            "data": {"samples": [s["index"] for s in h["samples"]],
-                     "relevance_sum": {m: [float(a.sum()) for a in v] for m, v in h["rows"].items()}}}
-    if "methods" in data:
-        h = data["methods"]
+            "png": grid(h.images, h.rows, [labels_of.get(m, m) for m in h.rows]),
+            "data": {"samples": data.heatmap_samples,
+                     "relevance_sum": {m: [float(a.sum()) for a in v] for m, v in h.rows.items()}}}
+    if data.methods is not None:
+        h = data.methods
         figs["heatmaps_methods"] = {
             "title": "The same samples under every attribution method (paper 003, App. B)",
-            "png": grid(h["images"], h["maps"], list(h["maps"])),
-            "data": {"methods": list(h["maps"]),
-                     "abs_relevance_sum": {k: [float(np.abs(a).sum()) for a in v] for k, v in h["maps"].items()}}}
+            "png": grid(h.images, h.rows, list(h.rows)),
+            "data": {"methods": list(h.rows),
+                     "abs_relevance_sum": {k: [float(np.abs(a).sum()) for a in v] for k, v in h.rows.items()}}}
 
     arts = report["artifact_tests"]["artifacts"]
     if arts:
@@ -220,16 +226,16 @@ def render_figures(report: dict[str, Any], data: dict[str, Any]) -> dict[str, di
             pdata[f"{key}_threshold"] = thr
         figs["artifact_tests"] = {"title": "Known-artifact tests: flip rate and accuracy drop (dashed: flag threshold)",
                                   "png": _png(fig), "data": pdata}
-    for name, h in data.get("artifact_heatmaps", {}).items():
+    for name, ah in data.artifact_heatmaps.items():
         figs[f"artifact_heatmap_{name}"] = {
             "title": f"LRP heatmaps with artifact '{name}' pasted",
-            "png": grid(h["images"], h["rows"], [labels_of.get(m, m) for m in h["rows"]]),
-            "data": {m: arts[name]["models"][m].get("relevance_share") for m in h["rows"]}}
-    for concept, h in data.get("localisation", {}).items():
+            "png": grid(ah.images, ah.rows, [labels_of.get(m, m) for m in ah.rows]),
+            "data": {m: arts[name]["models"][m].get("relevance_share") for m in ah.rows}}
+    for concept, loc in data.localisation.items():
         fid = "cav_localisation_" + concept.replace(":", "_").replace("=", "_")
         figs[fid] = {"title": f"CAV localisation of '{concept}' (LRP epsilon-z+-box of a.h)",
-                     "png": grid(h["images"], {"a.h": h["heatmaps"]}, ["a.h"]),
-                     "data": {"abs_relevance_sum": [float(np.abs(a).sum()) for a in h["heatmaps"]]}}
+                     "png": grid(loc.images, {"a.h": loc.heatmaps}, ["a.h"]),
+                     "data": {"abs_relevance_sum": [float(np.abs(a).sum()) for a in loc.heatmaps]}}
 
     con = report.get("concepts", {})
     if con.get("status") == "done" and con["per_class"]:
@@ -270,17 +276,17 @@ def render_html(report: dict[str, Any], figures: dict[str, dict[str, Any]]) -> s
     return env.get_template("report.html.j2").render(r=report, figures=report["figures"], imgs=imgs)
 
 
-def write_report(out: str | Path, report: dict[str, Any], figure_data: dict[str, Any], pdf: bool = True,
-                 overwrite: bool = False) -> dict[str, Path]:
+def write_report(out: str | Path, audit: AuditReport, pdf: bool = True, overwrite: bool = False) -> dict[str, Path]:
     """Render figures, write ``report.json``, ``report.html``, ``figures/*.png`` and ``report.pdf``
-    into a temporary sibling of ``out`` and rename it into place (nothing partial is ever left)."""
+    into a temporary sibling of ``out`` and rename it into place (nothing partial is ever left).
+    This is where the typed report becomes JSON."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"refusing to overwrite existing {out} (pass --overwrite)")
     if pdf:
         check_pdf_renderer()
-    figures = render_figures(report, figure_data)
-    report = dict(report)
+    report = audit.as_dict()
+    figures = render_figures(report, audit.figure_data())
     report["figures"] = {k: {"title": v["title"], "file": f"figures/{k}.png",
                              "sha256": hashlib.sha256(v["png"]).hexdigest(), "data": to_jsonable(v["data"])}
                          for k, v in figures.items()}

@@ -20,7 +20,7 @@ This module is torch-free.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 from fairlearn.metrics import MetricFrame
@@ -29,9 +29,13 @@ from hansgate.audit.compliance import (
     ALL,
     ComplianceThresholds,
     Outcomes,
+    SubgroupRow,
     rate,
     subgroup_table,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd  # fairlearn's MetricFrame rows
 
 __all__ = [
     "class_counts",
@@ -57,7 +61,7 @@ def _metrics(n_classes: int) -> dict[str, Callable[[np.ndarray, np.ndarray], int
     return {f"{f}_{c}": _count(c, f) for c in range(n_classes) for f in COUNT_FIELDS}
 
 
-def _table(row: Any, n_classes: int) -> np.ndarray:
+def _table(row: pd.Series, n_classes: int) -> np.ndarray:
     return np.array([[int(row[f"{f}_{c}"]) for f in COUNT_FIELDS] for c in range(n_classes)], dtype=np.int64)
 
 
@@ -154,7 +158,7 @@ class SubgroupAuditor:
         outs = [counts[(attr, value, c)] for c in self.classes if (attr, value, c) in counts]
         return rate(sum(o.tp for o in outs), sum(o.positives for o in outs), self.thresholds.z).as_dict()
 
-    def _group(self, rows: list[Any], counts: Mapping[tuple[str, str, str], Outcomes], attr: str, value: str,
+    def _group(self, rows: list[SubgroupRow], counts: Mapping[tuple[str, str, str], Outcomes], attr: str, value: str,
                overall_acc: dict[str, Any]) -> dict[str, Any]:
         th = self.thresholds
         acc = self._accuracy(counts, attr, value)

@@ -37,7 +37,7 @@ from hansgate.concepts.gradients import (
     latent_gradients,
     tcav_score,
 )
-from hansgate.errors import ConfigError, DataError, ModelRunError
+from hansgate.errors import ConfigError, DataError
 
 __all__ = [
     "TcavConfig",

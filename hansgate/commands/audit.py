@@ -1,17 +1,24 @@
-"""``hansgate audit``: the compliance report of a bundle on labelled data with subgroup attributes."""
+"""``hansgate audit``: the compliance report of a bundle on labelled data with subgroup attributes.
+
+The flags map onto ``audit.loading.AuditSources`` (where the inputs are) and ``audit.config.AuditConfig``
+(what to measure); the library never sees argparse. Invalid option values surface as pydantic
+``ValidationError``, which ``hansgate.cli`` turns into one error line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "audit", help="write the compliance report (subgroup bias, attributions, artifact tests, influence)",
+        "audit", help="write the compliance report (subgroup bias, fairness, attributions, artifact tests, influence)",
         description="Audits BUNDLE on labelled DATA whose subgroup attributes are in ATTRS.csv (one row per sample, "
-                    "header 'index,<attribute>,...'; see audit/inputs.py). Compares the bundle with its source model "
-                    "(weights next to the bundle) or with --before BUNDLE, and writes DIR/report.{html,json,pdf} "
-                    "and DIR/figures/ atomically.")
+                    "header 'index,<attribute>,...'; see audit/inputs.py). An ImageFolder is read at the input "
+                    "spec the bundle's manifest declares (colour mode, size, value range). Compares the bundle with "
+                    "its source model (weights next to the bundle) or with --before BUNDLE, and writes "
+                    "DIR/report.{html,json,pdf} and DIR/figures/ atomically.")
     p.add_argument("bundle", help="bundle directory (model.onnx + manifest.json)")
     p.add_argument("--data", required=True, help="labelled data: .npz (x, y) or an ImageFolder directory")
     p.add_argument("--attributes", required=True, help="subgroup attributes CSV, one row per sample")
@@ -29,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gap-threshold", type=float, default=0.10,
                    help="flag subgroup recall this far below the overall figure (default 0.10)")
     p.add_argument("--min-samples", type=int, default=30, help="no subgroup flag from fewer positives (default 30)")
+    p.add_argument("--parity-bound", type=float, default=0.8,
+                   help="flag selection-rate ratios below this (default 0.8, the four-fifths rule)")
+    p.add_argument("--odds-gap", type=float, default=0.10,
+                   help="flag true/false-positive-rate gaps between subgroups above this (default 0.10)")
     p.add_argument("--flip-threshold", type=float, default=0.10, help="artifact flagged at this flip rate")
     p.add_argument("--accuracy-drop-threshold", type=float, default=0.05,
                    help="artifact flagged at this accuracy drop")
@@ -44,14 +55,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from hansgate.audit.artifact_tests import resolve_artifacts
+    from hansgate.audit.config import AuditConfig
+    from hansgate.audit.loading import AuditSources, load_inputs
+    from hansgate.audit.report import check_pdf_renderer, write_report
+    from hansgate.audit.runner import run_audit
 
-    from hansgate.audit.runner import audit_command
-    from hansgate.errors import ConfigError
-
-    try:
-        print(audit_command(args))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    cfg = AuditConfig(
+        recall_margin=args.gap_threshold, min_samples=args.min_samples, artifacts=tuple(args.artifacts),
+        patches=tuple(args.patch or ()), heatmaps=args.heatmaps, accept_share=args.accept_share,
+        concepts=not args.no_concepts, influence=not args.no_influence, max_samples=args.max_samples,
+        parity_bound=args.parity_bound, odds_margin=args.odds_gap, pdf=not args.no_pdf, seed=args.seed,
+        flip_threshold=args.flip_threshold, accuracy_drop_threshold=args.accuracy_drop_threshold)
+    if cfg.pdf:
+        check_pdf_renderer()
+    resolve_artifacts(list(cfg.artifacts), list(cfg.patches))  # fail on a bad patch before any work
+    inputs = load_inputs(AuditSources(
+        bundle=args.bundle, data=args.data, attributes=args.attributes, before=args.before,
+        source_weights=args.source_weights, no_source=args.no_source, train_data=args.train_data,
+        train_artifact=args.artifacts[0] if args.artifacts else None, region_mask=args.region_mask,
+        max_samples=args.max_samples, seed=args.seed))
+    start = time.perf_counter()
+    report = run_audit(inputs, cfg, progress=None if args.quiet else (lambda s: print(f"audit: {s}")))
+    paths = write_report(args.out, report, pdf=cfg.pdf, overwrite=args.overwrite)
+    seconds = time.perf_counter() - start
+    print(f"audit written to {paths['html'].parent} ({seconds:.0f} s): " + ", ".join(p.name for p in paths.values()))
     return 0

@@ -20,16 +20,20 @@ of both models; from the command line only the source model's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from hansgate.refinement.evaluation import SeedRun
 
 __all__ = ["digit_region", "write_demo_audit"]
 
 
 def digit_region(size: int) -> np.ndarray:
-    """``[size, size]`` mask of the centred box the embedded digits are drawn in (``refinement.digits``)."""
+    """``[size, size]`` mask of the centred box the embedded digits are drawn in (``data.digits``)."""
     inner = round(size * 20 / 28)
     pad = (size - inner) // 2
     m = np.zeros((size, size), dtype=np.float32)
@@ -37,11 +41,12 @@ def digit_region(size: int) -> np.ndarray:
     return m
 
 
-def write_demo_audit(run: Any, refined_model: Any, out: str | Path, progress: bool = False) -> dict[str, Path]:
+def write_demo_audit(run: SeedRun, refined_model: nn.Module, out: str | Path, progress: bool = False) -> dict[str, Path]:
     """Write the demo data the audit needs and the audit of ``run.original`` vs the bundle in ``out/bundle``."""
     from hansgate.audit.inputs import write_attributes
     from hansgate.audit.report import find_chromium, write_report
-    from hansgate.audit.runner import AuditConfig, AuditInputs, run_audit
+    from hansgate.audit.config import AuditConfig
+    from hansgate.audit.runner import AuditInputs, run_audit
     from hansgate.bundle import load_bundle
     from hansgate.data.datasets import save_npz
 
@@ -63,6 +68,6 @@ def write_demo_audit(run: Any, refined_model: Any, out: str | Path, progress: bo
         source_model=run.original, source_weights=str(out / "source_model.safetensors"), after_torch=refined_model,
         train_x=d.x_train, train_y=d.y_train, train_artifact=d.artifact_train.numpy(),
         region_mask=torch.from_numpy(region), region_mask_name="digit_region.npy", notes=notes)
-    report, figures = run_audit(inputs, AuditConfig(artifacts=artifacts, pdf=pdf),
-                                progress=(lambda s: print(f"audit: {s}")) if progress else None)
-    return write_report(out / "audit", report, figures, pdf=pdf, overwrite=True)
+    report = run_audit(inputs, AuditConfig(artifacts=artifacts, pdf=pdf),
+                       progress=(lambda s: print(f"audit: {s}")) if progress else None)
+    return write_report(out / "audit", report, pdf=pdf, overwrite=True)

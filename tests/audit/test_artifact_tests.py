@@ -59,13 +59,18 @@ def test_learned_artifact_flagged_control_not():
     arts = resolve_artifacts(["corner", "dot"])
     res = known_artifact_tests({"m": _predict(model)}, {"m": model}, x, y, ["0", "1"], arts,
                                ArtifactTestConfig(relevance_samples=8))
-    corner, dot = res["artifacts"]["corner"]["models"]["m"], res["artifacts"]["dot"]["models"]["m"]
-    assert corner["flagged"] and corner["flip_rate"] == 1.0 and corner["accuracy_drop"] == 1.0
-    assert corner["top_target"] == "1" and corner["top_target_share"] == 1.0
-    assert not dot["flagged"] and dot["flip_rate"] == 0.0
+    corner, dot = res.artifacts["corner"].models["m"], res.artifacts["dot"].models["m"]
+    assert corner.flagged and corner.flip_rate == 1.0 and corner.accuracy_drop == 1.0
+    assert corner.top_target == "1" and corner.top_target_share == 1.0
+    assert not dot.flagged and dot.flip_rate == 0.0
     # all relevance of the shortcut class sits on the three corner pixels
-    assert corner["relevance_share"] > 0.99 > 0.1 > res["artifacts"]["corner"]["mask_area_share"]
-    assert set(res["heatmaps"]) == {"corner", "dot"}
+    assert corner.relevance_share > 0.99 > 0.1 > res.artifacts["corner"].mask_area_share
+    assert corner.relevance_share_n == 8
+    assert abs(corner.relevance_share_ratio - corner.relevance_share / res.artifacts["corner"].mask_area_share) < 1e-4
+    assert set(res.heatmaps) == {"corner", "dot"} and set(res.heatmaps["corner"].rows) == {"m"}
+    d = res.as_dict()
+    assert set(d) == {"config", "artifacts"} and "tcav" not in d["artifacts"]["corner"]
+    assert d["artifacts"]["corner"]["models"]["m"]["relevance_share"] == corner.relevance_share
 
 
 def test_prediction_test_closed_form():
@@ -75,8 +80,11 @@ def test_prediction_test_closed_form():
     pasted = np.array([[0, 1], [1, 0], [0, 1], [0, 1]], dtype=float)  # acc 0.75, flips 2
     seq = iter([clean, pasted])
     res = artifact_prediction_test(lambda a: next(seq), np.zeros((4, 1, 2, 2)), y, np.zeros((4, 1, 2, 2)), ["a", "b"], cfg)
-    assert res["flip_rate"] == 0.5 and res["accuracy_drop"] == 0.0 and res["top_target"] == "b"
-    assert res["flagged"]  # flip rate above 0.10
+    assert res.flip_rate == 0.5 and res.accuracy_drop == 0.0 and res.top_target == "b"
+    assert res.top_target_share == 1.0 and res.n == 4
+    assert res.flagged  # flip rate above 0.10
+    # without a torch model there is no relevance share, and the report row has no such keys
+    assert "relevance_share" not in res.as_dict() and res.as_dict()["flip_rate"] == 0.5
 
 
 def test_samples_already_carrying_the_artifact_are_skipped():
@@ -86,7 +94,7 @@ def test_samples_already_carrying_the_artifact_are_skipped():
     assert carries(x, art).tolist() == [True] * 4 + [False] * 6
     model = ShortcutNet().eval()
     res = known_artifact_tests({"m": _predict(model)}, {}, x, y, ["0", "1"], [art], ArtifactTestConfig())
-    assert res["artifacts"]["corner"]["n_clean"] == 6
+    assert res.artifacts["corner"].n_clean == 6 and res.artifacts["corner"].models["m"].n == 6
     with pytest.raises(DataError, match="already carries"):
         known_artifact_tests({"m": _predict(model)}, {}, art.apply(x), y, ["0", "1"], [art], ArtifactTestConfig())
 

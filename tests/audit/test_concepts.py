@@ -24,7 +24,7 @@ def test_cav_projection_is_activation_dot_cav_summed_over_positions():
     a = model[:3](x)  # pre-ReLU output of the second conv
     want = (a * h.view(1, -1, 1, 1)).sum((1, 2, 3))[:, None]
     torch.testing.assert_close(got, want)
-    assert not model[2]._forward_hooks
+    assert not model[2]._forward_hooks and not model[3]._forward_hooks
 
 
 def test_evidence_ranking_equals_concept_ranking():
@@ -40,16 +40,19 @@ def test_evidence_ranking_equals_concept_ranking():
     cfg = TcavConfig(runs=4, seed=0)
     classes = ["a", "b", "c"]
     ev = concept_evidence(model, x, y, classes, sets, cfg, localise=["artifact:patch"], n_localise=2)
-    assert ev["layer"] == "2"
+    assert ev.layer == "2"
     for c, name in enumerate(classes):
         idx = (y == c).nonzero().flatten()
         if len(idx) < 2:
-            assert name not in ev["per_class"]
+            assert name not in ev.per_class
             continue
         ref = ConceptRanking(cfg).fit(model, "2", x[idx], c, sets).as_dict()
-        assert ev["per_class"][name]["ranking"] == ref["ranking"]
+        assert ev.per_class[name].ranking == ref["ranking"]
         for k in sets:
-            assert ev["per_class"][name]["results"][k]["mean"] == ref["results"][k]["mean"]
-            assert ev["per_class"][name]["results"][k]["p_value"] == ref["results"][k]["p_value"]
-    loc = ev["localisation"]["artifact:patch"]
-    assert loc["heatmaps"].shape == (2, 8, 8) and np.isfinite(loc["heatmaps"]).all()
+            assert ev.per_class[name].results[k].mean == ref["results"][k]["mean"]
+            assert ev.per_class[name].results[k].p_value == ref["results"][k]["p_value"]
+    loc = ev.localisation["artifact:patch"]
+    assert loc.heatmaps.shape == (2, 8, 8) and np.isfinite(loc.heatmaps).all()
+    torch.testing.assert_close(torch.from_numpy(loc.images), sets["artifact:patch"][0][:2, 0])
+    d = ev.as_dict()
+    assert set(d) == {"layer", "config", "per_class"} and d["config"]["runs"] == 4

@@ -45,6 +45,11 @@ def test_embeddings_remove_hooks_and_concatenate_layers():
     assert feats.shape == (7, 3 * 6 * 6 + 3) and logits.shape == (7, 3)
     assert not any(m._forward_hooks for m in model.modules())
     torch.testing.assert_close(torch.from_numpy(logits), model(x).detach())
+    want = torch.cat([model[0](x).flatten(1), model(x)], 1).detach().double()
+    torch.testing.assert_close(torch.from_numpy(feats), want, rtol=1e-6, atol=1e-6)
+    model.train()
+    layer_embeddings(model, x)
+    assert all(m.training for m in model.modules())  # the caller's mode comes back
 
 
 def test_influence_equals_closed_form_with_autograd_pieces():
@@ -76,5 +81,15 @@ def test_influence_equals_closed_form_with_autograd_pieces():
     want = g_te @ torch.linalg.solve(h, g_tr.T)
     np.testing.assert_allclose(inf.rank(x_test, y_test), want.numpy(), rtol=1e-5, atol=1e-8)
     rep = inf.report(x_test, y_test, np.asarray(inf.train_labels_), np.arange(n) % 2 == 0, x_test + 0.1)
-    assert set(rep["rankings"]) == {"clean_helpful", "clean_harmful", "pasted_helpful", "pasted_harmful"}
-    assert 0.0 <= rep["top_k_class_share"] <= 1.0 and rep["fidelity"]["agreement"] > 0.5
+    assert set(rep.rankings) == {"clean_helpful", "clean_harmful", "pasted_helpful", "pasted_harmful"}
+    assert rep.fidelity.agreement > 0.5
+    # the shares by hand: top-5 training points of each test point by the ranking above
+    scores = inf.rank(x_test, y_test)
+    top = np.argsort(-scores, axis=1)[:, :5]
+    art = np.arange(n) % 2 == 0
+    assert rep.top_k_class_share == float((inf.train_labels_[top] == y_test[:, None]).mean(1).mean())
+    assert rep.rankings["clean_helpful"].top_k_artifact_share == float(art[top].mean())
+    bottom = np.argsort(scores, axis=1)[:, :5]
+    assert rep.rankings["clean_harmful"].top_k_class_share == float(
+        (inf.train_labels_[bottom] == y_test[:, None]).mean(1).mean())
+    assert rep.train_artifact_rate == 0.5 and rep.as_dict()["top_k_class_share"] == rep.top_k_class_share

@@ -89,6 +89,41 @@ def test_every_number_in_the_html_tables_is_in_the_json(report_dir, report):
     assert fmt_num(b["accuracy_before"]) in cells and fmt_num(b["accuracy_after"]) in cells
 
 
+def test_fairness_shows_the_shortcut_and_its_numbers_are_in_the_html(report_dir, report):
+    """Site B carries the corner artifact, which pushes the original towards class 8: its selection rate of 8
+    in site B dwarfs site A's, the four-fifths rule flags it, and refinement brings the ratio up."""
+    fair = report["fairness"]
+    assert fair["status"] == "done" and fair["bound"] == 0.8 and set(fair["models"]) == {"before", "after"}
+
+    def parity(model: str) -> dict:
+        return next(p for p in fair["models"][model]["parity"] if p["attribute"] == "site" and p["class"] == "8")
+
+    assert parity("before")["flagged"] and parity("before")["ratio"] < 0.8
+    assert parity("after")["ratio"] > parity("before")["ratio"]
+    sel = {r["value"]: r for r in fair["models"]["before"]["selection"] if r["attribute"] == "site" and r["class"] == "8"}
+    assert sel["B"]["rate"] > sel["A"]["rate"] and sel["B"]["ratio_to_max"] == 1.0 and "four_fifths" in sel["A"]["flags"]
+    assert sel["A"]["total"] + sel["B"]["total"] == report["inputs"]["n_samples"]
+    # every selection rate and TPR of the JSON is printed in the HTML's tables (the consistency check reads them)
+    parser = HtmlContents()
+    parser.feed((report_dir / "report.html").read_text())
+    cells = set(parser.cells)
+    for model in ("before", "after"):
+        for row in fair["models"][model]["selection"]:
+            assert fmt_num(row["rate"]) in cells and f"{fmt_num(row['low'])} – {fmt_num(row['high'])}" in cells
+        for row in fair["models"][model]["odds"]:
+            assert fmt_num(row["tpr"]) in cells
+    assert report["calibration"]["status"] == "skipped" and "temperature" in report["calibration"]["reason"]
+
+
+def test_consistency_check_catches_a_fairness_number_the_json_lacks(report_dir, report):
+    html = (report_dir / "report.html").read_text()
+    row = report["fairness"]["models"]["before"]["selection"][0]
+    cell = f"<td>{fmt_num(row['ratio_to_max'])}</td>"
+    assert cell in html
+    _, missing = html_numbers_missing_from_json(html.replace(cell, "<td>0.98765</td>", 1), report)
+    assert missing == ["0.98765"]
+
+
 def test_every_figure_in_the_html_is_in_the_json(report_dir, report):
     parser = HtmlContents()
     parser.feed((report_dir / "report.html").read_text())
@@ -186,10 +221,22 @@ def test_pdf_without_chromium_is_a_config_error_and_writes_nothing(tmp_path, mon
     monkeypatch.setattr(rep, "find_chromium", lambda: None)
     out = tmp_path / "r"
     with pytest.raises(ConfigError, match="--no-pdf"):
-        rep.write_report(out, {"subgroups": {}}, {}, pdf=True)
+        rep.write_report(out, None, pdf=True)  # type: ignore[arg-type]  # refused before the report is read
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_fmt_num_formats():
     assert fmt_num(3) == "3" and fmt_num(0.12345) == "0.123" and fmt_num(None) == "–"
     assert fmt_num(float("nan")) == "–" and fmt_num(True) == "yes" and fmt_num(0.5, 4) == "0.5000"
+
+
+def test_cli_invalid_option_is_one_line_from_the_cli_layer(tmp_path, capsys):
+    """Option values are validated by AuditConfig before any file is read; cli.py maps the error once."""
+    out = tmp_path / "o"
+    args = ["audit", str(tmp_path / "nobundle"), "--data", "x.npz", "--attributes", "a.csv", "--out", str(out),
+            "--no-pdf", "--gap-threshold", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hansgate: error: invalid option recall_margin: Input should be less than 1"]
+    assert main(args[:-2] + ["--parity-bound", "0"]) == 2
+    assert "invalid option parity_bound" in capsys.readouterr().err and not out.exists()

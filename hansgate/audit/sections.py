@@ -1,0 +1,148 @@
+"""The report sections that need predictions only: accuracy, subgroups, the headline, the bundle's concepts.
+
+Each section is one function returning one typed dataclass; ``as_dict`` gives the section's
+``report.json`` layout and is called only when the report is written (``audit.report``).
+The torch sections (attributions, artifacts, concepts, influence) are in ``audit.explain``,
+fairness in ``audit.fairness``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from hansgate.audit.compliance import ComplianceThresholds, TcavRow, tcav_table
+from hansgate.audit.inputs import onnx_predictor, tcav_sign_counts
+from hansgate.audit.roles import PredictFn
+from hansgate.audit.subgroups import SubgroupAuditor
+from hansgate.bundle import Bundle
+
+__all__ = ["Skipped", "Accuracy", "Predictions", "predictions_section", "SubgroupSection", "subgroups_section",
+           "HeadlineRow", "headline_section", "BundleTcavSection", "bundle_tcav_section"]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A section that did not run, and why (``{"status": "skipped", "reason": ...}`` in the report)."""
+
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"status": "skipped", "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    value: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predicted classes ``[N]`` per model role and each model's accuracy on the audited data."""
+
+    predicted: dict[str, np.ndarray]
+    accuracy: dict[str, Accuracy]
+
+
+def predictions_section(predictors: Mapping[str, PredictFn], x: np.ndarray, y: np.ndarray) -> Predictions:
+    """Run every model once on the raw pixels ``x``; every later section reuses these predictions."""
+    predicted = {m: np.asarray(p(x)).argmax(1) for m, p in predictors.items()}
+    accuracy = {m: Accuracy(float((p == y).mean()), int(len(y))) for m, p in predicted.items()}
+    return Predictions(predicted, accuracy)
+
+
+@dataclass(frozen=True)
+class SubgroupSection:
+    """``SubgroupAuditor.result_`` (its documented JSON layout: per model, overall and per attribute value
+    the accuracy, macro recall and per-class recall/precision rows with Wilson intervals, flags, delta)."""
+
+    result: dict[str, Any]
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.result["order"])
+
+    def group(self, model: str, attribute: str, value: str) -> dict[str, Any]:
+        group: dict[str, Any] = self.result["models"][model]["attributes"][attribute][value]
+        return group
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.result
+
+
+def subgroups_section(classes: list[str], y: np.ndarray, predictions: Predictions,
+                      attributes: Mapping[str, np.ndarray], thresholds: ComplianceThresholds) -> SubgroupSection:
+    """Recall/precision per subgroup and class of every model (paper 000, Sec. 5.2; ``audit.subgroups``)."""
+    auditor = SubgroupAuditor(classes, thresholds).fit(y, predictions.predicted, attributes)
+    return SubgroupSection(auditor.result_)
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    """A subgroup flagged for ``before`` (accuracy or a class's recall below overall) and what refinement did."""
+
+    attribute: str
+    value: str
+    n: int
+    accuracy_before: float | None
+    accuracy_after: float | None
+    macro_recall_before: float | None
+    macro_recall_after: float | None
+    classes_below_overall_before: list[str]
+    classes_below_overall_after: list[str]
+    raised: bool
+
+
+def _below(group: Mapping[str, Any]) -> list[str]:
+    return [c for c, r in group["classes"].items() if "recall_below_overall" in r["flags"]]
+
+
+def headline_section(subgroups: SubgroupSection) -> list[HeadlineRow]:
+    """The summary: groups flagged for ``before``; ``raised`` when ``after``'s macro recall is higher."""
+    if "before" not in subgroups.result["models"]:
+        return []
+    rows = []
+    for attr, groups in subgroups.result["models"]["before"]["attributes"].items():
+        for value, g in groups.items():
+            low = _below(g)
+            if not (g["flagged"] or low):
+                continue
+            after = subgroups.group("after", attr, value)
+            before_mr, after_mr = g["macro_recall"], after["macro_recall"]
+            rows.append(HeadlineRow(
+                attribute=attr, value=value, n=g["n"], accuracy_before=g["accuracy"]["value"],
+                accuracy_after=after["accuracy"]["value"], macro_recall_before=before_mr,
+                macro_recall_after=after_mr, classes_below_overall_before=low,
+                classes_below_overall_after=_below(after),
+                raised=bool(after_mr is not None and before_mr is not None and after_mr > before_mr)))
+    return rows
+
+
+@dataclass(frozen=True)
+class BundleTcavSection:
+    """TCAV of the bundle's own concept heads on the audited data, as the gateway's snapshot counts it."""
+
+    concepts: list[str]
+    rows: list[TcavRow]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": "done", "concepts": self.concepts, "rows": [r.as_dict() for r in self.rows],
+                "flags": [r.as_dict() for r in self.rows if r.flags]}
+
+
+def bundle_tcav_section(bundle: Bundle, x: np.ndarray, classes: list[str],
+                        thresholds: ComplianceThresholds) -> BundleTcavSection | Skipped:
+    """Sign counts of ``concept_sensitivity`` per predicted class (Kim et al. 2018, Eq. 2) against the
+    manifest's baselines, through ``compliance.tcav_table`` -- the gateway's code."""
+    manifest = bundle.manifest
+    if not manifest.concepts:
+        return Skipped("the bundle watches no concepts")
+    names = [c.name for c in manifest.concepts]
+    logits, sens = onnx_predictor(bundle, outputs=("logits", "concept_sensitivity"))(x)
+    positive, samples = tcav_sign_counts(logits, sens, names, classes)
+    baseline = {(c.name, k): v for c in manifest.concepts for k, v in c.baseline_tcav.items()}
+    return BundleTcavSection(names, tcav_table(positive, samples, baseline, thresholds))
+

@@ -1,0 +1,77 @@
+"""The prediction-only sections one by one: accuracy, subgroups, the headline, skipped sections."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hansgate.audit.compliance import ComplianceThresholds
+from hansgate.audit.sections import (
+    Skipped,
+    headline_section,
+    predictions_section,
+    subgroups_section,
+)
+
+CLASSES = ["0", "1"]
+
+
+def _onehot(pred: np.ndarray) -> np.ndarray:
+    return np.eye(2)[pred]
+
+
+def test_predictions_section_runs_each_model_once_and_scores_it():
+    y = np.array([0, 1, 1, 0, 1])
+    calls = {"before": 0, "after": 0}
+
+    def model(name: str, pred: np.ndarray):
+        def predict(x: np.ndarray) -> np.ndarray:
+            calls[name] += 1
+            assert x.shape == (5, 1, 2, 2)
+            return _onehot(pred)
+        return predict
+
+    pred = predictions_section({"before": model("before", np.array([0, 0, 1, 0, 0])),
+                                "after": model("after", y)}, np.zeros((5, 1, 2, 2), np.float32), y)
+    assert calls == {"before": 1, "after": 1}
+    assert pred.accuracy["before"].value == 0.6 and pred.accuracy["before"].n == 5
+    assert pred.accuracy["after"].value == 1.0
+    assert pred.predicted["before"].tolist() == [0, 0, 1, 0, 0]
+
+
+def _shortcut_case(after_b: np.ndarray) -> tuple:
+    """Site A: every prediction right; site B (40 samples): 'before' predicts class 0 for everything."""
+    y = np.array([0, 1] * 40)
+    site = np.array(["A"] * 40 + ["B"] * 40)
+    before = np.concatenate([y[:40], np.zeros(40, dtype=int)])
+    after = np.concatenate([y[:40], after_b])
+    pred = predictions_section({"before": lambda x: _onehot(before), "after": lambda x: _onehot(after)},
+                               np.zeros((80, 1, 1, 1), np.float32), y)
+    sub = subgroups_section(CLASSES, y, pred, {"site": site}, ComplianceThresholds(min_samples=10))
+    return sub, y
+
+
+def test_headline_names_the_suppressed_group_and_whether_refinement_raised_it():
+    y_b = np.array([0, 1] * 20)
+    sub, _ = _shortcut_case(after_b=y_b)  # refinement fixes site B
+    rows = headline_section(sub)
+    assert [(r.attribute, r.value) for r in rows] == [("site", "B")]
+    b = rows[0]
+    assert b.n == 40 and b.accuracy_before == 0.5 and b.accuracy_after == 1.0
+    assert b.macro_recall_before == 0.5 and b.macro_recall_after == 1.0 and b.raised
+    assert b.classes_below_overall_before == ["1"] and b.classes_below_overall_after == []
+    assert sub.order == ["before", "after"] and sub.as_dict()["delta"]["site"]["B"]["accuracy"] == 0.5
+    # a refinement that changes nothing raises nothing
+    sub_same, _ = _shortcut_case(after_b=np.zeros(40, dtype=int))
+    (same,) = headline_section(sub_same)
+    assert not same.raised and same.classes_below_overall_after == ["1"]
+
+
+def test_headline_is_empty_without_a_comparison_model():
+    y = np.array([0, 1] * 20)
+    pred = predictions_section({"after": lambda x: _onehot(np.zeros(40, dtype=int))}, np.zeros((40, 1, 1, 1)), y)
+    sub = subgroups_section(CLASSES, y, pred, {"site": np.array(["A", "B"] * 20)}, ComplianceThresholds())
+    assert headline_section(sub) == [] and sub.order == ["after"]
+
+
+def test_skipped_layout():
+    assert Skipped("no torch model").as_dict() == {"status": "skipped", "reason": "no torch model"}
