@@ -1,8 +1,12 @@
 """Reading, verifying and atomically writing bundles (DESIGN.md, "The bundle").
 
 Torch-free: the service uses it at start-up. ``load_bundle`` refuses a bundle whose
-hashes do not match, whose schema version it does not know, or whose graph
-signature disagrees with the manifest. ``write_bundle`` writes into a temporary
+hashes do not match, whose schema version it does not know, whose manifest fails the
+semantic checks of ``hansgate.manifest`` (strict JSON: no NaN or Infinity literals), whose
+files lie outside its directory, or whose graph signature disagrees with the manifest
+(the class axis of ``logits`` must be fixed and equal to the number of classes). With a
+``public_key`` it also requires a valid detached signature (``hansgate.signing``) over the
+exact manifest bytes it parses and the graph. ``write_bundle`` writes into a temporary
 sibling directory and renames it into place, so a failure leaves no partial bundle.
 """
 
@@ -12,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -19,10 +24,14 @@ from hansgate.errors import BundleError, BundleHashError, SchemaVersionError
 from hansgate.files import atomic_directory
 from hansgate.manifest import KNOWN_SCHEMA_VERSIONS, Manifest
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 __all__ = ["MANIFEST_FILE", "Bundle", "sha256_file", "sha256_bytes", "load_bundle", "read_manifest",
-           "graph_signature", "write_bundle"]
+           "parse_manifest", "graph_signature", "write_bundle"]
 
 MANIFEST_FILE = "manifest.json"
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -43,21 +52,45 @@ class Bundle:
 
     path: Path
     manifest: Manifest
+    #: id of the public key whose signature was verified on load (``None``: no key was configured)
+    signed_by: str | None = None
 
     @property
     def onnx_path(self) -> Path:
         return self.path / self.manifest.graph.file
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Parse ``manifest.json`` of a bundle directory, checking the schema version first."""
-    file = Path(path) / MANIFEST_FILE
+def _inside(root: Path, name: str) -> Path:
+    """``root / name``, refused when it resolves (through links) outside ``root``."""
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{name} of bundle {root} points outside the bundle directory")
+    return path
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number in strict JSON")
+
+
+def _manifest_bytes(root: Path) -> bytes:
+    file = root / MANIFEST_FILE
     if not file.is_file():
-        raise BundleError(f"no {MANIFEST_FILE} in {path}")
+        raise BundleError(f"no {MANIFEST_FILE} in {root}")
+    _inside(root, MANIFEST_FILE)
     try:
-        raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        if file.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise BundleError(f"{file} is larger than {_MAX_MANIFEST_BYTES} bytes")
+        return file.read_bytes()
+    except OSError as exc:
         raise BundleError(f"cannot read {file}: {exc}") from exc
+
+
+def parse_manifest(data: bytes, source: str | Path = MANIFEST_FILE) -> Manifest:
+    """Validate manifest bytes: strict JSON, a known schema version, then the pydantic model's checks."""
+    try:
+        raw = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"cannot read {source}: {str(exc).splitlines()[0]}") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version not in KNOWN_SCHEMA_VERSIONS:
         raise SchemaVersionError(f"manifest schema version {version!r} is not one of {sorted(KNOWN_SCHEMA_VERSIONS)}")
@@ -65,7 +98,15 @@ def read_manifest(path: str | Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise BundleError(f"invalid manifest {file}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        msg = str(first["msg"]).removeprefix("Value error, ").splitlines()[0]
+        where = ".".join(map(str, first["loc"])) or "manifest"
+        raise BundleError(f"invalid manifest {source}: {where}: {msg}") from exc
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse ``manifest.json`` of a bundle directory, checking the schema version first."""
+    root = Path(path)
+    return parse_manifest(_manifest_bytes(root), root / MANIFEST_FILE)
 
 
 def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[int | None]]]:
@@ -76,6 +117,10 @@ def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[in
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for a corrupt file
         raise BundleError(f"cannot parse ONNX graph {onnx_path}: {exc}") from exc
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:  # data outside the hashed file would escape both the hash and the signature
+        raise BundleError(f"graph {onnx_path} keeps tensors in external files ({external[:3]}); bundles must be "
+                          "one self-contained ONNX file")
     inputs = [i.name for i in model.graph.input]
     outputs: dict[str, list[int | None]] = {}
     for out in model.graph.output:
@@ -84,13 +129,27 @@ def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[in
     return inputs, outputs
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle; raises a ``BundleError`` subclass with a one-line reason."""
+def load_bundle(path: str | Path, public_key: "Ed25519PublicKey | str | Path | None" = None) -> Bundle:
+    """Read and verify a bundle; raises a ``BundleError`` subclass with a one-line reason.
+
+    ``public_key`` (a key or a key file): also require a valid signature from it, over the
+    manifest bytes that are parsed here and over the graph (``hansgate.signing``).
+    """
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle directory not found: {root}")
-    manifest = read_manifest(root)
-    onnx_path = root / manifest.graph.file
+    data = _manifest_bytes(root)
+    signed_by = None
+    if public_key is not None:
+        from hansgate.signing import Signature, load_public_key, verify_bundle
+
+        key = load_public_key(public_key) if isinstance(public_key, (str, Path)) else public_key
+        signed_by = verify_bundle(root, key, manifest_bytes=data)
+    manifest = parse_manifest(data, root / MANIFEST_FILE)
+    if public_key is not None and Signature.read(root).graph_file != manifest.graph.file:
+        raise BundleError(f"the signature covers {Signature.read(root).graph_file!r}, the manifest names "
+                          f"{manifest.graph.file!r}")
+    onnx_path = _inside(root, manifest.graph.file)
     if not onnx_path.is_file():
         raise BundleError(f"bundle graph missing: {onnx_path}")
     digest = sha256_file(onnx_path)
@@ -110,12 +169,20 @@ def load_bundle(path: str | Path) -> Bundle:
         got = outputs[name]
         if len(got) != len(shape) or any(e is not None and g is not None and e != g for e, g in zip(shape, got)):
             raise BundleError(f"graph output {name!r} has shape {got}, manifest says {shape}")
-    return Bundle(root, manifest)
+    width = outputs["logits"][-1]
+    if width != len(manifest.classes):  # a dynamic class axis could not be checked against the classes
+        raise BundleError(f"graph output 'logits' has {width if width is not None else 'a dynamic number of'} "
+                          f"classes, the manifest {len(manifest.classes)}")
+    return Bundle(root, manifest, signed_by)
 
 
 def write_bundle(out: str | Path, onnx_bytes: bytes, manifest: Manifest, overwrite: bool = False,
-                 extra_files: dict[str, bytes] | None = None) -> Bundle:
-    """Write ``model.onnx`` + ``manifest.json`` (+ extras) atomically and verify the result."""
+                 extra_files: dict[str, bytes] | None = None,
+                 signing_key: "Ed25519PrivateKey | str | Path | None" = None) -> Bundle:
+    """Write ``model.onnx`` + ``manifest.json`` (+ extras) atomically and verify the result.
+
+    ``signing_key`` (a key or a key file): sign the bundle as it is written (``signature.json``).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         if any(out.iterdir()) if out.is_dir() else True:
@@ -127,5 +194,12 @@ def write_bundle(out: str | Path, onnx_bytes: bytes, manifest: Manifest, overwri
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        load_bundle(tmp)
-    return Bundle(out, manifest)
+        public = None
+        if signing_key is not None:
+            from hansgate.signing import load_private_key, sign_bundle
+
+            key = load_private_key(signing_key) if isinstance(signing_key, (str, Path)) else signing_key
+            sign_bundle(tmp, key, manifest.graph.file)
+            public = key.public_key()
+        written = load_bundle(tmp, public_key=public)
+    return Bundle(out, manifest, written.signed_by)

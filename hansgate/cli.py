@@ -20,7 +20,7 @@ from hansgate.errors import HansgateError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "refine", "serve", "audit", "train", "bench")
+COMMANDS: tuple[str, ...] = ("demo", "refine", "serve", "sign", "audit", "train", "bench")
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

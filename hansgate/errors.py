@@ -11,7 +11,8 @@
     ├── ModelRunError             the model does not run on the data (shape mismatch, NaN, ...)
     ├── BundleError               a bundle that is missing, tampered with or inconsistent
     │   ├── BundleHashError       a file's sha256 differs from the manifest
-    │   └── SchemaVersionError    a manifest schema version this build does not know
+    │   ├── SchemaVersionError    a manifest schema version this build does not know
+    │   └── SignatureError        a signature that is missing, malformed or not from the trusted key
     └── ExportError               the exported graph disagrees with torch; nothing is written
 
 The CLI (``hansgate.cli``) and the service (``service.errors``) map these to exit
@@ -31,6 +32,7 @@ __all__ = [
     "BundleError",
     "BundleHashError",
     "SchemaVersionError",
+    "SignatureError",
     "ExportError",
 ]
 
@@ -77,6 +79,10 @@ class BundleHashError(BundleError):
 
 class SchemaVersionError(BundleError):
     """The manifest declares a schema version this build does not understand."""
+
+
+class SignatureError(BundleError):
+    """A bundle's detached signature is missing, malformed, or does not verify with the trusted key."""
 
 
 class ExportError(HansgateError):

@@ -3,17 +3,27 @@
 A bundle is a directory with ``model.onnx`` and ``manifest.json`` (DESIGN.md, "The
 bundle"). ``refinement`` writes it, ``service`` and ``audit`` read it. This module
 imports neither torch nor onnxruntime, so the service can use it on its hot path.
+
+The model is also the semantic check of a manifest read from disk: every number is
+finite, ranges are ordered, baselines are fractions keyed by declared names, and every
+name that the gateway serves or exports as a Prometheus label (classes, concepts,
+subgroup attributes and values, the method) comes from ``SAFE_NAME``'s alphabet, so a
+hand-edited manifest cannot smuggle quotes, newlines or markup into responses, metrics
+or the compliance page. ``graph.file`` is a plain file name inside the bundle.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SAFE_NAME",
+    "RESERVED_ATTRIBUTE",
     "KNOWN_SCHEMA_VERSIONS",
     "InputSpec",
     "SourceModel",
@@ -30,8 +40,43 @@ SCHEMA_VERSION = "1.0"
 KNOWN_SCHEMA_VERSIONS = frozenset({"1.0"})
 
 
+#: names served in responses and exported as label values: letters, digits, ``_ . + -`` and single
+#: inner spaces, 1-64 characters (no quotes, backslashes, control characters or markup)
+SAFE_NAME = re.compile(r"\w(?:[\w.+-]| (?=[\w.+-]))*")
+_MAX_NAME = 64
+#: the ``attribute`` label of the feedback counter that counts every feedback (``service.metrics``)
+RESERVED_ATTRIBUTE = "_all"
+#: free text (paths, layer names): printable, one line
+_TEXT = re.compile(r"[^\x00-\x1f\x7f]*")
+
+
+def _safe_name(value: str) -> str:
+    if not (0 < len(value) <= _MAX_NAME and SAFE_NAME.fullmatch(value) and value.isprintable()):
+        raise ValueError(f"{value[:80]!r} is not a safe name (1-{_MAX_NAME} letters, digits, '_', '.', '+', '-' "
+                         "and single inner spaces)")
+    return value
+
+
+def _text(value: str) -> str:
+    if len(value) > 4096 or not _TEXT.fullmatch(value):
+        raise ValueError(f"{value[:80]!r} has control characters or is longer than 4096 characters")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{value} is not a fraction in [0, 1]")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+Text = Annotated[str, AfterValidator(_text)]
+Fraction = Annotated[float, AfterValidator(_fraction)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN and +-inf are refused in every float field
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputSpec(_Strict):
@@ -42,9 +87,9 @@ class InputSpec(_Strict):
     itself and clients send raw scaled pixels.
     """
 
-    channels: int = Field(gt=0)
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    channels: int = Field(gt=0, le=64)
+    height: int = Field(gt=0, le=16384)
+    width: int = Field(gt=0, le=16384)
     dtype: Literal["float32"] = "float32"
     layout: Literal["NCHW"] = "NCHW"
     value_range: tuple[float, float] = (0.0, 1.0)
@@ -59,6 +104,11 @@ class InputSpec(_Strict):
             raise ValueError("mean and std need one value per channel")
         if any(s <= 0 for s in self.std):
             raise ValueError("std must be positive")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ValueError(f"value_range {list(self.value_range)} is not ordered (low < high)")
+        if self.color_mode == "L" and self.channels != 1:
+            raise ValueError(f"color_mode 'L' needs 1 channel, not {self.channels}")
         return self
 
     @property
@@ -69,16 +119,16 @@ class InputSpec(_Strict):
 class SourceModel(_Strict):
     """The third-party model the bundle was refined from."""
 
-    spec: str
+    spec: Text
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    weights: str | None = None
+    weights: Text | None = None
 
 
 class MethodSpec(_Strict):
     """The refinement method and every hyper-parameter it chose (JSON-serialisable)."""
 
-    name: str
-    layers: list[str] = Field(default_factory=list)
+    name: SafeName
+    layers: list[Text] = Field(default_factory=list)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = None
 
@@ -90,21 +140,21 @@ class Evaluation(_Strict):
     ``data`` says what they were measured on.
     """
 
-    data: str
-    before: dict[str, float]
-    after: dict[str, float]
+    data: Text
+    before: dict[Text, float]
+    after: dict[Text, float]
 
 
 class ConceptSpec(_Strict):
     """A watched concept: a unit CAV at ``layer`` and its deployment baselines."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    layer: str
-    cav_kind: str
-    pooling: str = "mean"
-    baseline_tcav: dict[str, float] = Field(default_factory=dict)
+    layer: Text
+    cav_kind: Text
+    pooling: Text = "mean"
+    baseline_tcav: dict[str, Fraction] = Field(default_factory=dict)
     presence_threshold: float = 0.0
-    sensitivity_tolerance: float = 1e-3
+    sensitivity_tolerance: float = Field(1e-3, ge=0.0)
     #: how the graph computes ``concept_sensitivity`` (refinement.concept_heads): exact JVP or finite differences
     sensitivity_method: Literal["jvp", "central", "forward"] = "central"
 
@@ -116,8 +166,15 @@ class SubgroupAttribute(_Strict):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]{1,64}$")
-    values: list[str] = Field(min_length=1, max_length=64)
-    baseline_recall: dict[str, dict[str, float]] = Field(default_factory=dict)
+    values: list[SafeName] = Field(min_length=1, max_length=64)
+    baseline_recall: dict[str, dict[str, Fraction]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == RESERVED_ATTRIBUTE:
+            raise ValueError(f"attribute name {RESERVED_ATTRIBUTE!r} is reserved")
+        return v
 
     @field_validator("values")
     @classmethod
@@ -126,21 +183,29 @@ class SubgroupAttribute(_Strict):
             raise ValueError("attribute values must be unique")
         return v
 
+    @model_validator(mode="after")
+    def _declared_values(self) -> "SubgroupAttribute":
+        unknown = sorted(set(self.baseline_recall) - set(self.values))
+        if unknown:
+            raise ValueError(f"baseline_recall has undeclared values {unknown[:5]} of attribute {self.name!r}")
+        return self
+
 
 class GraphOutput(_Strict):
     """One graph output; ``shape`` uses ``None`` for the dynamic batch axis."""
 
-    name: str
-    shape: list[int | None]
+    name: Literal["logits", "concept_scores", "concept_sensitivity"]
+    shape: list[Annotated[int, Field(gt=0)] | None]
 
 
 class GraphSpec(_Strict):
     """The ONNX file, its hash and the signature the service checks at load time."""
 
-    file: str = "model.onnx"
+    #: a plain file name inside the bundle directory (no path separators, not hidden)
+    file: str = Field("model.onnx", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    opset: int
-    input_name: str = "input"
+    opset: int = Field(ge=1, le=1000)
+    input_name: Text = "input"
     outputs: list[GraphOutput]
     max_abs_logit_diff: float = Field(ge=0.0, description="torch vs onnxruntime on real samples")
 
@@ -149,9 +214,9 @@ class Manifest(_Strict):
     """Everything a reader needs to trust and use ``model.onnx``."""
 
     schema_version: str = SCHEMA_VERSION
-    hansgate_version: str
+    hansgate_version: str = Field(pattern=r"^[A-Za-z0-9.+_-]{1,64}$")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    classes: list[str] = Field(min_length=2, max_length=1000)
+    classes: list[SafeName] = Field(min_length=2, max_length=1000)
     input: InputSpec
     source_model: SourceModel
     method: MethodSpec
@@ -168,10 +233,21 @@ class Manifest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _unique_concepts(self) -> "Manifest":
+    def _consistent(self) -> "Manifest":
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError("concept names must be unique")
+        attributes = [a.name for a in self.subgroups]
+        if len(set(attributes)) != len(attributes):
+            raise ValueError("subgroup attribute names must be unique")
+        classes = set(self.classes)
+        for c in self.concepts:
+            if unknown := sorted(set(c.baseline_tcav) - classes):
+                raise ValueError(f"concept {c.name!r} has a baseline TCAV for undeclared classes {unknown[:5]}")
+        for a in self.subgroups:
+            for value, per_class in a.baseline_recall.items():
+                if unknown := sorted(set(per_class) - classes):
+                    raise ValueError(f"baseline recall of {a.name}={value} names undeclared classes {unknown[:5]}")
         return self
 
     def expected_outputs(self) -> dict[str, list[int | None]]:

@@ -4,6 +4,14 @@ Every setting is an environment variable ``HANSGATE_*`` (see ``ENV``); ``Gateway
 reads them once per worker and validates them with pydantic, so a bad value stops the
 worker with one line naming the variable. Tests build ``GatewayConfig`` directly.
 
+``hansgate serve`` calls ``check_environment`` before BentoML starts, so a bad or unknown
+``HANSGATE_*`` variable ends the command with one line and exit code 2; a worker that still
+cannot start (``bentoml serve`` run directly, as in the container) calls ``refuse_start``,
+which stops the whole server with one line instead of letting BentoML restart it forever.
+
+Bundle signatures: ``HANSGATE_PUBLIC_KEY`` names an Ed25519 public key file; with it, every
+worker refuses a bundle without a valid signature from that key (``hansgate.signing``).
+
 Receipt key: every worker and replica that may receive feedback for a prediction must share
 the HMAC key. Set ``HANSGATE_RECEIPT_KEY`` (e.g. from a Kubernetes Secret) in production;
 without it the workers of one machine share a random key kept in ``<state dir>/receipt.key``
@@ -12,16 +20,24 @@ without it the workers of one machine share a random key kept in ``<state dir>/r
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
+import signal
+import sys
+import tempfile
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal, Mapping, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hansgate.errors import ConfigError
+from hansgate.errors import ConfigError, HansgateError
 
-__all__ = ["ENV", "GatewayConfig", "ServiceOptions", "load_receipt_key"]
+__all__ = ["ENV", "SERVICE_ENV", "GatewayConfig", "ServiceOptions", "load_receipt_key", "check_environment",
+           "service_options", "refuse_start", "EXIT_CONFIG"]
+
+#: exit status of a process that refuses to start over a setting or a bundle (the CLI's error code)
+EXIT_CONFIG = 2
 
 #: environment variable -> GatewayConfig field
 ENV: dict[str, str] = {
@@ -41,7 +57,26 @@ ENV: dict[str, str] = {
     "HANSGATE_TCAV_MARGIN": "tcav_margin",
     "HANSGATE_MIN_SAMPLES": "min_samples",
     "HANSGATE_PRESENCE_SURGE_FACTOR": "presence_surge_factor",
+    "HANSGATE_PUBLIC_KEY": "public_key",
 }
+
+#: environment variable -> ServiceOptions field
+SERVICE_ENV: dict[str, str] = {
+    "HANSGATE_WORKERS": "workers",
+    "HANSGATE_TIMEOUT_S": "timeout_s",
+    "HANSGATE_MAX_CONCURRENCY": "max_concurrency",
+    "HANSGATE_GRACE_S": "grace_s",
+}
+
+
+def _first_error(exc: ValidationError, names: Mapping[str, str]) -> ConfigError:
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    var = next((v for v, f in names.items() if f == field), field)
+    msg = str(first["msg"]).removeprefix("Value error, ").splitlines()[0]
+    got = first.get("input")
+    shown = "" if var == "HANSGATE_RECEIPT_KEY" or not isinstance(got, str) else f" (got {got[:40]!r})"
+    return ConfigError(f"{var}: {msg}{shown}")
 
 
 class GatewayConfig(BaseModel):
@@ -54,7 +89,7 @@ class GatewayConfig(BaseModel):
     concept heads and metrics on (off only for the overhead benchmark).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     bundle: Path
     provider: Literal["auto", "cuda", "cpu"] = "auto"
@@ -65,13 +100,27 @@ class GatewayConfig(BaseModel):
     microbatch_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
     monitoring: bool = True
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".hansgate" / "state")
-    receipt_key: str | None = Field(None, min_length=16, repr=False)
+    receipt_key: str | None = Field(None, min_length=16, max_length=4096, repr=False)
     receipt_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     store_size: int = Field(100_000, ge=1)
     recall_margin: float = Field(0.1, ge=0.0, le=1.0)
     tcav_margin: float = Field(0.15, ge=0.0, le=1.0)
     min_samples: int = Field(30, ge=1)
     presence_surge_factor: float = Field(2.0, gt=1.0)
+    #: Ed25519 public key file; when set, only bundles with a valid signature from it are served
+    public_key: Path | None = None
+
+    @field_validator("public_key")
+    @classmethod
+    def _readable_key(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from hansgate.signing import load_public_key
+
+            try:
+                load_public_key(v)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        return v
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "GatewayConfig":
@@ -84,10 +133,7 @@ class GatewayConfig(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else "?"
-            var = next((v for v, f in ENV.items() if f == field), field)
-            raise ConfigError(f"{var}: {first['msg']}") from exc
+            raise _first_error(exc, ENV) from exc
 
     def threads(self, workers: int, cores: int | None = None) -> int:
         """Intra-op threads for one worker: the setting, or the cores shared out among workers."""
@@ -99,26 +145,83 @@ class GatewayConfig(BaseModel):
 
 class ServiceOptions(BaseModel):
     """BentoML service settings, fixed when the service class is defined (``HANSGATE_WORKERS``,
-    ``HANSGATE_TIMEOUT_S``, ``HANSGATE_MAX_CONCURRENCY``)."""
+    ``HANSGATE_TIMEOUT_S``, ``HANSGATE_MAX_CONCURRENCY``), and ``HANSGATE_GRACE_S``: on SIGTERM
+    each worker stops accepting and lets in-flight requests finish for at most this long
+    (``bentoml serve --timeout-graceful-shutdown``); keep it below the orchestrator's grace
+    period (Kubernetes' ``terminationGracePeriodSeconds``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     workers: int = Field(1, ge=1, le=64)
-    timeout_s: int = Field(60, ge=1)
-    max_concurrency: int = Field(256, ge=1)
+    timeout_s: int = Field(60, ge=1, le=3600)
+    max_concurrency: int = Field(256, ge=1, le=65536)
+    grace_s: int = Field(20, ge=1, le=3600)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceOptions":
         environ = os.environ if environ is None else environ
-        names = {"HANSGATE_WORKERS": "workers", "HANSGATE_TIMEOUT_S": "timeout_s",
-                 "HANSGATE_MAX_CONCURRENCY": "max_concurrency"}
-        values = {f: environ[v] for v, f in names.items() if environ.get(v)}
+        values = {f: environ[v] for v, f in SERVICE_ENV.items() if environ.get(v)}
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            var = next(v for v, f in names.items() if f == first["loc"][0])
-            raise ConfigError(f"{var}: {first['msg']}") from exc
+            raise _first_error(exc, SERVICE_ENV) from exc
+
+
+def check_environment(environ: Mapping[str, str]) -> tuple[GatewayConfig, ServiceOptions]:
+    """Validate every ``HANSGATE_*`` variable the way the workers will read it, before any starts.
+
+    Refuses (``ConfigError``, one line) unknown ``HANSGATE_*`` names (a typo would otherwise be
+    ignored silently), each bad value, and a state directory the workers cannot write.
+    """
+    known = set(ENV) | set(SERVICE_ENV)
+    for var in sorted(v for v in environ if v.startswith("HANSGATE_")):
+        if var not in known:
+            close = difflib.get_close_matches(var, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown setting {var}{hint}")
+    options = ServiceOptions.from_env(environ)
+    cfg = GatewayConfig.from_env(environ)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.state_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"HANSGATE_STATE_DIR: cannot write to {cfg.state_dir} ({exc.strerror or exc})") from exc
+    return cfg, options
+
+
+def service_options(environ: Mapping[str, str] | None = None) -> ServiceOptions:
+    """``ServiceOptions.from_env`` for the module that defines the service: a bad value ends the
+    process with one line and ``EXIT_CONFIG`` instead of an import traceback."""
+    try:
+        return ServiceOptions.from_env(environ)
+    except ConfigError as exc:
+        print(f"hansgate: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _parent_is_bentoml(pid: int) -> bool:
+    """Whether ``pid`` is the BentoML arbiter (``bentoml serve``) that supervises this worker."""
+    try:
+        import psutil
+
+        return any("bentoml" in part for part in psutil.Process(pid).cmdline())
+    except Exception:  # no psutil, the parent is gone, or not ours to inspect: do not signal it
+        return False
+
+
+def refuse_start(exc: BaseException) -> NoReturn:
+    """A worker that cannot start stops the whole server with one line (BentoML would restart it
+    every few seconds forever): print the reason, SIGTERM the arbiter (which stops every worker
+    cleanly; BentoML runs each worker in its own session, so a process-group signal would miss
+    them), and exit with ``EXIT_CONFIG`` without a traceback."""
+    reason = str(exc) if isinstance(exc, HansgateError) else f"{type(exc).__name__}: {exc}"
+    print(f"hansgate: error: worker cannot start: {reason.splitlines()[0] if reason else type(exc).__name__}; "
+          "stopping the server", file=sys.stderr, flush=True)
+    parent = os.getppid()
+    if _parent_is_bentoml(parent):
+        os.kill(parent, signal.SIGTERM)
+    os._exit(EXIT_CONFIG)
 
 
 def load_receipt_key(cfg: GatewayConfig) -> bytes:

@@ -102,3 +102,20 @@ def test_export_check_refuses_a_disagreeing_graph():
     good = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     _, diff = export_checked(good, x, ["logits"])
     assert diff <= 1e-4
+
+
+def test_manifest_linked_from_outside_is_refused(demo_bundle, tmp_path):
+    b = _copy(demo_bundle, tmp_path / "b")
+    outside = tmp_path / "manifest-elsewhere.json"
+    (b / "manifest.json").rename(outside)
+    (b / "manifest.json").symlink_to(outside)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(b)
+
+
+def test_nan_literal_in_manifest_is_refused(demo_bundle, tmp_path):
+    b = _copy(demo_bundle, tmp_path / "b")
+    text = (b / "manifest.json").read_text()
+    (b / "manifest.json").write_text(text.replace('"max_abs_logit_diff": ', '"max_abs_logit_diff": NaN, "x": ', 1))
+    with pytest.raises(BundleError, match="NaN is not a number in strict JSON"):
+        load_bundle(b)

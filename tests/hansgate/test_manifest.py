@@ -1,0 +1,134 @@
+"""Semantic checks of a manifest read from disk (issue 13, item 7): every hand edit the attack tried
+(a renamed class with odd characters, an inverted value range, a NaN presence threshold, a subgroup
+value with quotes and a newline, a graph file outside the bundle) is refused with one BundleError line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from hansgate.bundle import load_bundle, sha256_file
+from hansgate.errors import BundleError
+from hansgate.manifest import SAFE_NAME, Manifest, SubgroupAttribute
+from tests.service.bundles import make_bundle
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("tiny") / "b", concepts=True).path
+
+
+@pytest.fixture
+def bundle(tiny, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny, tmp_path / "b"))
+
+
+def _edit(bundle: Path, change) -> None:
+    raw = json.loads((bundle / "manifest.json").read_text())
+    change(raw)
+    (bundle / "manifest.json").write_text(json.dumps(raw))  # json.dumps writes NaN/Infinity as the attack did
+
+
+def _refused(bundle: Path, *needles: str) -> str:
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    msg = str(info.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    return msg
+
+
+def test_the_unedited_bundle_loads(bundle):
+    assert load_bundle(bundle).manifest.classes == ["cat", "dog", "fox"]
+
+
+def _set_class(raw, name):
+    raw["classes"][1] = name
+
+
+EDITS = {
+    "renamed class with a quote and newline": (lambda r: _set_class(r, 'dog"} 1\n# HELP'), "classes.1", "not a safe name"),
+    "class as markup": (lambda r: _set_class(r, "<script>"), "classes.1", "not a safe name"),
+    "class with a trailing space": (lambda r: _set_class(r, "dog "), "classes.1"),
+    "inverted value range": (lambda r: r["input"].update(value_range=[1.0, 0.0]), "value_range", "not ordered"),
+    "empty value range": (lambda r: r["input"].update(value_range=[0.5, 0.5]), "not ordered"),
+    "NaN presence threshold": (lambda r: r["concepts"][0].update(presence_threshold=math.nan), "NaN"),
+    "NaN as a string": (lambda r: r["concepts"][0].update(presence_threshold="nan"), "finite number"),
+    "infinite std": (lambda r: r["input"].update(std=[math.inf]), "Infinity"),
+    "subgroup value with quotes and newline": (
+        lambda r: r["subgroups"][0]["values"].__setitem__(0, 'A",x="1\n'), "subgroups.0.values.0", "not a safe name"),
+    "graph file outside the bundle": (lambda r: r["graph"].update(file="../model.onnx"), "graph.file"),
+    "absolute graph file": (lambda r: r["graph"].update(file="/etc/passwd"), "graph.file"),
+    "hidden graph file": (lambda r: r["graph"].update(file=".model.onnx"), "graph.file"),
+    "baseline TCAV above 1": (lambda r: r["concepts"][0]["baseline_tcav"].update(cat=1.5), "not a fraction"),
+    "baseline TCAV of an undeclared class": (lambda r: r["concepts"][0]["baseline_tcav"].update(cow=0.5),
+                                             "undeclared classes"),
+    "baseline recall of an undeclared value": (lambda r: r["subgroups"][0]["baseline_recall"].update(C={"cat": 0.5}),
+                                               "undeclared values"),
+    "reserved attribute name": (lambda r: r["subgroups"][0].update(name="_all"), "reserved"),
+    "duplicate attribute": (lambda r: r["subgroups"][1].update(name="site"), "unique"),
+    "method name as a label injection": (lambda r: r["method"].update(name='x"} 1'), "method.name"),
+    "version with a newline": (lambda r: r.update(hansgate_version="0.1\n"), "hansgate_version"),
+    "layer with a control character": (lambda r: r["concepts"][0].update(layer="conv\x1b[2J"), "control characters"),
+    "negative image height": (lambda r: r["input"].update(height=-8), "input.height"),
+    "huge image": (lambda r: r["input"].update(height=10**9), "input.height"),
+    "unknown output name": (lambda r: r["graph"]["outputs"][0].update(name="logits\n"), "graph.outputs.0.name"),
+    "L with three channels": (lambda r: r["input"].update(channels=3, mean=[0, 0, 0], std=[1, 1, 1]), "needs 1 channel"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITS))
+def test_each_hostile_edit_is_refused_with_one_line(bundle, case):
+    change, *needles = EDITS[case]
+    _edit(bundle, change)
+    _refused(bundle, *needles)
+
+
+def test_nan_is_refused_in_python_too():
+    """Building the model in code (refinement) refuses non-finite numbers as well."""
+    with pytest.raises(ValueError, match="finite"):
+        SubgroupAttribute(name="site", values=["A"], baseline_recall={"A": {"cat": math.nan}})
+
+
+def test_safe_names_keep_real_class_names():
+    for ok in ("0", "cat", "golden retriever", "T-shirt.1+", "n01440764", "Katze_ä"):
+        assert SAFE_NAME.fullmatch(ok), ok
+    for bad in ("", " a", "a  b", "a\tb", 'a"b', "a\\b", "a/b", "a{b}", "x\u200b"):
+        assert not SAFE_NAME.fullmatch(bad) or not bad.isprintable(), bad
+
+
+def test_graph_reached_through_a_link_outside_the_bundle_is_refused(bundle, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(bundle / "model.onnx", outside)
+    (bundle / "model.onnx").unlink()
+    os.symlink(outside, bundle / "model.onnx")  # same bytes, same hash: only the location is wrong
+    _refused(bundle, "outside the bundle")
+
+
+def test_class_count_must_equal_the_graph_width(bundle):
+    """A dynamic class axis cannot be checked against the classes: refused too."""
+    model = onnx.load(str(bundle / "model.onnx"))
+    dim = model.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.dim_param = "K"
+    onnx.save(model, str(bundle / "model.onnx"))
+    _edit(bundle, lambda r: r["graph"].update(sha256=sha256_file(bundle / "model.onnx")))
+    _refused(bundle, "dynamic number of", "manifest 3")
+
+
+def test_external_tensor_data_is_refused(bundle):
+    model = onnx.load(str(bundle / "model.onnx"))
+    onnx.save(model, str(bundle / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    _edit(bundle, lambda r: r["graph"].update(sha256=sha256_file(bundle / "model.onnx")))
+    _refused(bundle, "external files")
+
+
+def test_schema_1_0_manifests_written_before_these_checks_still_load(tiny):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    assert raw["schema_version"] == "1.0"
+    assert Manifest.model_validate(raw).classes == ["cat", "dog", "fox"]
