@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hansgate.refinement.registry import describe
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("refine", help="refine a model on verified samples and export a bundle",
@@ -14,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--weights", help="weights file (.safetensors or a plain state dict)")
     p.add_argument("--data", required=True, help="verified data: .npz (x, y) or an ImageFolder directory")
-    p.add_argument("--method", default="pca-egem", help="egem, pca-egem, rgem, ridge, retrain")
+    p.add_argument("--method", default="pca-egem", help=f"refinement method (default pca-egem): {describe('pruning', 'concept')}")
     p.add_argument("--slack", type=float, default=0.05, help="relative validation-accuracy slack (default 0.05)")
     p.add_argument("--layers", nargs="+", help="module names to refine (default: automatic, paper Sec. 4.4)")
     p.add_argument("--schedule", choices=["deep", "shallow"], default="deep")
@@ -31,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--quiet", action="store_true")
     c = p.add_argument_group("concepts", "ClArC methods (p-clarc, a-clarc, rr-clarc) and watched concepts; DATA is "
-                             "an .npz with x, y and a boolean 'concept' (refinement.concept_refine)")
+                             "an .npz with x, y and a boolean 'concept', or two ImageFolder directories "
+                             "WITH,WITHOUT (samples with / without the concept, class sub-directories named like "
+                             "the data's), read with --channels/--image-size and normalised with --mean/--std")
     c.add_argument("--concept", action="append", metavar="NAME=DATA",
                    help="a concept and its labelled samples; repeatable; ClArC corrects the first, all are watched")
     c.add_argument("--concept-layer", help="concept layer (default: the last conv layer)")
@@ -47,50 +51,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method in ("p-clarc", "a-clarc", "rr-clarc") or args.concept:
-        return _run_concepts(args)
     import json
 
-    from hansgate.refinement.methods import RefineConfig
-    from hansgate.refinement.pipeline import refine_from_files
-
-    config = RefineConfig(method=args.method, slack=args.slack, layers=args.layers, schedule=args.schedule,
-                          seed=args.seed)
-    bundle, summary = refine_from_files(
-        model_spec=args.model, weights=args.weights, data=args.data, out=args.out, config=config,
-        classes=args.classes, test_data=args.test_data, poisoned_data=args.poisoned_data,
-        image_size=tuple(args.image_size), channels=args.channels, mean=args.mean, std=args.std,
-        overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
-    print(f"bundle written to {bundle.path}")
-    return 0
-
-
-def _run_concepts(args: argparse.Namespace) -> int:
-    import json
-
-    from hansgate.errors import ConfigError
     from hansgate.refinement.clarc import ClarcConfig
-    from hansgate.refinement.concept_refine import (
-        parse_concept_args,
-        refine_with_concepts,
-    )
+    from hansgate.refinement.concept_refine import parse_concept_args
     from hansgate.refinement.methods import RefineConfig
+    from hansgate.refinement.pipeline import DataOptions, refine_from_files
+    from hansgate.refinement.refiners import RefinerConfig
 
-    if args.mean or args.std:
-        raise ConfigError("--mean/--std are not supported together with concepts; pass normalised data")
     clarc = ClarcConfig(layer=args.concept_layer, cav_kind=args.cav_kind, pooling=args.pooling, mode=args.rr_mode,
                         target_class=args.target_class, epochs=args.epochs, seed=args.seed,
                         **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
-    refine = None
-    if args.method not in ("p-clarc", "a-clarc", "rr-clarc"):
-        refine = RefineConfig(method=args.method, slack=args.slack, layers=args.layers, schedule=args.schedule,
-                              seed=args.seed)
-    bundle, summary = refine_with_concepts(
-        model_spec=args.model, weights=args.weights, data=args.data, out=args.out,
-        concepts=parse_concept_args(args.concept), method=args.method, clarc=clarc, refine=refine,
-        classes=args.classes, test_data=args.test_data, poisoned_data=args.poisoned_data,
-        overwrite=args.overwrite, progress=not args.quiet)
+    config = RefinerConfig(refine=RefineConfig(slack=args.slack, layers=args.layers, schedule=args.schedule,
+                                               seed=args.seed), clarc=clarc)
+    options = DataOptions(channels=args.channels, image_size=tuple(args.image_size), classes=args.classes,
+                          mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+    bundle, summary = refine_from_files(
+        model_spec=args.model, weights=args.weights, data=args.data, out=args.out, method=args.method,
+        config=config, options=options, test_data=args.test_data, poisoned_data=args.poisoned_data,
+        concepts=parse_concept_args(args.concept), overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0

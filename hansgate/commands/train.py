@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hansgate.refinement.registry import describe, names
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with explanatory supervision (RRR, RBR, TAP) and export a bundle",
@@ -13,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "--data decoy uses the embedded decoy digits (ground-truth masks, permuted "
                                    "validation and test splits). The model is exported and checked like any refined "
                                    "model and written as a bundle.")
-    p.add_argument("--xs", required=True, choices=["rrr", "rbr", "tap", "none"], help="the XS loss ('none': plain CE)")
+    p.add_argument("--xs", required=True, choices=names("xs"), help=f"the XS objective: {describe('xs')}")
     p.add_argument("--model", required=True, help="model spec (built-in name, torchvision:ARCH, package.module:factory)")
     p.add_argument("--weights", help="initial weights to fine-tune (.safetensors or a plain state dict)")
     p.add_argument("--data", required=True, help="training data: .npz (x, y), an ImageFolder directory, or 'decoy'")
@@ -36,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-train", type=int, help="with --data decoy: number of training images")
     p.add_argument("--classes", nargs="+", help="class names (default: from the data)")
     p.add_argument("--image-size", type=int, nargs=2, default=(28, 28), metavar=("H", "W"))
-    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--channels", type=int, default=1, help="channels for ImageFolder data")
+    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel the model expects")
+    p.add_argument("--std", type=float, nargs="+", help="normalisation std per channel the model expects")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true")
@@ -47,9 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from pydantic import ValidationError
-
-    from hansgate.errors import ConfigError
+    from hansgate.refinement.pipeline import DataOptions
     from hansgate.refinement.xs import XSConfig
     from hansgate.refinement.xs_pipeline import (
         DEFAULT_LAMBDAS,
@@ -57,20 +59,18 @@ def run(args: argparse.Namespace) -> int:
         train_xs_from_files,
     )
 
-    try:
-        xs = XSConfig(method=args.xs, lam=DEFAULT_LAMBDAS[args.xs] if args.lam is None else args.lam,
-                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, layers=args.layers)
-        config = TrainXSConfig(xs=xs, lambdas=tuple(args.lambdas) if args.lambdas else None,
-                               teacher_share=args.teacher_share, teacher_tau=args.teacher_tau,
-                               teacher_model=args.teacher_model, n_train=args.n_train)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    xs = XSConfig(method=args.xs, lam=DEFAULT_LAMBDAS[args.xs] if args.lam is None else args.lam,
+                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, layers=args.layers)
+    config = TrainXSConfig(xs=xs, lambdas=tuple(args.lambdas) if args.lambdas else None,
+                           teacher_share=args.teacher_share, teacher_tau=args.teacher_tau,
+                           teacher_model=args.teacher_model, n_train=args.n_train)
+    options = DataOptions(channels=args.channels, image_size=tuple(args.image_size), classes=args.classes,
+                          mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
     bundle, summary = train_xs_from_files(
         model_spec=args.model, weights=args.weights, data=args.data, out=args.out, config=config, masks=args.masks,
         teacher_data=args.teacher_data, val_data=args.val_data, test_data=args.test_data,
-        permuted_data=args.permuted_data, classes=args.classes, image_size=tuple(args.image_size),
-        channels=args.channels, overwrite=args.overwrite, log=None if args.quiet else print)
-    print(json.dumps(summary, indent=2))
+        permuted_data=args.permuted_data, options=options, overwrite=args.overwrite,
+        log=None if args.quiet else print)
+    print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0

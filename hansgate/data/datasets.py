@@ -51,12 +51,15 @@ def _from_npz(path: Path) -> LabelledImages:
                           classes or [str(i) for i in range(k)])
 
 
-def _from_folder(path: Path, channels: int, size: tuple[int, int]) -> LabelledImages:
+def _from_folder(path: Path, channels: int, size: tuple[int, int], min_classes: int) -> LabelledImages:
     from PIL import Image, UnidentifiedImageError
 
+    if channels not in (1, 3):
+        raise DataError(f"ImageFolder images are read as grey (1 channel) or RGB (3 channels), not {channels}")
     class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise DataError(f"{path}: an ImageFolder needs one sub-directory per class (found {len(class_dirs)})")
+    if len(class_dirs) < min_classes:
+        raise DataError(f"{path}: an ImageFolder needs one sub-directory per class, at least {min_classes} "
+                        f"(found {len(class_dirs)})")
     xs, ys = [], []
     mode = "L" if channels == 1 else "RGB"
     for label, d in enumerate(class_dirs):
@@ -76,13 +79,19 @@ def _from_folder(path: Path, channels: int, size: tuple[int, int]) -> LabelledIm
     return LabelledImages(torch.from_numpy(np.stack(xs)), torch.tensor(ys), [d.name for d in class_dirs])
 
 
-def load_labelled(path: str | Path, channels: int = 1, size: tuple[int, int] = (28, 28)) -> LabelledImages:
-    """Load labelled images from ``.npz`` or an ImageFolder directory (``channels``/``size`` apply to folders)."""
+def load_labelled(path: str | Path, channels: int = 1, size: tuple[int, int] = (28, 28), *,
+                  min_classes: int = 2) -> LabelledImages:
+    """Load labelled images from ``.npz`` or an ImageFolder directory.
+
+    Folders: one sub-directory per class (sorted names give the labels; at least
+    ``min_classes``), every image converted to ``channels`` (1: grey, 3: RGB), resized to
+    ``size`` ``(H, W)`` bilinearly and scaled to [0, 1]. An ``.npz`` carries its own shape.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"data not found: {p}")
     if p.is_dir():
-        return _from_folder(p, channels, size)
+        return _from_folder(p, channels, size, min_classes)
     if p.suffix != ".npz":
         raise DataError(f"{p}: data must be an .npz file or an ImageFolder directory")
     return _from_npz(p)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from hansgate.data.datasets import save_npz
 from hansgate.errors import ConfigError
 from hansgate.manifest import Evaluation, InputSpec, SourceModel, SubgroupAttribute
-from hansgate.nn.models import state_dict_sha256
+from hansgate.nn.models import source_sha256
 from hansgate.nn.training import TrainConfig, predict_logits
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
 from hansgate.refinement.evaluation import (
@@ -30,8 +30,9 @@ from hansgate.refinement.evaluation import (
     run_benchmark,
     write_results,
 )
-from hansgate.refinement.methods import METHODS, RefineConfig
+from hansgate.refinement.methods import RefineConfig
 from hansgate.refinement.pipeline import build_bundle
+from hansgate.refinement.registry import names
 
 __all__ = ["DemoConfig", "run_demo", "subgroup_specs"]
 
@@ -47,7 +48,7 @@ class DemoConfig(BaseModel):
     def from_args(cls, args: argparse.Namespace) -> "DemoConfig":
         if args.seeds < 1:
             raise ConfigError("--seeds must be at least 1")
-        methods = tuple(args.methods) if args.methods else tuple(METHODS)
+        methods = tuple(args.methods) if args.methods else tuple(names("pruning"))
         if args.bundle_method not in methods:
             raise ConfigError(f"--bundle-method {args.bundle_method!r} is not among the methods run {list(methods)}")
         bench = BenchmarkConfig(model=args.model, artifact=args.artifact, seeds=tuple(range(args.seeds)),
@@ -100,7 +101,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> str
         classes=d.classes,
         input_spec=InputSpec(channels=d.input_shape[0], height=d.input_shape[1], width=d.input_shape[2],
                              mean=[0.0], std=[1.0], color_mode="L"),
-        source=SourceModel(spec=f"builtin:{cfg.benchmark.model}", sha256=state_dict_sha256(run.original),
+        source=SourceModel(spec=(spec := f"builtin:{cfg.benchmark.model}"),
+                           sha256=source_sha256(spec, "source_model.safetensors", run.original),
                            weights="source_model.safetensors"),
         evaluation=Evaluation(data=f"embedded digits, artifact '{d.config.artifact}', seed {run.seed}",
                               before=before, after=after),

@@ -12,6 +12,11 @@ Built-ins, addressable by name (``builtin:NAME`` or just ``NAME``):
 User models never go through pickle: ``package.module:factory`` plus a weights file
 (safetensors, or a state dict read with ``torch.load(weights_only=True)``),
 ``torchvision:ARCH`` (random init, then the weights file), or ``torchscript:PATH``.
+
+A source model's identity (``source_sha256``, what the manifest stores and the audit
+checks) is the sha256 of its loaded state dict (``state_dict_sha256``): the same
+weights give the same hash whether they came as safetensors, a ``.pt`` state dict,
+a TorchScript file or a factory's own initialisation.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from hansgate.bundle import sha256_file
 from hansgate.errors import ModelLoadError
 
 __all__ = [
@@ -144,14 +148,27 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises several types for a bad header
             raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would add lines to a one-line refusal
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything that is not plain tensors
-        raise ModelLoadError(f"cannot read {path} as a plain state dict (weights_only=True): {exc}") from exc
+        raise ModelLoadError(f"refused {path}: not a plain state dict of tensors (read with weights_only=True, never "
+                             f"unpickled): {_first_reason(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def _first_reason(exc: BaseException) -> str:
+    """One line from an exception whose message may be paragraphs of advice (torch's unpickler's is)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return line.split(". ")[0].rstrip(".")[:200]
 
 
 def _apply_weights(model: nn.Module, weights: str | Path | None, spec: str) -> nn.Module:
@@ -200,7 +217,13 @@ def load_model(spec: str, weights: str | Path | None = None, num_classes: int = 
             factory = getattr(importlib.import_module(kind), rest)
         except (ImportError, AttributeError) as exc:
             raise ModelLoadError(f"cannot import model factory {spec!r}: {exc}") from exc
-        model = factory()
+        if not callable(factory):
+            raise ModelLoadError(f"{spec!r} is a {type(factory).__name__}, not a model factory")
+        try:
+            model = factory()
+        except Exception as exc:  # any error of a user's factory: one line naming it
+            raise ModelLoadError(f"model factory {spec!r} failed when called without arguments: "
+                                 f"{type(exc).__name__}: {_first_reason(exc)}") from None
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
@@ -210,23 +233,28 @@ def load_model(spec: str, weights: str | Path | None = None, num_classes: int = 
     return _apply_weights(model, weights, spec).eval()
 
 
-def state_dict_sha256(model: nn.Module) -> str:
-    """sha256 over a model's state dict (sorted names, dtypes, shapes and raw bytes)."""
+def state_dict_sha256(model: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict (sorted names, dtypes, shapes and raw bytes), 0-dim buffers included.
+
+    ``model``: a module (its ``state_dict()``) or a state dict. BatchNorm's 0-dim
+    ``num_batches_tracked`` is hashed as its one value's bytes.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def source_sha256(spec: str, weights: str | Path | None, model: nn.Module) -> str:
-    """The source model's identity for the manifest: its weights file, TorchScript file, or state dict."""
-    if weights:
-        return sha256_file(weights)
-    kind, _, rest = spec.partition(":")
-    if kind == "torchscript":
-        return sha256_file(rest)
+    """The source model's identity for the manifest (module docstring): ``state_dict_sha256`` of the loaded model.
+
+    ``spec`` and ``weights`` name where it came from; the hash does not depend on the file
+    format, so the audit can check it from the model it loads (``load_model``).
+    """
+    del spec, weights  # the identity is the weights themselves, however they were stored
     return state_dict_sha256(model)

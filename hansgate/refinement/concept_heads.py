@@ -5,15 +5,15 @@ torch.fx, sharing the model's modules). The exported module (``ConceptGraph``) r
 
 - ``logits`` ``[N, K]`` = ``head(a)`` with ``a = features(x)``;
 - ``concept_scores`` ``[N, M]`` = ``(pool(a) - center_m) . h_m`` for unit CAVs ``h_m``
-  (channel pooling as in ``audit.cav``, mean by default), centred on the refinement
+  (channel pooling as in ``concepts.cav``, mean by default), centred on the refinement
   data's mean pooled activation;
 - ``concept_sensitivity`` ``[N, M, K]``: the directional derivative of every logit along
-  every CAV, ``d/de f_k(a + e lift(h_m))`` (``audit.cav.lift_cav``: for pooled CAVs the
+  every CAV, ``d/de f_k(a + e lift(h_m))`` (``concepts.cav.lift_cav``: for pooled CAVs the
   same offset at every spatial position; the direction ``audit.tcav`` differentiates along).
   The graph computes it **without autograd**. Default ``scheme="jvp"``: the exact
-  forward-mode derivative through the head as plain ops (``refinement.jvp``; all M
+  forward-mode derivative through the head as plain ops (``nn.jvp``; all M
   directions in one batched pass), equal to autograd up to float32 rounding. Heads with
-  an op ``refinement.jvp`` has no rule for fall back to finite differences, ``central``
+  an op ``nn.jvp`` has no rule for fall back to finite differences, ``central``
   ``(f(a + e h) - f(a - e h)) / 2e`` (2M extra head rows per sample) or ``forward``
   ``(f(a + e h) - f(a)) / e`` (M extra rows), the perturbed activations run through the
   head as one batch of ``(1 + 2M) N`` (or ``(1 + M) N``) rows.
@@ -38,6 +38,7 @@ what the service counts for predicted classes).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ from hansgate.concepts.cav import (
 from hansgate.concepts.gradients import latent_gradients
 from hansgate.errors import ConfigError, DataError, ExportError
 from hansgate.manifest import ConceptSpec
+from hansgate.nn.hooks import eval_mode
 from hansgate.nn.jvp import Linearized, linearizable
 from hansgate.nn.surgery import Refined, split_at, trace_calls
 
@@ -162,7 +164,8 @@ class ConceptHeads:
         return self._tolerance if self._tolerance is not None else SENSITIVITY_TOLERANCE[self.scheme_]
 
     def graph(self, model: nn.Module) -> ConceptGraph:
-        features, head = split_at(model.eval(), self.layer)
+        """The exported module for a copy of ``model`` (the caller's model and its mode stay untouched)."""
+        features, head = split_at(copy.deepcopy(model).eval(), self.layer)
         cavs = torch.stack([c.cav.float() for c in self.concepts])
         centers = torch.stack([c.center.float() for c in self.concepts])
         self.scheme_ = "central" if self.scheme == "jvp" and not linearizable(head) else self.scheme
@@ -192,14 +195,19 @@ class ConceptHeads:
                            "sign_agreement": float((np.sign(got[:, m]) == np.sign(ref[:, m])).mean())}
         return out
 
-    def check(self, onnx_bytes: bytes, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-        """Run the graph with onnxruntime on ``x`` and compare with autograd; ``ExportError`` past tolerance."""
+    def check(self, onnx_bytes: bytes, model: nn.Module, x: torch.Tensor,
+              x_model: torch.Tensor | None = None) -> dict[str, Any]:
+        """Run the graph with onnxruntime on ``x`` and compare with autograd; ``ExportError`` past tolerance.
+
+        ``x_model``: the same samples as ``model`` sees them, when the graph normalises ``x``
+        itself (``nn.normalisation.Normalised``); ``x`` by default.
+        """
         from hansgate.nn.export import run_onnx
 
         outs = run_onnx(onnx_bytes, x.numpy().astype(np.float32))
         if len(outs) != 3:
             raise ExportError(f"the exported graph has {len(outs)} outputs, expected 3 with concept heads")
-        errors = self.sensitivity_errors(outs[2], model, x)
+        errors = self.sensitivity_errors(outs[2], model, x if x_model is None else x_model)
         for name, e in errors.items():
             if not np.isfinite(e["relative_error"]) or e["relative_error"] > self.tolerance:
                 raise ExportError(f"concept {name!r}: graph sensitivity differs from autograd by {e['max_abs_error']:.3g} "
@@ -237,11 +245,8 @@ def default_watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -
     ``insert_after``, e.g. by EGEM, is read after its refinement module).
 
     Why: through a max-pool, the full-map JVP must pick the CAV at every window's maximum
-    per sample and concept; after the pool the tangent is a constant. On small_vgg (batch
-    64, onnxruntime, ``benchmarks/concepts_bench.py``) full-map heads at the conv cost
-    about 1.3x (M = 1) to 1.55x (M = 4) the plain model's time, after the pool about 1.02x
-    to 1.15x, and the demo's corner concept is detected alike (0 % of clean, 100 % of
-    poisoned test samples over the threshold at both layers).
+    per sample and concept; after the pool the tangent is a constant, so the heads cost
+    less (``benchmarks/concepts_bench.py`` measures both layers).
     """
     layer = default_concept_layer(model, example)
     if pooling != "none":
@@ -267,7 +272,13 @@ def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept:
     samples and the same with the artifact pasted); ``x_reference``, ``y_reference``: the
     refinement data, for the centre and the baseline TCAV per class.
     """
-    model = model.eval()
+    with eval_mode(model):
+        return _watch(model, name, x_clean, x_concept, x_reference, y_reference, classes, layer, kind, pooling, seed)
+
+
+def _watch(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.Tensor, x_reference: torch.Tensor,
+           y_reference: torch.Tensor, classes: list[str], layer: str | None, kind: str, pooling: str,
+           seed: int) -> WatchedConcept:
     layer = layer or default_watch_layer(model, x_reference[:1], pooling)
     a_clean = pool_channels(layer_activations(model, layer, x_clean), pooling)
     a_concept = pool_channels(layer_activations(model, layer, x_concept), pooling)

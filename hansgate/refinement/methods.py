@@ -1,6 +1,8 @@
-"""Refinement methods by name: one entry point, ``refine_model``, for every method.
+"""The pruning family on tensors: EGEM, PCA-EGEM (paper 000), RGEM, ridge and retraining baselines.
 
-Every method follows the same protocol (paper 000, Sec. 4.4, Supp. F.3): hold out
+``METHODS`` is this family's table of implementations; ``refinement.registry`` wraps each
+entry as a ``Refiner`` beside the ClArC and XS methods (the one name -> method map the
+command line and the pipeline use). Every method here follows the same protocol (paper 000, Sec. 4.4, Supp. F.3): hold out
 ``val_share`` of the (verified) refinement data, evaluate each hyper-parameter
 candidate on it, pick by the slack rule, then build the final model with the chosen
 hyper-parameter from all refinement data.
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from hansgate.errors import ConfigError, DataError
+from hansgate.nn.hooks import eval_mode
 from hansgate.nn.training import TrainConfig, accuracy
 from hansgate.refinement.baselines import (
     RETRAIN_EPOCHS,
@@ -32,7 +35,7 @@ from hansgate.refinement.baselines import (
 from hansgate.refinement.egem import ALPHA_GRID, EgemConfig, ExposureMinimizer
 from hansgate.refinement.selection import (
     Candidate,
-    SlackSelection,
+    Selection,
     select_by_slack,
     validation_split,
 )
@@ -68,13 +71,13 @@ class RefineConfig(BaseModel):
 
 @dataclass
 class RefinementResult:
-    """A refined model and the evidence of how it was chosen."""
+    """A refined model (eval mode) and the evidence of how it was chosen (``selection``)."""
 
     model: nn.Module
     method: str
     layers: list[str]
     hyperparameters: dict[str, Any]
-    selection: SlackSelection
+    selection: Selection
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -165,11 +168,15 @@ METHODS: dict[str, Callable[..., RefinementResult]] = {
 
 def refine_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RefineConfig | None = None,
                  progress: bool = False) -> RefinementResult:
-    """Refine ``model`` on verified samples ``x`` ``[N, C, H, W]``, ``y`` ``[N]`` with ``config.method``."""
+    """Refine ``model`` on verified samples ``x`` ``[N, C, H, W]``, ``y`` ``[N]`` with ``config.method``.
+
+    ``model`` runs in eval mode meanwhile; its own train/eval flags come back afterwards.
+    """
     cfg = config or RefineConfig()
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown refinement method {cfg.method!r}; choose from {sorted(METHODS)}")
     if len(x) != len(y) or len(y) < 5:
         raise DataError(f"need at least 5 refinement samples with one label each, got {len(x)} images and "
                         f"{len(y)} labels")
-    return METHODS[cfg.method](model.eval(), x, y, cfg, progress)
+    with eval_mode(model):
+        return METHODS[cfg.method](model, x, y, cfg, progress)

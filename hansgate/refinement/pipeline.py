@@ -1,16 +1,37 @@
-"""From a model and verified data to a bundle: the path ``hansgate refine`` and the demo share."""
+"""One path from files to a bundle for every method: load -> verify -> fit -> evaluate -> hash -> bundle.
+
+``hansgate refine``, ``hansgate train`` and the demo share it:
+
+1. **load** (``load_inputs``): the data, evaluation splits and concepts, read with one set
+   of ``DataOptions`` (``--channels``, ``--image-size``, ``--mean/--std``; ImageFolder or
+   ``.npz``; concepts from ``.npz`` or two ImageFolders). Every image is a raw pixel in
+   [0, 1] of one shape; the model sees ``(x - mean) / std``.
+2. **verify**: pruning and concept methods keep the samples the model predicts correctly
+   (paper 000, Supp. F.1); XS methods train on all (``Refiner.verifies``).
+3. **fit**: the method from ``refinement.registry``; watched concepts are fitted on the
+   refined model (``refinement.concept_heads``).
+4. **evaluate**: accuracy before and after on every split given.
+5. **hash**: the source model's identity, ``nn.models.source_sha256`` (the audit checks the same).
+6. **bundle** (``build_bundle``): the normalisation is baked into the exported graph
+   (``nn.normalisation.Normalised``) whenever it is not the identity, so every bundle takes
+   the raw pixels its manifest declares; the export is checked against torch and written
+   once, atomically.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import hansgate
 from hansgate.bundle import Bundle, sha256_bytes, write_bundle
-from hansgate.errors import DataError
+from hansgate.data.datasets import LabelledImages, load_labelled
+from hansgate.errors import ConfigError, DataError
 from hansgate.files import to_jsonable
 from hansgate.manifest import (
     ConceptSpec,
@@ -24,11 +45,122 @@ from hansgate.manifest import (
     SubgroupAttribute,
 )
 from hansgate.nn.export import OPSET, export_checked
+from hansgate.nn.models import load_model, source_sha256
 from hansgate.nn.normalisation import Normalised
-from hansgate.nn.training import predict_logits
-from hansgate.refinement.methods import RefineConfig, RefinementResult
+from hansgate.nn.training import accuracy, predict_logits
+from hansgate.refinement.clarc import ConceptData
+from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
+from hansgate.refinement.concept_refine import load_concept
+from hansgate.refinement.methods import RefinementResult
+from hansgate.refinement.refiners import RefineData, Refiner, RefinerConfig
+from hansgate.refinement.registry import get_refiner
 
-__all__ = ["verified_subset", "per_class_subset", "bundle_graph", "build_bundle", "refine_from_files"]
+__all__ = ["DataOptions", "Inputs", "verified_subset", "per_class_subset", "load_inputs", "bundle_graph",
+           "build_bundle", "refine", "refine_from_files"]
+
+#: The pixel range every bundle declares (``InputSpec.value_range``): raw pixels scaled to [0, 1].
+VALUE_RANGE = (0.0, 1.0)
+
+
+class DataOptions(BaseModel):
+    """How files become images: ImageFolder channels and size, the model's normalisation, class names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: int = Field(1, ge=1)
+    image_size: tuple[int, int] = (28, 28)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    classes: list[str] | None = None
+
+    def load(self, path: str | Path) -> LabelledImages:
+        return load_labelled(path, channels=self.channels, size=self.image_size)
+
+
+@dataclass
+class Inputs:
+    """Everything read from files, in raw pixels: the pipeline's step 1.
+
+    ``x``, ``y``: the refinement (or training) data; ``evaluation``: further labelled
+    splits by the key their accuracy gets in the manifest; ``concepts`` by name; XS
+    ``masks``/``mask_info``/``val``. ``mean``/``std``: the model's normalisation.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    description: str
+    evaluation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    concepts: dict[str, ConceptData] = field(default_factory=dict)
+    masks: torch.Tensor | None = None
+    mask_info: dict[str, Any] = field(default_factory=dict)
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def baked(self) -> bool:
+        """Whether the exported graph normalises (anything but mean 0, std 1)."""
+        return any(m != 0 for m in self.mean) or any(s != 1 for s in self.std)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels -> the model's input space, ``(x - mean) / std`` per channel."""
+        if not self.baked:
+            return x
+        with torch.no_grad():
+            return Normalised(nn.Identity(), self.mean, self.std)(x)
+
+    def input_spec(self) -> InputSpec:
+        c, h, w = self.shape
+        return InputSpec(channels=c, height=h, width=w, value_range=VALUE_RANGE, mean=self.mean, std=self.std,
+                         normalization_in_graph=self.baked, color_mode="L" if c == 1 else "RGB")
+
+    def check(self) -> None:
+        """One shape, raw pixels in [0, 1], labels inside the classes, a normalisation per channel."""
+        c, h, w = self.shape
+        if len(self.classes) < 2:
+            raise DataError(f"need at least 2 classes, got {len(self.classes)}")
+        if len(self.mean) != c or len(self.std) != c or any(not s > 0 for s in self.std):
+            raise DataError(f"--mean/--std need {c} value(s) each (std > 0), got {len(self.mean)} and {len(self.std)}")
+        parts = {"the data": (self.x, self.y)} | {f"{k} data": v for k, v in self.evaluation.items()}
+        parts |= {f"concept {n!r}": (cd.x, cd.y) for n, cd in self.concepts.items()}
+        if self.val is not None:
+            parts["validation data"] = self.val
+        for what, (x, y) in parts.items():
+            if tuple(x.shape[1:]) != (c, h, w):
+                raise DataError(f"{what}: images {tuple(x.shape[1:])} differ from the data's {(c, h, w)}")
+            if len(y) and int(y.max()) >= len(self.classes):
+                raise DataError(f"{what}: labels go up to {int(y.max())} but {len(self.classes)} class name(s) "
+                                "were given")
+            if len(x) and (float(x.min()) < VALUE_RANGE[0] - 1e-6 or float(x.max()) > VALUE_RANGE[1] + 1e-6):
+                raise DataError(f"{what}: pixel values span [{float(x.min()):.3g}, {float(x.max()):.3g}], outside "
+                                f"[0, 1]; bundles take raw pixels in [0, 1]: pass unnormalised images and the "
+                                "model's --mean/--std")
+
+
+def load_inputs(data: str, options: DataOptions | None = None, *, test_data: str | None = None,
+                poisoned_data: str | None = None, concepts: dict[str, str] | None = None) -> Inputs:
+    """Step 1 for ``hansgate refine``: the data, optional test/poisoned splits and concepts (``NAME: DATA``)."""
+    opts = options or DataOptions()
+    ds = opts.load(data)
+    names = list(opts.classes or ds.classes)
+    c = int(ds.x.shape[1])
+    size = (int(ds.x.shape[2]), int(ds.x.shape[3]))
+    evaluation = {}
+    for key, path in (("clean_acc", test_data), ("poisoned_acc", poisoned_data)):
+        if path:
+            extra = opts.load(path)
+            evaluation[key] = (extra.x, extra.y)
+    inputs = Inputs(ds.x, ds.y, names, list(opts.mean or [0.0] * c), list(opts.std or [1.0] * c),
+                    f"verified: {data}; test: {test_data}; poisoned: {poisoned_data}", evaluation,
+                    {name: load_concept(src, names, c, size) for name, src in (concepts or {}).items()})
+    inputs.check()
+    return inputs
 
 
 def verified_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +183,10 @@ def per_class_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int
     return x[order], y[order]
 
 
-def bundle_graph(model: nn.Module, concepts: Any | None = None) -> tuple[nn.Module, list[str]]:
-    """The module to export and its output names; concept heads are added by ``concepts`` when given."""
+def bundle_graph(model: nn.Module, concepts: ConceptHeads | None = None) -> tuple[nn.Module, list[str]]:
+    """The module to export (before normalisation) and its output names; heads added by ``concepts``."""
     if concepts is None:
-        return model.eval(), ["logits"]
+        return model, ["logits"]
     return concepts.graph(model), ["logits", "concept_scores", "concept_sensitivity"]
 
 
@@ -68,15 +200,28 @@ def build_bundle(
     source: SourceModel,
     evaluation: Evaluation | None = None,
     subgroups: list[SubgroupAttribute] | None = None,
-    concepts: Any | None = None,
+    concepts: ConceptHeads | None = None,
     concept_specs: list[ConceptSpec] | None = None,
     overwrite: bool = False,
 ) -> Bundle:
-    """Export ``result.model``, check it against torch on ``x_check`` and write the bundle atomically."""
+    """Export ``result.model`` with ``input_spec``'s normalisation baked in, check it, write the bundle atomically.
+
+    ``x_check`` are raw pixels as the bundle takes them. When ``input_spec``'s mean/std are
+    not the identity, the graph is ``Normalised(graph, mean, std)`` and the manifest says
+    ``normalization_in_graph``; the concept heads are checked against autograd on the
+    normalised samples the model itself sees.
+    """
     graph, names = bundle_graph(result.model, concepts)
-    onnx_bytes, diff = export_checked(graph, x_check, names)
+    baked = any(m != 0 for m in input_spec.mean) or any(s != 1 for s in input_spec.std)
+    norm = Normalised(nn.Identity(), input_spec.mean, input_spec.std) if baked else None
+    if norm is not None:
+        graph = Normalised(graph, input_spec.mean, input_spec.std)
+    input_spec = input_spec.model_copy(update={"normalization_in_graph": baked})
+    onnx_bytes, diff = export_checked(graph.eval(), x_check, names)
     if concepts is not None:  # the heads' sensitivity must match autograd (refinement.concept_heads)
-        concepts.check(onnx_bytes, result.model, x_check)
+        with torch.no_grad():
+            x_model = norm(x_check) if norm is not None else x_check
+        concepts.check(onnx_bytes, result.model, x_check, x_model=x_model)
         concept_specs = concept_specs if concept_specs is not None else concepts.specs()
     k, m = len(classes), len(concept_specs or [])
     shapes: dict[str, list[int | None]] = {"logits": [None, k], "concept_scores": [None, m],
@@ -97,81 +242,66 @@ def build_bundle(
     return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite)
 
 
-def refine_from_files(
-    *,
-    model_spec: str,
-    weights: str | None,
-    data: str,
-    out: str | Path,
-    config: RefineConfig,
-    classes: list[str] | None = None,
-    test_data: str | None = None,
-    poisoned_data: str | None = None,
-    image_size: tuple[int, int] = (28, 28),
-    channels: int = 1,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> tuple[Bundle, dict[str, Any]]:
-    """``hansgate refine``: load model and data safely, refine, export, write the bundle atomically.
+def _scores(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor, train_key: str) -> dict[str, float]:
+    out = {train_key: accuracy(model, x, y)}
+    for key, (ex, ey) in inputs.evaluation.items():
+        out[key] = accuracy(model, inputs.to_model(ex), ey)
+    if "acc_contaminated" in out and "acc_permuted" in out:
+        out["delta"] = out["acc_contaminated"] - out["acc_permuted"]
+    return out
 
-    With ``mean``/``std`` the data are raw pixels in [0, 1]; refinement runs on normalised
-    inputs and the exported graph applies the normalisation itself.
-    """
-    from hansgate.data.datasets import load_labelled
-    from hansgate.nn.models import load_model, source_sha256
-    from hansgate.refinement.methods import refine_model
 
+def refine(refiner: Refiner | str, inputs: Inputs, *, model_spec: str, weights: str | None, out: str | Path,
+           config: RefinerConfig | None = None, overwrite: bool = False, progress: bool = False, log: Callable[[str], None] | None = None) -> tuple[Bundle, dict[str, Any]]:
+    """Steps 2-6 (module docstring) for any registered method; returns the bundle and a JSON-able summary."""
+    refiner = get_refiner(refiner) if isinstance(refiner, str) else refiner
+    cfg = config or RefinerConfig()
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"output {out} exists; pass --overwrite to replace it")
-    ds = load_labelled(data, channels=channels, size=image_size)
-    names = classes or ds.classes
-    if len(names) < 2 or int(ds.y.max()) >= len(names):
-        raise DataError(f"labels go up to {int(ds.y.max())} but {len(names)} class name(s) were given")
-    c, h, w = ds.x.shape[1:]
-    mean = mean or [0.0] * c
-    std = std or [1.0] * c
-    if len(mean) != c or len(std) != c or any(s <= 0 for s in std):
-        raise DataError(f"--mean/--std need {c} value(s) each (std > 0)")
-    norm = Normalised(torch.nn.Identity(), mean, std)
+    if refiner.needs_concept and not inputs.concepts:
+        raise ConfigError(f"--method {refiner.name} needs at least one --concept NAME=DATA")
+    c, h, _ = inputs.shape
+    torch.manual_seed(refiner.seed(cfg))  # the initialisation of a built-in without weights
+    model = load_model(model_spec, weights, num_classes=len(inputs.classes), in_channels=c, image_size=h)
+    x_all = inputs.to_model(inputs.x)
+    if refiner.verifies:
+        x, y = verified_subset(model, x_all, inputs.y)
+    else:
+        x, y = x_all, inputs.y
+    if (k_out := predict_logits(model, x[:2]).shape[1]) != len(inputs.classes):
+        raise DataError(f"the model has {k_out} outputs but the data have {len(inputs.classes)} classes")
+    concepts = {n: ConceptData(inputs.to_model(cd.x), cd.y, cd.concept) for n, cd in inputs.concepts.items()}
+    val = (inputs.to_model(inputs.val[0]), inputs.val[1]) if inputs.val is not None else None
+    data = RefineData(x, y, inputs.classes, concepts, inputs.masks, inputs.mask_info, val)
+    result = refiner.fit(model, data, cfg, progress=progress, log=log)
+    layer = result.layers[0] if refiner.family == "concept" else cfg.clarc.layer
+    watched = [watch_concept(result.model, n, cd.x[~cd.concept], cd.x[cd.concept], x, y, inputs.classes,
+                             layer=layer, kind=cfg.clarc.cav_kind, pooling=cfg.clarc.pooling, seed=cfg.clarc.seed)
+               for n, cd in concepts.items()]
+    train_key = "verified_acc" if refiner.verifies else "train_acc"
+    evaluation = Evaluation(data=inputs.description, before=_scores(model, inputs, x, y, train_key),
+                            after=_scores(result.model, inputs, x, y, train_key))
+    source = SourceModel(spec=model_spec, sha256=source_sha256(model_spec, weights, model),
+                         weights=str(weights) if weights else None)
+    bundle = build_bundle(out, result, x_check=inputs.x[:256], classes=inputs.classes,
+                          input_spec=inputs.input_spec(), source=source, evaluation=evaluation,
+                          concepts=ConceptHeads(watched) if watched else None, overwrite=overwrite)
+    summary = {"method": result.method, "layers": result.layers, "before": evaluation.before,
+               "after": evaluation.after, "n_data": len(inputs.y), ("n_verified" if refiner.verifies else "n_train"): len(y),
+               "concepts": [w.name for w in watched], "hyperparameters": to_jsonable(result.hyperparameters),
+               "selection": to_jsonable(result.selection.as_dict()), "timings": result.timings}
+    return bundle, summary
 
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return norm(x)
 
-    model = load_model(model_spec, weights, num_classes=len(names), in_channels=c, image_size=h)
-    x, y = verified_subset(model, prep(ds.x), ds.y)
-    if (k_out := predict_logits(model, x[:2]).shape[1]) != len(names):
-        raise DataError(f"the model has {k_out} outputs but the data have {len(names)} classes")
-    result = refine_model(model, x, y, config, progress=progress)
-
-    def scores(m: nn.Module) -> dict[str, float]:
-        from hansgate.nn.training import accuracy
-
-        out_scores = {"verified_acc": accuracy(m, x, y)}
-        for key, path in (("clean_acc", test_data), ("poisoned_acc", poisoned_data)):
-            if path:
-                extra = load_labelled(path, channels=channels, size=image_size)
-                out_scores[key] = accuracy(m, prep(extra.x), extra.y)
-        return out_scores
-
-    evaluation = Evaluation(data=f"verified: {data}; test: {test_data}; poisoned: {poisoned_data}",
-                            before=scores(model), after=scores(result.model))
-    baked = any(v != 0 for v in mean) or any(v != 1 for v in std)
-    if baked:
-        result.model = Normalised(result.model, mean, std).eval()
-    source_hash = source_sha256(model_spec, weights, model)
-    bundle = build_bundle(
-        out, result,
-        x_check=(ds.x if baked else x)[:256],
-        classes=names,
-        input_spec=InputSpec(channels=c, height=h, width=w, mean=mean, std=std, normalization_in_graph=baked,
-                             color_mode="L" if c == 1 else "RGB"),
-        source=SourceModel(spec=model_spec, sha256=source_hash, weights=str(weights) if weights else None),
-        evaluation=evaluation,
-        overwrite=overwrite,
-    )
-    return bundle, {"before": evaluation.before, "after": evaluation.after, "n_verified": len(y),
-                    "n_data": len(ds.y), "method": result.method, "hyperparameters": result.hyperparameters}
+def refine_from_files(*, model_spec: str, weights: str | None, data: str, out: str | Path,
+                      method: str = "pca-egem", config: RefinerConfig | None = None,
+                      options: DataOptions | None = None, test_data: str | None = None,
+                      poisoned_data: str | None = None, concepts: dict[str, str] | None = None,
+                      overwrite: bool = False,
+                      progress: bool = False) -> tuple[Bundle, dict[str, Any]]:
+    """``hansgate refine``: every step from files to the bundle, for any pruning or concept method."""
+    refiner = get_refiner(method, "pruning", "concept")
+    inputs = load_inputs(data, options, test_data=test_data, poisoned_data=poisoned_data, concepts=concepts)
+    return refine(refiner, inputs, model_spec=model_spec, weights=weights, out=out, config=config,
+                  overwrite=overwrite, progress=progress)

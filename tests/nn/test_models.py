@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,6 +15,7 @@ from hansgate.nn.models import (
     BUILTIN_MODELS,
     build_builtin,
     load_model,
+    source_sha256,
     state_dict_sha256,
 )
 
@@ -78,3 +81,58 @@ def test_weights_that_do_not_fit(tmp_path):
     save_file({"1.weight": torch.zeros(5, 5)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ModelLoadError, match="do not fit"):
         load_model(FACTORY, tmp_path / "w.safetensors")
+
+
+def test_state_dict_hash_covers_zero_dim_buffers():
+    model = build_builtin("small_resnet")  # BatchNorm: 0-dim num_batches_tracked
+    assert any(t.dim() == 0 for t in model.state_dict().values())
+    digest = state_dict_sha256(model)
+    assert digest == state_dict_sha256(model.state_dict()) and len(digest) == 64
+    model.bn1.num_batches_tracked += 1  # a 0-dim buffer is part of the identity
+    assert state_dict_sha256(model) != digest
+    flags = {"b": torch.tensor(True), "h": torch.ones(2, dtype=torch.float16)}
+    assert state_dict_sha256(flags) != state_dict_sha256({"b": torch.tensor(False), "h": flags["h"]})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_source_hash_is_one_identity_across_formats(tmp_path):
+    ref = build_builtin("small_resnet")
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    expected = state_dict_sha256(ref)
+    for weights in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        loaded = load_model("small_resnet", weights)
+        assert source_sha256("small_resnet", weights, loaded) == expected
+    plain = load_model(FACTORY)
+    torch.jit.script(plain).save(str(tmp_path / "m.ts"))
+    spec = f"torchscript:{tmp_path / 'm.ts'}"
+    assert source_sha256(spec, None, load_model(spec)) == state_dict_sha256(plain)
+
+
+def test_a_pickle_as_weights_is_refused_in_one_line(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"weight": Evil()}, fh)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(FACTORY, path)
+    message = str(info.value)
+    assert "\n" not in message and "weights_only=False" not in message and "refused" in message
+    from hansgate.cli import main
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 1, 2, 2), np.float32), y=np.arange(10) % 2)
+    assert main(["refine", "--model", FACTORY, "--weights", str(path), "--data", str(tmp_path / "d.npz"),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert "pwned" not in out.out and len(out.err.strip().splitlines()) == 1 and "refused" in out.err
+
+
+@pytest.mark.parametrize(("spec", "match"), [("json:dumps", "failed when called without arguments: TypeError"),
+                                              ("json:__name__", "not a model factory")])
+def test_a_callable_that_is_not_a_model_factory_is_one_error(spec, match):
+    with pytest.raises(ModelLoadError, match=match) as info:
+        load_model(spec)
+    assert "\n" not in str(info.value)

@@ -199,3 +199,18 @@ def test_demo_bundle_carries_the_artifact_heads(demo_bundle, demo_dir):
     present_clean = (scores[:, 0] > concept.presence_threshold).mean()
     present_poisoned = (scores_p[:, 0] > concept.presence_threshold).mean()
     assert present_poisoned > 0.9 and present_clean < 0.1  # the head sees the artifact in traffic
+
+
+def test_watching_and_graphs_leave_the_callers_model_and_mode_alone(digits_data):
+    torch.manual_seed(0)
+    model = build_builtin("small_resnet").train()  # batch norm: train mode would change its statistics
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = digits_data.x_refine[:40], digits_data.y_refine[:40]
+    from hansgate.data.artifacts import get_artifact
+
+    wc = watch_concept(model, "corner", x, get_artifact("corner").apply(x), x, y, digits_data.classes,
+                       pooling="mean")
+    graph = ConceptHeads([wc]).graph(model)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not graph.training and all(p is not q for p, q in zip(graph.parameters(), model.parameters()))

@@ -1,0 +1,150 @@
+"""The one pipeline (refinement.pipeline): inputs checked once, normalisation baked into every bundle, one hash."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hansgate.bundle import load_bundle
+from hansgate.errors import ConfigError, DataError
+from hansgate.manifest import InputSpec, SourceModel
+from hansgate.nn.models import load_model, state_dict_sha256
+from hansgate.nn.normalisation import Normalised
+from hansgate.refinement.methods import RefinementResult
+from hansgate.refinement.pipeline import (
+    DataOptions,
+    Inputs,
+    build_bundle,
+    load_inputs,
+    per_class_subset,
+    refine,
+    refine_from_files,
+    verified_subset,
+)
+from hansgate.refinement.selection import Candidate, RuleSelection
+
+MEAN, STD = [0.3], [0.2]
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+def _result(model: nn.Module) -> RefinementResult:
+    chosen = Candidate({}, 1.0)
+    return RefinementResult(model, "none", [], {}, RuleSelection(chosen, [chosen], "fixed"))
+
+
+def _spec(mean: list[float], std: list[float]) -> InputSpec:
+    return InputSpec(channels=1, height=8, width=8, mean=mean, std=std)
+
+
+@pytest.mark.parametrize("mean, std", [([0.0], [1.0]), (MEAN, STD)])
+def test_build_bundle_bakes_the_declared_normalisation(tmp_path, mean, std):
+    model = _tiny()
+    x = torch.rand(16, 1, 8, 8)
+    bundle = build_bundle(tmp_path / "b", _result(model), x_check=x, classes=["a", "b", "c"],
+                          input_spec=_spec(mean, std), source=SourceModel(spec="x", sha256="0" * 64))
+    baked = mean != [0.0]
+    assert bundle.manifest.input.normalization_in_graph is baked
+    served = ort.InferenceSession(str(tmp_path / "b" / "model.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = Normalised(model, mean, std)(x)
+    np.testing.assert_allclose(served, expected.numpy(), atol=1e-5)
+    if baked:  # the raw-pixel graph is not the bare model
+        assert np.abs(served - model(x).detach().numpy()).max() > 1e-2
+
+
+def _inputs(**changes) -> Inputs:
+    base = dict(x=torch.rand(10, 1, 8, 8), y=torch.arange(10) % 3, classes=["a", "b", "c"], mean=MEAN, std=STD,
+                description="test")
+    return Inputs(**(base | changes))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"classes": ["a"]}, "at least 2 classes"),
+    ({"std": [0.0]}, "--mean/--std need 1 value"),
+    ({"mean": [0.1, 0.2]}, "--mean/--std need 1 value"),
+    ({"y": torch.arange(10)}, "labels go up to 9"),
+    ({"x": torch.rand(10, 1, 8, 8) * 3}, "outside [0, 1]"),
+    ({"evaluation": {"clean_acc": (torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))}}, "differ from"),
+    ({"val": (torch.rand(4, 1, 9, 9), torch.zeros(4, dtype=torch.long))}, "validation data: images"),
+])
+def test_inputs_are_checked_once_for_every_split(changes, message):
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _inputs(**changes).check()
+
+
+def test_inputs_map_raw_pixels_to_the_models_space():
+    inputs = _inputs()
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.allclose(inputs.to_model(x), (x - 0.3) / 0.2)
+    plain = _inputs(mean=[0.0], std=[1.0])
+    assert plain.to_model(x) is x and not plain.input_spec().normalization_in_graph
+    spec = inputs.input_spec()
+    assert spec.normalization_in_graph and spec.mean == MEAN and tuple(spec.value_range) == (0.0, 1.0)
+
+
+def test_verified_and_per_class_subsets():
+    model = _tiny()
+    x = torch.rand(60, 1, 8, 8)
+    pred = model(x).argmax(1).detach()
+    y = pred.clone()
+    y[:7] = (y[:7] + 1) % 3
+    xv, yv = verified_subset(model, x, y)
+    assert len(yv) == 53 and torch.equal(model(xv).argmax(1), yv)
+    with pytest.raises(DataError, match="predicted correctly"):
+        verified_subset(model, x[:10], (pred[:10] + 1) % 3)
+    xs, ys = per_class_subset(x, pred, 2, seed=0)
+    assert all(int((ys == c).sum()) == min(2, int((pred == c).sum())) for c in pred.unique())
+
+
+@pytest.fixture(scope="module")
+def grey_files(tmp_path_factory):
+    """An .npz of raw grey 28x28 pixels labelled by a random mnist_cnn's own normalised predictions."""
+    root = tmp_path_factory.mktemp("grey")
+    torch.manual_seed(0)
+    model = load_model("mnist_cnn", num_classes=3)
+    with torch.no_grad():
+        model.fc2.weight *= 20
+    x = torch.rand(90, 1, 28, 28)
+    with torch.no_grad():
+        y = Normalised(model, MEAN, STD)(x).argmax(1)
+    assert len(y.unique()) >= 2  # labels from the model's own decisions, not one class
+    save_file(model.state_dict(), str(root / "w.safetensors"))
+    np.savez(root / "data.npz", x=x.numpy(), y=y.numpy(), classes=np.array(["a", "b", "c"]))
+    return root, model, x
+
+
+def test_refine_from_files_runs_every_step(grey_files, tmp_path):
+    root, model, x = grey_files
+    out = tmp_path / "b"
+    bundle, summary = refine_from_files(model_spec="mnist_cnn", weights=str(root / "w.safetensors"),
+                                        data=str(root / "data.npz"), out=out, method="rgem",
+                                        options=DataOptions(mean=tuple(MEAN), std=tuple(STD)))
+    m = bundle.manifest
+    assert m.method.name == "rgem" and m.input.normalization_in_graph and m.input.mean == MEAN
+    assert summary["n_verified"] == summary["n_data"] == 90
+    assert m.evaluation.before["verified_acc"] == 1.0 and set(m.evaluation.after) == {"verified_acc"}
+    assert m.source_model.sha256 == state_dict_sha256(model)
+    assert m.method.hyperparameters["selection"]["candidates"]
+    assert load_bundle(out).manifest == m
+    with pytest.raises(DataError, match="exists"):
+        refine_from_files(model_spec="mnist_cnn", weights=str(root / "w.safetensors"), data=str(root / "data.npz"),
+                          out=out, method="rgem")
+    with pytest.raises(ConfigError, match="unknown refinement method"):
+        refine_from_files(model_spec="mnist_cnn", weights=None, data=str(root / "data.npz"), out=tmp_path / "c",
+                          method="tap")
+
+
+def test_refine_refuses_a_concept_method_without_concepts(grey_files, tmp_path):
+    root, _, _ = grey_files
+    inputs = load_inputs(str(root / "data.npz"), DataOptions(mean=tuple(MEAN), std=tuple(STD)))
+    with pytest.raises(ConfigError, match="needs at least one --concept"):
+        refine("rr-clarc", inputs, model_spec="mnist_cnn", weights=None, out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
