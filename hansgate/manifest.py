@@ -29,6 +29,7 @@ __all__ = [
     "SourceModel",
     "MethodSpec",
     "Evaluation",
+    "CalibrationSpec",
     "ConceptSpec",
     "SubgroupAttribute",
     "GraphOutput",
@@ -36,8 +37,9 @@ __all__ = [
     "Manifest",
 ]
 
-SCHEMA_VERSION = "1.0"
-KNOWN_SCHEMA_VERSIONS = frozenset({"1.0"})
+#: 1.1 adds ``calibration`` (temperature scaling); 1.0 bundles load unchanged
+SCHEMA_VERSION = "1.1"
+KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1"})
 
 
 #: names served in responses and exported as label values: letters, digits, ``_ . + -`` and single
@@ -145,6 +147,23 @@ class Evaluation(_Strict):
     after: dict[Text, float]
 
 
+class CalibrationSpec(_Strict):
+    """Temperature scaling (Guo et al. 2017) fitted at refine time on held-out verified data.
+
+    The gateway's label-free recall estimate uses ``softmax(logits / temperature)``; the
+    expected calibration error (``bins`` equal-width bins) and the negative log-likelihood
+    before and after are the evidence, on ``samples`` held-out images.
+    """
+
+    temperature: float = Field(gt=0.0)
+    ece_before: Fraction
+    ece_after: Fraction
+    nll_before: float = Field(ge=0.0)
+    nll_after: float = Field(ge=0.0)
+    samples: int = Field(ge=2)
+    bins: int = Field(ge=1)
+
+
 class ConceptSpec(_Strict):
     """A watched concept: a unit CAV at ``layer`` and its deployment baselines."""
 
@@ -223,6 +242,7 @@ class Manifest(_Strict):
     evaluation: Evaluation | None = None
     concepts: list[ConceptSpec] = Field(default_factory=list, max_length=64)
     subgroups: list[SubgroupAttribute] = Field(default_factory=list, max_length=16)
+    calibration: CalibrationSpec | None = None
     graph: GraphSpec
 
     @field_validator("classes")
@@ -234,6 +254,8 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
+        if self.calibration is not None and self.schema_version == "1.0":
+            raise ValueError("calibration needs manifest schema 1.1 or later")
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError("concept names must be unique")

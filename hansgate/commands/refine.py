@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, default=1, help="channels for ImageFolder data")
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel the model expects")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std per channel the model expects")
+    p.add_argument("--calibration-share", type=float, default=0.2,
+                   help="share of the labelled data held out to fit temperature scaling, recorded in the manifest "
+                        "for the gateway's label-free recall estimate (default 0.2; 0 fits none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
@@ -53,12 +56,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from hansgate.errors import ConfigError
     from hansgate.refinement.clarc import ClarcConfig
     from hansgate.refinement.concept_refine import parse_concept_args
     from hansgate.refinement.methods import RefineConfig
     from hansgate.refinement.pipeline import DataOptions, refine_from_files
     from hansgate.refinement.refiners import RefinerConfig
 
+    if not 0.0 <= args.calibration_share < 0.9:
+        raise ConfigError(f"--calibration-share must lie in [0, 0.9), got {args.calibration_share}")
     clarc = ClarcConfig(layer=args.concept_layer, cav_kind=args.cav_kind, pooling=args.pooling, mode=args.rr_mode,
                         target_class=args.target_class, epochs=args.epochs, seed=args.seed,
                         **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
@@ -69,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     bundle, summary = refine_from_files(
         model_spec=args.model, weights=args.weights, data=args.data, out=args.out, method=args.method,
         config=config, options=options, test_data=args.test_data, poisoned_data=args.poisoned_data,
-        concepts=parse_concept_args(args.concept), overwrite=args.overwrite, progress=not args.quiet)
+        concepts=parse_concept_args(args.concept), overwrite=args.overwrite, progress=not args.quiet,
+        calibration_share=args.calibration_share)
     print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0

@@ -10,7 +10,10 @@
    (paper 000, Supp. F.1); XS methods train on all (``Refiner.verifies``).
 3. **fit**: the method from ``refinement.registry``; watched concepts are fitted on the
    refined model (``refinement.concept_heads``).
-4. **evaluate**: accuracy before and after on every split given.
+4. **evaluate**: accuracy before and after on every split given; temperature scaling
+   (``refinement.calibration``) fitted on a held-out share of the labelled data, taken before
+   verification so that it holds the model's mistakes too (verified samples are all right,
+   and would drive the temperature towards zero).
 5. **hash**: the source model's identity, ``nn.models.source_sha256`` (the audit checks the same).
 6. **bundle** (``build_bundle``): the normalisation is baked into the exported graph
    (``nn.normalisation.Normalised``) whenever it is not the identity, so every bundle takes
@@ -34,6 +37,7 @@ from hansgate.data.datasets import LabelledImages, load_labelled
 from hansgate.errors import ConfigError, DataError
 from hansgate.files import to_jsonable
 from hansgate.manifest import (
+    CalibrationSpec,
     ConceptSpec,
     Evaluation,
     GraphOutput,
@@ -48,6 +52,7 @@ from hansgate.nn.export import OPSET, export_checked
 from hansgate.nn.models import load_model, source_sha256
 from hansgate.nn.normalisation import Normalised
 from hansgate.nn.training import accuracy, predict_logits
+from hansgate.refinement.calibration import fit_temperature
 from hansgate.refinement.clarc import ConceptData
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
 from hansgate.refinement.concept_refine import load_concept
@@ -55,11 +60,13 @@ from hansgate.refinement.methods import RefinementResult
 from hansgate.refinement.refiners import RefineData, Refiner, RefinerConfig
 from hansgate.refinement.registry import get_refiner
 
-__all__ = ["DataOptions", "Inputs", "verified_subset", "per_class_subset", "load_inputs", "bundle_graph",
-           "build_bundle", "refine", "refine_from_files"]
+__all__ = ["DataOptions", "Inputs", "verified_subset", "per_class_subset", "calibration_split", "load_inputs",
+           "bundle_graph", "build_bundle", "refine", "refine_from_files"]
 
 #: The pixel range every bundle declares (``InputSpec.value_range``): raw pixels scaled to [0, 1].
 VALUE_RANGE = (0.0, 1.0)
+#: fewer held-out samples than this fit no temperature (the bundle then carries none)
+MIN_CALIBRATION_SAMPLES = 20
 
 
 class DataOptions(BaseModel):
@@ -183,6 +190,27 @@ def per_class_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int
     return x[order], y[order]
 
 
+def calibration_split(x: torch.Tensor, y: torch.Tensor, share: float, seed: int
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """``(kept, held_out)``: a seeded share of the labelled samples held out for temperature scaling.
+
+    ``held_out`` is ``None`` when the share would hold fewer than ``MIN_CALIBRATION_SAMPLES``.
+    """
+    n_cal = int(round(share * len(y)))
+    if n_cal < MIN_CALIBRATION_SAMPLES or len(y) - n_cal < MIN_CALIBRATION_SAMPLES:
+        return (x, y), None
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:n_cal].sort().values, order[n_cal:].sort().values
+    return (x[kept], y[kept]), (x[held], y[held])
+
+
+def calibration_spec(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CalibrationSpec:
+    """The NLL-optimal temperature of ``model`` on held-out ``x`` (model space), ``y``, as the manifest records it."""
+    c = fit_temperature(predict_logits(model, x).double().numpy(), y.numpy())
+    return CalibrationSpec(temperature=c.temperature, ece_before=c.ece_before, ece_after=c.ece_after,
+                           nll_before=c.nll_before, nll_after=c.nll_after, samples=c.n, bins=c.bins)
+
+
 def bundle_graph(model: nn.Module, concepts: ConceptHeads | None = None) -> tuple[nn.Module, list[str]]:
     """The module to export (before normalisation) and its output names; heads added by ``concepts``."""
     if concepts is None:
@@ -202,6 +230,7 @@ def build_bundle(
     subgroups: list[SubgroupAttribute] | None = None,
     concepts: ConceptHeads | None = None,
     concept_specs: list[ConceptSpec] | None = None,
+    calibration: CalibrationSpec | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Export ``result.model`` with ``input_spec``'s normalisation baked in, check it, write the bundle atomically.
@@ -236,6 +265,7 @@ def build_bundle(
         evaluation=evaluation,
         concepts=concept_specs or [],
         subgroups=subgroups or [],
+        calibration=calibration,
         graph=GraphSpec(sha256=sha256_bytes(onnx_bytes), opset=OPSET,
                         outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff),
     )
@@ -252,8 +282,12 @@ def _scores(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor, 
 
 
 def refine(refiner: Refiner | str, inputs: Inputs, *, model_spec: str, weights: str | None, out: str | Path,
-           config: RefinerConfig | None = None, overwrite: bool = False, progress: bool = False, log: Callable[[str], None] | None = None) -> tuple[Bundle, dict[str, Any]]:
-    """Steps 2-6 (module docstring) for any registered method; returns the bundle and a JSON-able summary."""
+           config: RefinerConfig | None = None, overwrite: bool = False, progress: bool = False,
+           log: Callable[[str], None] | None = None, calibration_share: float = 0.2) -> tuple[Bundle, dict[str, Any]]:
+    """Steps 2-6 (module docstring) for any registered method; returns the bundle and a JSON-able summary.
+
+    ``calibration_share`` of the labelled data is held out for temperature scaling (0 fits none).
+    """
     refiner = get_refiner(refiner) if isinstance(refiner, str) else refiner
     cfg = config or RefinerConfig()
     out = Path(out)
@@ -264,11 +298,12 @@ def refine(refiner: Refiner | str, inputs: Inputs, *, model_spec: str, weights: 
     c, h, _ = inputs.shape
     torch.manual_seed(refiner.seed(cfg))  # the initialisation of a built-in without weights
     model = load_model(model_spec, weights, num_classes=len(inputs.classes), in_channels=c, image_size=h)
-    x_all = inputs.to_model(inputs.x)
+    (x_all, y_all), held_out = calibration_split(inputs.to_model(inputs.x), inputs.y, calibration_share,
+                                                 refiner.seed(cfg))
     if refiner.verifies:
-        x, y = verified_subset(model, x_all, inputs.y)
+        x, y = verified_subset(model, x_all, y_all)
     else:
-        x, y = x_all, inputs.y
+        x, y = x_all, y_all
     if (k_out := predict_logits(model, x[:2]).shape[1]) != len(inputs.classes):
         raise DataError(f"the model has {k_out} outputs but the data have {len(inputs.classes)} classes")
     concepts = {n: ConceptData(inputs.to_model(cd.x), cd.y, cd.concept) for n, cd in inputs.concepts.items()}
@@ -284,13 +319,16 @@ def refine(refiner: Refiner | str, inputs: Inputs, *, model_spec: str, weights: 
                             after=_scores(result.model, inputs, x, y, train_key))
     source = SourceModel(spec=model_spec, sha256=source_sha256(model_spec, weights, model),
                          weights=str(weights) if weights else None)
+    calibration = calibration_spec(result.model, *held_out) if held_out is not None else None
     bundle = build_bundle(out, result, x_check=inputs.x[:256], classes=inputs.classes,
                           input_spec=inputs.input_spec(), source=source, evaluation=evaluation,
-                          concepts=ConceptHeads(watched) if watched else None, overwrite=overwrite)
+                          concepts=ConceptHeads(watched) if watched else None, calibration=calibration,
+                          overwrite=overwrite)
     summary = {"method": result.method, "layers": result.layers, "before": evaluation.before,
                "after": evaluation.after, "n_data": len(inputs.y), ("n_verified" if refiner.verifies else "n_train"): len(y),
                "concepts": [w.name for w in watched], "hyperparameters": to_jsonable(result.hyperparameters),
-               "selection": to_jsonable(result.selection.as_dict()), "timings": result.timings}
+               "selection": to_jsonable(result.selection.as_dict()), "timings": result.timings,
+               "calibration": calibration.model_dump() if calibration is not None else None}
     return bundle, summary
 
 
@@ -298,10 +336,10 @@ def refine_from_files(*, model_spec: str, weights: str | None, data: str, out: s
                       method: str = "pca-egem", config: RefinerConfig | None = None,
                       options: DataOptions | None = None, test_data: str | None = None,
                       poisoned_data: str | None = None, concepts: dict[str, str] | None = None,
-                      overwrite: bool = False,
-                      progress: bool = False) -> tuple[Bundle, dict[str, Any]]:
+                      overwrite: bool = False, progress: bool = False,
+                      calibration_share: float = 0.2) -> tuple[Bundle, dict[str, Any]]:
     """``hansgate refine``: every step from files to the bundle, for any pruning or concept method."""
     refiner = get_refiner(method, "pruning", "concept")
     inputs = load_inputs(data, options, test_data=test_data, poisoned_data=poisoned_data, concepts=concepts)
     return refine(refiner, inputs, model_spec=model_spec, weights=weights, out=out, config=config,
-                  overwrite=overwrite, progress=progress)
+                  overwrite=overwrite, progress=progress, calibration_share=calibration_share)

@@ -15,7 +15,7 @@ import pytest
 
 from hansgate.bundle import load_bundle, sha256_file
 from hansgate.errors import BundleError
-from hansgate.manifest import SAFE_NAME, Manifest, SubgroupAttribute
+from hansgate.manifest import SCHEMA_VERSION, SAFE_NAME, Manifest, SubgroupAttribute
 from tests.service.bundles import make_bundle
 
 
@@ -130,5 +130,18 @@ def test_external_tensor_data_is_refused(bundle):
 
 def test_schema_1_0_manifests_written_before_these_checks_still_load(tiny):
     raw = json.loads((tiny / "manifest.json").read_text())
-    assert raw["schema_version"] == "1.0"
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.1"
+    raw["schema_version"] = "1.0"
     assert Manifest.model_validate(raw).classes == ["cat", "dog", "fox"]
+
+
+def test_calibration_needs_schema_1_1(tiny):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    raw["calibration"] = {"temperature": 1.5, "ece_before": 0.1, "ece_after": 0.02, "nll_before": 0.5,
+                          "nll_after": 0.4, "samples": 100, "bins": 15}
+    assert Manifest.model_validate(raw).calibration.temperature == 1.5
+    for bad in ({"temperature": 0.0}, {"temperature": float("nan")}, {"ece_after": 1.5}):
+        with pytest.raises(ValueError):
+            Manifest.model_validate({**raw, "calibration": {**raw["calibration"], **bad}})
+    with pytest.raises(ValueError, match="schema 1.1"):
+        Manifest.model_validate({**raw, "schema_version": "1.0"})

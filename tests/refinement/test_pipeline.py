@@ -19,6 +19,7 @@ from hansgate.refinement.pipeline import (
     DataOptions,
     Inputs,
     build_bundle,
+    calibration_split,
     load_inputs,
     per_class_subset,
     refine,
@@ -148,3 +149,25 @@ def test_refine_refuses_a_concept_method_without_concepts(grey_files, tmp_path):
     with pytest.raises(ConfigError, match="needs at least one --concept"):
         refine("rr-clarc", inputs, model_spec="mnist_cnn", weights=None, out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_calibration_split_holds_out_a_seeded_share():
+    x, y = torch.arange(100.0).view(100, 1), torch.arange(100) % 3
+    (xk, yk), held = calibration_split(x, y, 0.25, seed=1)
+    assert held is not None and len(held[1]) == 25 and len(yk) == 75
+    assert set(held[0].flatten().tolist()).isdisjoint(xk.flatten().tolist())
+    assert torch.equal(calibration_split(x, y, 0.25, seed=1)[1][0], held[0])
+    assert calibration_split(x, y, 0.1, seed=1)[1] is None  # 10 < MIN_CALIBRATION_SAMPLES
+    assert calibration_split(x, y, 0.0, seed=1)[0][0] is x
+
+
+def test_refine_records_the_temperature_of_the_refined_model(grey_files, tmp_path):
+    root, _, _ = grey_files
+    bundle, summary = refine_from_files(model_spec="mnist_cnn", weights=str(root / "w.safetensors"),
+                                        data=str(root / "data.npz"), out=tmp_path / "cal", method="rgem",
+                                        options=DataOptions(mean=tuple(MEAN), std=tuple(STD)),
+                                        calibration_share=0.3)
+    cal = bundle.manifest.calibration
+    assert cal is not None and cal.samples == 27 and summary["n_verified"] == 63
+    assert cal.nll_after <= cal.nll_before + 1e-9 and cal.temperature > 0
+    assert bundle.manifest.schema_version == "1.1" and summary["calibration"]["temperature"] == cal.temperature

@@ -53,7 +53,7 @@ def test_counters_and_readings(concept_bundle):
     assert _value(reg, "hansgate_tcav_positive_total", concept="stripes", **{"class": "cat"}) == 1
     assert _value(reg, "hansgate_tcav_samples_total", concept="stamp", **{"class": "cat"}) == 2
     assert _value(reg, "hansgate_model_info", model_sha256=manifest.graph.sha256, method="none",
-                  provider="CPUExecutionProvider", schema_version="1.0", hansgate_version=manifest.hansgate_version) == 1
+                  provider="CPUExecutionProvider", schema_version=manifest.schema_version, hansgate_version=manifest.hansgate_version) == 1
     assert _value(reg, "hansgate_baseline_tcav", concept="stamp", **{"class": "dog"}) == 0.5
     assert _value(reg, "hansgate_alert_threshold", name="recall_margin") == 0.1
     m.observe_feedback(predicted=0, true=1, attributes={"site": "B"})
