@@ -259,6 +259,24 @@ def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[s
             ax.axhline(inf["train_artifact_rate"], color="k", ls=":", lw=0.8)
         figs["influence"] = {"title": "Influence ranking: top-k shares (dotted: artifact rate in training data)",
                              "png": _png(fig), "data": series}
+
+    cal = report.get("calibration", {})
+    if cal.get("status") == "done":
+        fig, ax = plt.subplots(figsize=(4.2, 4))
+        plotted: dict[str, list[tuple[float, float]]] = {}
+        for key, label, colour in (("reliability_raw", "raw", "#9ecae1"),
+                                   ("reliability_calibrated", f"T = {cal['temperature']:.3g}", "#08519c")):
+            pts = [(b["confidence"], b["accuracy"]) for b in cal[key] if b["count"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour, label=label, ms=4)
+            plotted[key] = pts
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("confidence (top class)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper left")
+        figs["calibration"] = {"title": "Reliability of the bundle's probabilities on the audited data "
+                               "(dashed: perfect calibration)", "png": _png(fig), "data": plotted}
     return figs
 
 

@@ -15,8 +15,8 @@ shortcut the audit looks for); the refined model's side is covered by its predic
 The sections, in the order they run: ``sections.predictions_section`` (accuracy),
 ``subgroups_section``, ``headline_section``, ``fairness.fairness_section``,
 ``explain.attributions_section``, ``artifacts_section``, ``concepts_section``,
-``influence_section``, ``sections.bundle_tcav_section``; the calibration curve is skipped
-until manifests record a temperature.
+``influence_section``, ``sections.bundle_tcav_section``, ``calibration_section`` (skipped for
+bundles that record no temperature).
 """
 
 from __future__ import annotations
@@ -48,18 +48,19 @@ from hansgate.audit.roles import ModelInfo, audit_models
 from hansgate.audit.sections import (
     Accuracy,
     BundleTcavSection,
+    CalibrationSection,
     HeadlineRow,
     Skipped,
     SubgroupSection,
     bundle_tcav_section,
+    calibration_section,
     headline_section,
     predictions_section,
     subgroups_section,
 )
 from hansgate.bundle import Bundle
 
-__all__ = ["AuditConfig", "AuditInputs", "AuditReport", "FigureData", "run_audit", "LIMITATIONS",
-           "CALIBRATION_SKIPPED"]
+__all__ = ["AuditConfig", "AuditInputs", "AuditReport", "FigureData", "run_audit", "LIMITATIONS"]
 
 SCHEMA = "hansgate.audit/1"
 
@@ -109,10 +110,6 @@ class FigureData:
     localisation: dict[str, Localisation] = field(default_factory=dict)
 
 
-CALIBRATION_SKIPPED = Skipped("the manifest records no calibration temperature yet, so the bundle's probabilities "
-                              "cannot be calibrated; the calibration curve is left out")
-
-
 @dataclass
 class AuditReport:
     """Every section of one audit, typed; ``as_dict`` is ``report.json`` without its ``figures``."""
@@ -129,7 +126,7 @@ class AuditReport:
     concepts: ConceptSection | Skipped
     bundle_tcav: BundleTcavSection | Skipped
     influence: InfluenceSection | Skipped
-    calibration: Skipped = CALIBRATION_SKIPPED
+    calibration: CalibrationSection | Skipped
     timing_seconds: dict[str, float] = field(default_factory=dict)
 
     def figure_data(self) -> FigureData:
@@ -197,11 +194,12 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
     influence = timed("influence", lambda: influence_section(
         models.torch, x, y, inputs.train_x, inputs.train_y, inputs.train_artifact, artifacts, spec, cfg))
     bundle_tcav = timed("bundle_tcav", lambda: bundle_tcav_section(inputs.bundle, x_np, classes, thresholds))
+    calibration = calibration_section(inputs.bundle, predictions.logits["after"], y_np)
     timings["total"] = time.perf_counter() - t_start
     return AuditReport(inputs=inputs.summary(), config=cfg, models=models.info, accuracy=predictions.accuracy,
                        headline=headline_section(subgroups), subgroups=subgroups, fairness=fairness,
                        attributions=attributions, artifact_tests=arts, concepts=concepts, bundle_tcav=bundle_tcav,
-                       influence=influence, timing_seconds=timings)
+                       influence=influence, calibration=calibration, timing_seconds=timings)
 
 
 LIMITATIONS = [
@@ -215,6 +213,8 @@ LIMITATIONS = [
     "The influence ranking uses a linear student of the network on randomly projected embeddings; its fidelity "
     "is reported and bounds how far the ranking speaks for the network itself.",
     "Demographic parity and equalized odds are measured one class against the rest on the audited data; the "
-    "four-fifths rule is a screening heuristic, not a legal finding, and the calibration curve is not shown "
-    "until the bundle records a calibration temperature.",
+    "four-fifths rule is a screening heuristic, not a legal finding. Demographic parity ignores base rates: "
+    "a subgroup with more true members of a class is expected to be selected more often.",
+    "The calibration curve judges the bundle's probabilities on the audited data; where that data carries a "
+    "shortcut the temperature was not fitted on, calibration does not transfer.",
 ]

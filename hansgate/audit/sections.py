@@ -1,4 +1,5 @@
-"""The report sections that need predictions only: accuracy, subgroups, the headline, the bundle's concepts.
+"""The report sections that need predictions only: accuracy, subgroups, the headline, the bundle's concepts,
+the bundle's calibration.
 
 Each section is one function returning one typed dataclass; ``as_dict`` gives the section's
 ``report.json`` layout and is called only when the report is written (``audit.report``).
@@ -8,7 +9,7 @@ fairness in ``audit.fairness``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,9 +19,16 @@ from hansgate.audit.inputs import onnx_predictor, tcav_sign_counts
 from hansgate.audit.roles import PredictFn
 from hansgate.audit.subgroups import SubgroupAuditor
 from hansgate.bundle import Bundle
+from hansgate.calibration import (
+    ReliabilityBin,
+    calibrated_probabilities,
+    expected_calibration_error,
+    reliability_bins,
+)
 
 __all__ = ["Skipped", "Accuracy", "Predictions", "predictions_section", "SubgroupSection", "subgroups_section",
-           "HeadlineRow", "headline_section", "BundleTcavSection", "bundle_tcav_section"]
+           "HeadlineRow", "headline_section", "BundleTcavSection", "bundle_tcav_section", "CalibrationSection",
+           "calibration_section"]
 
 
 @dataclass(frozen=True)
@@ -41,17 +49,50 @@ class Accuracy:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Predicted classes ``[N]`` per model role and each model's accuracy on the audited data."""
+    """Logits ``[N, K]`` and predicted classes ``[N]`` per model role, and each model's accuracy on the audited data."""
 
     predicted: dict[str, np.ndarray]
     accuracy: dict[str, Accuracy]
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def predictions_section(predictors: Mapping[str, PredictFn], x: np.ndarray, y: np.ndarray) -> Predictions:
     """Run every model once on the raw pixels ``x``; every later section reuses these predictions."""
-    predicted = {m: np.asarray(p(x)).argmax(1) for m, p in predictors.items()}
+    logits = {m: np.asarray(p(x)) for m, p in predictors.items()}
+    predicted = {m: z.argmax(1) for m, z in logits.items()}
     accuracy = {m: Accuracy(float((p == y).mean()), int(len(y))) for m, p in predicted.items()}
-    return Predictions(predicted, accuracy)
+    return Predictions(predicted, accuracy, logits)
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    """The bundle's calibration on the audited data: ECE and reliability bins without and with the manifest's
+    temperature (``T``), beside the ECE the refine step measured on its held-out data."""
+
+    temperature: float
+    bins: int
+    ece_raw: float
+    ece_calibrated: float
+    manifest_ece_before: float
+    manifest_ece_after: float
+    reliability_raw: list[ReliabilityBin]
+    reliability_calibrated: list[ReliabilityBin]
+    status: str = "done"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration_section(bundle: Bundle, logits: np.ndarray, y: np.ndarray) -> CalibrationSection | Skipped:
+    """Reliability of the audited bundle's probabilities, raw and at the manifest's temperature (Guo et al. 2017)."""
+    spec = bundle.manifest.calibration
+    if spec is None:
+        return Skipped("the bundle records no calibration temperature (manifest schema 1.0, or refined with "
+                       "--calibration-share 0), so only its raw probabilities could be judged")
+    raw, calibrated = calibrated_probabilities(logits), calibrated_probabilities(logits, spec.temperature)
+    return CalibrationSection(spec.temperature, spec.bins, expected_calibration_error(raw, y, spec.bins),
+                              expected_calibration_error(calibrated, y, spec.bins), spec.ece_before, spec.ece_after,
+                              reliability_bins(raw, y, spec.bins), reliability_bins(calibrated, y, spec.bins))
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from hansgate.nn.export import OPSET, export_checked
 from hansgate.nn.models import load_model, source_sha256
 from hansgate.nn.normalisation import Normalised
 from hansgate.nn.training import accuracy, predict_logits
-from hansgate.refinement.calibration import fit_temperature
+from hansgate.calibration import fit_temperature
 from hansgate.refinement.clarc import ConceptData
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
 from hansgate.refinement.concept_refine import load_concept

@@ -75,3 +75,24 @@ def test_headline_is_empty_without_a_comparison_model():
 
 def test_skipped_layout():
     assert Skipped("no torch model").as_dict() == {"status": "skipped", "reason": "no torch model"}
+
+
+def test_calibration_section_judges_raw_and_tempered_probabilities():
+    from types import SimpleNamespace
+
+    from hansgate.audit.sections import CalibrationSection, calibration_section
+    from hansgate.calibration import calibrated_probabilities
+    from hansgate.manifest import CalibrationSpec
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3000, 4)) * 1.5
+    y = np.array([rng.choice(4, p=row) for row in calibrated_probabilities(logits)])
+    spec = CalibrationSpec(temperature=3.0, ece_before=0.2, ece_after=0.01, nll_before=1.0, nll_after=0.9,
+                           samples=500, bins=10)
+    section = calibration_section(SimpleNamespace(manifest=SimpleNamespace(calibration=spec)), logits * 3.0, y)
+    assert isinstance(section, CalibrationSection)
+    assert section.ece_calibrated < section.ece_raw / 3
+    assert sum(b.count for b in section.reliability_raw) == sum(b.count for b in section.reliability_calibrated) == 3000
+    assert len(section.reliability_raw) == 10 and section.as_dict()["status"] == "done"
+    skipped = calibration_section(SimpleNamespace(manifest=SimpleNamespace(calibration=None)), logits, y)
+    assert skipped.as_dict()["status"] == "skipped" and "temperature" in skipped.as_dict()["reason"]

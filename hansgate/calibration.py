@@ -1,8 +1,8 @@
-"""Temperature scaling (Guo et al. 2017) and expected calibration error, fitted at refine time.
+"""Temperature scaling (Guo et al. 2017), expected calibration error and reliability bins (torch-free, L1).
 
-The gateway estimates recall before labels arrive from calibrated probabilities
-(``softmax(logits / T)``), so the bundle records ``T`` fitted on held-out verified data and
-the expected calibration error before and after. ``T`` minimises the negative log-likelihood;
+Refinement fits ``T`` on held-out labelled data and the manifest records it; the gateway
+estimates recall before labels arrive from ``softmax(logits / T)``; the audit draws the
+bundle's reliability diagram. ECE uses equal-width confidence bins. ``T`` minimises the negative log-likelihood;
 the NLL is convex in ``beta = 1 / T`` (a log-sum-exp of functions linear in ``beta`` minus a
 linear term), so a bounded scalar search finds the global optimum.
 """
@@ -17,7 +17,8 @@ from scipy.special import log_softmax
 
 from hansgate.errors import DataError
 
-__all__ = ["Calibration", "fit_temperature", "expected_calibration_error", "calibrated_probabilities"]
+__all__ = ["Calibration", "fit_temperature", "expected_calibration_error", "calibrated_probabilities",
+           "ReliabilityBin", "reliability_bins"]
 
 #: ``beta = 1 / T`` is searched in this interval (T from 0.01 to 100)
 BETA_BOUNDS = (1e-2, 1e2)
@@ -45,17 +46,36 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np
     return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature, axis=1))
 
 
-def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE: ``sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|`` over equal-width confidence bins."""
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """One equal-width confidence bin ``[low, high)``: its sample count, mean confidence and accuracy."""
+
+    low: float
+    high: float
+    count: int
+    confidence: float | None
+    accuracy: float | None
+
+
+def reliability_bins(probabilities: np.ndarray, y: np.ndarray, bins: int = 15) -> list[ReliabilityBin]:
+    """The reliability diagram's bins of the top-class confidence (``None`` figures for empty bins)."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y
     index = np.minimum((confidence * bins).astype(int), bins - 1)
-    ece = 0.0
+    out = []
     for b in range(bins):
         in_bin = index == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+        n = int(in_bin.sum())
+        out.append(ReliabilityBin(b / bins, (b + 1) / bins, n, float(confidence[in_bin].mean()) if n else None,
+                                  float(correct[in_bin].mean()) if n else None))
+    return out
+
+
+def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: ``sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|`` over equal-width confidence bins."""
+    n = len(y)
+    return float(sum(b.count / n * abs(b.accuracy - b.confidence) for b in reliability_bins(probabilities, y, bins)
+                     if b.accuracy is not None and b.confidence is not None))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> Calibration:

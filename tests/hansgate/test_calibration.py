@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hansgate.errors import DataError
-from hansgate.refinement.calibration import (
+from hansgate.calibration import (
     calibrated_probabilities,
     expected_calibration_error,
     fit_temperature,
