@@ -33,6 +33,8 @@ class _Item(Generic[T]):
 class MicroBatcher(Generic[T, R]):
     """Runs ``run(list of payloads) -> list of results`` (same order) on batches of queued requests.
 
+    A result that is an exception is raised to its own request only.
+
     ``max_rows``: rows per batch (a single larger request runs alone); ``max_wait_s``: how long
     a batch waits for company.
     """
@@ -93,7 +95,11 @@ class MicroBatcher(Generic[T, R]):
                         i.future.set_exception(exc)
             else:
                 for i, r in zip(live, results):
-                    if not i.future.done():
+                    if i.future.done():
+                        continue
+                    if isinstance(r, BaseException):  # one request's own refusal (e.g. its rows gave NaN)
+                        i.future.set_exception(r)
+                    else:
                         i.future.set_result(r)
             self.batches_ += 1
 
