@@ -264,3 +264,75 @@ def test_fuzz_from_openapi_finds_no_5xx(client, data):
 def test_fuzz_raw_bodies_find_no_5xx(client, raw, kind):
     r = client.post("/predict", content=raw, headers={"content-type": kind})
     assert 400 <= r.status_code < 500
+
+
+def test_non_finite_outputs_are_refused_not_counted(client, monkeypatch):
+    """Issue 13.5: the graph's NaN reached the reply (invalid JSON) and counted as a prediction."""
+    gw = client.gw
+    original = gw.runtime.run
+
+    def poisoned(x):
+        out = original(x)
+        bad = np.isclose(x[:, 0, 0, 0], (0.9 - 0.5) / 0.25)  # rows sent with value 0.9 give NaN logits
+        out.logits[bad] = np.nan
+        return out
+
+    monkeypatch.setattr(gw.runtime, "run", poisoned)
+    xs = [np.full((2, 1, 8, 8), v, np.float32) for v in (0.1, 0.9, 0.3)]
+    outs = client.gather([client.http.post("/predict", json={"tensor": x.tolist()}) for x in xs])
+    assert [o.status_code for o in outs] == [200, 422, 200]
+    assert outs[1].json()["error"] == "non_finite_output" and "NaN" not in outs[0].text
+    assert sum(counter(gw, "hansgate_predictions_total", **{"class": c}) for c in gw.manifest.classes) == 4
+    assert rejected(gw, "predict", "non_finite_output") == 1
+
+
+def test_signed_receipt_with_a_class_out_of_range_is_refused_before_counting(client):
+    """Issue 13.10: class 99 gave 500 after being counted, class -1 counted as the last class."""
+    from tests.service.test_receipts import _signed_payload
+
+    gw = client.gw
+    for cls in (99, -1, 3):
+        token = _signed_payload(gw.signer, {"r": f"abc-{cls}", "c": cls, "m": gw.model_sha256, "s": "++",
+                                            "t": __import__("time").time()})
+        r = client.post("/feedback", json={"receipt": token, "label": "cat"})
+        assert (r.status_code, r.json()["error"]) == (403, "forged_receipt"), r.text
+    assert counter(gw, "hansgate_feedback_requests_total", result="accepted") == 0
+    assert rejected(gw, "feedback", "forged_receipt") == 3
+
+
+def test_error_details_never_carry_object_addresses(client):
+    """Issue 13.12: '<_io.BytesIO object at 0x...>' was in the reply; a 5-byte .npy was 'pickled data'."""
+    r = client.post("/predict", content=b"hello", headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "0x" not in r.text and "BytesIO" not in r.text
+    r = client.post("/predict", content=b"\x93NUMP", headers={"content-type": "application/x-npy"})
+    assert (r.status_code, r.json()["error"]) == (400, "bad_npy") and "pickle" not in r.text
+
+
+def test_huge_npy_header_is_a_counted_refusal(client):
+    """Issue 13.6: a header claiming a huge shape gave an uncaught MemoryError (500, uncounted)."""
+    from tests.service.test_inputs import npy_with_header
+
+    r = client.post("/predict", content=npy_with_header((2**40, 1, 8, 8)),
+                    headers={"content-type": "application/x-npy"})
+    assert (r.status_code, r.json()["error"]) == (413, "batch_too_large")
+    r = client.post("/predict", content=npy_with_header((1, 1, 2**20, 2**20)),
+                    headers={"content-type": "application/x-npy"})
+    assert (r.status_code, r.json()["error"]) == (422, "shape")
+    assert rejected(client.gw, "predict", "batch_too_large") == 1
+
+
+def test_large_bodies_are_decoded_off_the_event_loop(client, monkeypatch):
+    """Issue 13.3: decoding blocked the loop; images and large bodies now go to the decode pool."""
+    import threading
+
+    seen = []
+    pre = client.gw.preprocessor
+    original = pre.from_images
+
+    def spy(files):
+        seen.append(threading.current_thread().name)
+        return original(files)
+
+    monkeypatch.setattr(pre, "from_images", spy)
+    assert client.post("/predict", content=png(), headers={"content-type": "image/png"}).status_code == 200
+    assert seen and seen[0].startswith("hansgate-decode")
