@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, MutableMapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -55,7 +55,7 @@ __all__ = ["create_app", "GatewayAPI"]
 
 log = logging.getLogger("hansgate.service")
 
-Receive = Callable[[], Awaitable[dict]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[dict], Awaitable[None]]
 Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]
 

@@ -39,9 +39,13 @@ class _Job:
     request_id: str
 
 
-def _num(v: float) -> str:
-    """A finite float as JSON (``repr`` is the shortest round-trip form, as ``json.dumps`` writes it)."""
-    return repr(v)
+def _rows_json(a: np.ndarray) -> list[str]:
+    """Each row of a finite 2-d array as the inside of a JSON list (``"0.1,0.9"``), from one call of
+    the C JSON encoder (the same shortest round-trip floats ``json.dumps`` writes per value)."""
+    if a.shape[1] == 0:
+        return [""] * len(a)
+    text = json.dumps(a.tolist(), separators=(",", ":"))
+    return text[2:-2].split("],[")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -83,7 +87,7 @@ class Gateway:
         # feedback touches SQLite (may wait on the other workers' writes): a small fixed pool keeps
         # it off the event loop without growing a thread (and a malloc arena) per concurrent request
         self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io")
-        self.batcher: MicroBatcher[_Job, bytes] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
+        self.batcher: MicroBatcher[_Job, bytes | RequestError] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
                                                                     cfg.microbatch_wait_ms / 1000.0)
         # one dry run so that the first request does not pay for onnxruntime's lazy set-up
         self.runtime.run(np.zeros((1, *self.manifest.input.shape), np.float32))
@@ -95,7 +99,10 @@ class Gateway:
     async def predict(self, x: np.ndarray) -> bytes:
         """The JSON response (bytes) for a preprocessed batch ``x [N, C, H, W]``, run together with
         concurrent requests; ``RequestError('non_finite_output')`` when the graph gives NaN/inf."""
-        return await self.batcher.submit(_Job(x, uuid.uuid4().hex), len(x))
+        out = await self.batcher.submit(_Job(x, uuid.uuid4().hex), len(x))
+        if isinstance(out, RequestError):  # the batcher raises these; this is for the type checker
+            raise out
+        return out
 
     def _run_batch(self, jobs: Sequence[_Job]) -> list[bytes | RequestError]:
         x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
@@ -121,13 +128,17 @@ class Gateway:
             self.metrics.observe_batch(stats, seconds, len(x))
         else:
             pred = logits.argmax(1)
-        probs = _softmax(logits.astype(np.float64)).tolist()
+        probs = _rows_json(_softmax(logits.astype(np.float64)))
         if sens is not None and len(self._concepts):
             signs_pos = sens[np.arange(len(logits)), :, pred] > 0  # [N, M]
             signs = ["".join("+" if s else "-" for s in row) for row in signs_pos.tolist()]
         else:
             signs = [""] * len(logits)
-        score_rows = scores.tolist() if scores is not None else None
+        if scores is not None and len(self._concepts):
+            concept_rows = ["{" + ",".join(f"{k}:{v}" for k, v in zip(self._concept_keys, row.split(","))) + "}"
+                            for row in _rows_json(scores)]
+        else:
+            concept_rows = ["{}"] * len(logits)
         now = time.time()
         pred_list = pred.tolist()
         results: list[bytes | RequestError] = []
@@ -144,10 +155,8 @@ class Gateway:
                 cls = pred_list[n]
                 receipt = self.signer.sign(Receipt(rid, cls, self.model_sha256, signs[n], now))
                 store_rows.append((rid, cls, signs[n], now))
-                concept = "{}" if score_rows is None else \
-                    "{" + ",".join(f"{name}:{_num(v)}" for name, v in zip(self._concept_keys, score_rows[n])) + "}"
                 parts.append(f'{{"request_id":"{rid}","class_index":{cls},"class":{self._class_keys[cls]},'
-                             f'"probabilities":[{",".join(map(_num, probs[n]))}],"concept_scores":{concept},'
+                             f'"probabilities":[{probs[n]}],"concept_scores":{concept_rows[n]},'
                              f'"receipt":"{receipt}"}}')
                 n += 1
             results.append(f'{{"request_id":"{job.request_id}","model_sha256":"{self.model_sha256}",'

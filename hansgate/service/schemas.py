@@ -118,7 +118,7 @@ def predict_json_schema(manifest: Manifest, max_batch: int) -> dict[str, Any]:
     images = {"type": "array", "minItems": 1, "maxItems": max_batch,
               "items": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"},
               "description": "base64-encoded PNG or JPEG files; resized and normalised per the manifest"}
-    return {"type": "object", "title": "PredictJSON", "description": PredictJSON.__doc__.split("\n\n")[0],
+    return {"type": "object", "title": "PredictJSON", "description": (PredictJSON.__doc__ or "").split("\n\n")[0],
             "properties": {"tensor": _tensor_schema(manifest, max_batch), "images": images},
             "additionalProperties": False,
             "oneOf": [{"required": ["tensor"], "not": {"required": ["images"]}},
@@ -130,7 +130,7 @@ def feedback_json_schema(manifest: Manifest) -> dict[str, Any]:
     only declared attributes with declared values, and a ``receipt`` or a ``request_id``."""
     attributes = {"type": "object", "additionalProperties": False, "maxProperties": 16,
                   "properties": {a.name: {"type": "string", "enum": list(a.values)} for a in manifest.subgroups}}
-    return {"type": "object", "title": "FeedbackRequest", "description": FeedbackRequest.__doc__.split("\n\n")[0],
+    return {"type": "object", "title": "FeedbackRequest", "description": (FeedbackRequest.__doc__ or "").split("\n\n")[0],
             "properties": {"receipt": {"type": "string", "maxLength": 1024},
                            "request_id": {"type": "string", "maxLength": 128},
                            "label": {"type": "string", "enum": list(manifest.classes)},
