@@ -70,7 +70,9 @@ _FEEDBACK_ERRORS = _ERRORS | {code: {"model": ErrorResponse, "description": text
     (409, "duplicate feedback, or a receipt for another model"), (410, "receipt expired")]}
 _JSON = [(b"content-type", b"application/json")]
 _CLOSE = [(b"connection", b"close")]
-_INLINE_BYTES = 32 * 1024  # smaller JSON/.npy bodies are decoded on the event loop (a thread hop costs more)
+# JSON bodies up to this size are parsed on the event loop (a thread hop costs more); a .npy body is
+# a zero-copy view plus one min/max pass at any size, so it never leaves the loop
+_INLINE_BYTES = 32 * 1024
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -244,7 +246,7 @@ def create_app(get_gateway: Callable[[], Gateway | None], options: ServingOption
             try:
                 if kind == "application/json":
                     check_json(body, limits_cache[id(gw)]["predict"])
-                if kind in IMAGE_TYPES or len(body) > _INLINE_BYTES:
+                if kind in IMAGE_TYPES or (kind == "application/json" and len(body) > _INLINE_BYTES):
                     x = await guard.offload(_decode, gw, kind, body)
                 else:
                     x = _decode(gw, kind, body)
