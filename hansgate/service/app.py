@@ -15,8 +15,8 @@ ASGI scope (no FastAPI request object, dependency solving or response class per 
 the FastAPI routes of the same paths call the same functions and carry the documentation.
 Per request: the body is read under a deadline (``limits.ServingOptions``: slow clients get
 408 and free their place), then admitted to at most ``max_inflight`` requests being decoded
-or run (429 beyond); images and large bodies are decoded on a small thread pool, never on
-the event loop. Every refusal is one ``{"error": reason, "detail": one line}`` body with the
+or run (429 beyond); images and large JSON bodies are decoded on a small thread pool, never
+on the event loop. Every refusal is one ``{"error": reason, "detail": one line}`` body with the
 status from ``service.errors``, counted in ``hansgate_rejected_requests_total``.
 """
 

@@ -8,6 +8,7 @@ it in-process with a private metrics registry.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import logging
 import time
@@ -116,9 +117,11 @@ class Gateway:
             finite &= np.isfinite(scores).all(1)
         if sens is not None:
             finite &= np.isfinite(sens).reshape(len(x), -1).all(1)
-        bounds = np.cumsum([0] + [len(j.x) for j in jobs])
-        ok_job = [bool(finite[a:b].all()) for a, b in zip(bounds[:-1], bounds[1:])]
-        keep = np.repeat(np.asarray(ok_job), np.diff(bounds)) if not all(ok_job) else None
+        sizes = [len(j.x) for j in jobs]
+        bounds = [0, *itertools.accumulate(sizes)]
+        ok_job = [bool(finite[a:b].all()) for a, b in zip(bounds[:-1], bounds[1:])] if not finite.all() \
+            else [True] * len(jobs)
+        keep = np.repeat(np.asarray(ok_job), sizes) if not all(ok_job) else None
         if keep is not None:
             logits = logits[keep]
             scores = scores[keep] if scores is not None else None

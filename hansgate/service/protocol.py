@@ -79,8 +79,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()  # the next request's headers get their own deadline
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle is not self._seen_cycle:
+            self._seen_cycle = self.cycle  # a pipelined request's headers were already buffered
+            return
+        self._arm()  # the next request's headers get their own deadline
 
     def _header_timeout(self) -> None:
         self._header_timer = None

@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -49,6 +50,7 @@ __all__ = ["Receipt", "ReceiptSigner", "PredictionStore"]
 _VERSION = "v1"
 #: how far in the future a receipt's issue time may lie (clock differences between replicas)
 MAX_CLOCK_SKEW_S = 300.0
+_PLAIN_ID = re.compile(r"[0-9a-zA-Z_-]+")  # ids the gateway mints: JSON needs no escaping for them
 
 
 def _b64(data: bytes) -> str:
@@ -91,7 +93,9 @@ class ReceiptSigner:
 
     def sign(self, r: Receipt) -> str:
         # the same bytes json.dumps(separators=(",", ":")) writes; built directly on the hot path
-        payload = (f'{{"r":{json.dumps(r.request_id)},"c":{int(r.class_index)},"m":"{r.model_sha256}",'
+        rid = r.request_id
+        quoted = f'"{rid}"' if rid.isascii() and rid.isalnum() or _PLAIN_ID.fullmatch(rid) else json.dumps(rid)
+        payload = (f'{{"r":{quoted},"c":{int(r.class_index)},"m":"{r.model_sha256}",'
                    f'"s":"{r.concept_signs}","t":{round(r.issued_at, 3)!r}}}').encode()
         head = f"{_VERSION}.{_b64(payload)}"
         return f"{head}.{_b64(self._mac(head.encode()))}"

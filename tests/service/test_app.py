@@ -114,6 +114,9 @@ def test_concurrent_requests_are_batched_and_answered_individually(client):
     ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
     ({"json": {"tensor": [1], "images": ["x"]}}, 422, "invalid"),
     ({"content": b"{", "headers": {"content-type": "application/json"}}, 400, "bad_json"),
+    ({"content": b'{"tensor": ' + b"[" * 40 + b"]" * 40 + b"}", "headers": {"content-type": "application/json"}},
+     422, "invalid"),  # nested deeper than a tensor can be: refused before parsing
+    ({"content": b"[" * (70 * 1024), "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
 ])
 def test_bad_predict_input_is_refused_and_counted(client, kwargs, status, reason):
     r = client.post("/predict", **kwargs)

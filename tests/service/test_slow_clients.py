@@ -127,3 +127,22 @@ def test_in_flight_limit_refuses_with_429_and_counts(gateway_factory, concept_bu
             assert (r.status_code, r.json()["error"]) == (429, "overloaded")
             assert [f.result().status_code for f in futs] == [200, 200]
     assert counter(gw, "hansgate_rejected_requests_total", route="predict", reason="overloaded") == 1
+
+
+def test_pipelined_requests_are_not_cut_by_the_header_deadline(gateway_factory, concept_bundle):
+    gw = gateway_factory(concept_bundle)
+    body = npy(np.full((1, 1, 8, 8), 0.5, np.float32))
+    one = (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-npy\r\n"
+           b"content-length: %d\r\n\r\n" % len(body)) + body
+    with serving(gw, ServingOptions(header_timeout_s=1.0)) as base:
+        s = _connect(int(base.rsplit(":", 1)[1]), one + one)  # two requests in one write
+        try:
+            s.settimeout(10)
+            data, t0 = b"", time.perf_counter()
+            while chunk := s.recv(65536):  # both answers, then a quiet close once the connection idles
+                data += chunk
+            assert data.count(b"HTTP/1.1 200") == 2 and b"408" not in data, data[-300:]
+            assert time.perf_counter() - t0 < 5
+        finally:
+            s.close()
+    assert counter(gw, "hansgate_rejected_requests_total", route="connection", reason="slow_headers") == 0
