@@ -77,7 +77,8 @@ def test_schemathesis_all_checks_pass(gateway_factory, concept_bundle, tmp_path)
         assert httpx.get(base + "/openapi.json").status_code == 200
         proc = subprocess.run(
             [shutil.which("st") or "st", "--no-color", "--config-file", str(cfg), "run", f"{base}/openapi.json", "--checks", "all",
-             "--max-examples", "25", "--seed", "13", "--workers", "1", "--include-method", "POST"], capture_output=True, text=True, timeout=280,
+             "--max-examples", "25", "--seed", "13", "--workers", "1", "--include-method", "POST"],
+            capture_output=True, text=True, timeout=280, cwd=tmp_path,
             env=dict(os.environ, SCHEMATHESIS_HOOKS="", PYTHONPATH=os.pathsep.join(sys.path)))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
