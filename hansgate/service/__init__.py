@@ -7,6 +7,7 @@ This package imports neither torch nor BentoML eagerly; ``service.service`` hold
 from hansgate.service.config import GatewayConfig, ServiceOptions
 from hansgate.service.errors import Rejection, rejection
 from hansgate.service.gateway import Gateway
+from hansgate.service.limits import ServingOptions
 from hansgate.service.metrics import GatewayMetrics, batch_stats
 from hansgate.service.receipts import PredictionStore, Receipt, ReceiptSigner
 from hansgate.service.runtime import OnnxRuntime, select_providers
@@ -14,6 +15,7 @@ from hansgate.service.runtime import OnnxRuntime, select_providers
 __all__ = [
     "GatewayConfig",
     "ServiceOptions",
+    "ServingOptions",
     "Gateway",
     "GatewayMetrics",
     "batch_stats",

@@ -7,6 +7,7 @@ Every refusal is a ``Rejection``: a status, a bounded ``reason`` token (the labe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hansgate.errors import (
@@ -34,6 +35,8 @@ STATUS_BY_REASON: dict[str, int] = {
     "shape": 422,
     "dtype": 422,
     "non_finite": 422,
+    "out_of_range": 422,
+    "non_finite_output": 422,
     "invalid": 422,
     "unknown_label": 422,
     "unknown_attribute": 422,
@@ -43,6 +46,10 @@ STATUS_BY_REASON: dict[str, int] = {
     "duplicate_feedback": 409,
     "unknown_request": 404,
     "expired": 410,
+    "slow_body": 408,
+    "slow_headers": 408,
+    "overloaded": 429,
+    "timeout": 504,
     "not_ready": 503,
     "model_error": 500,
     "other": 400,
@@ -62,7 +69,9 @@ class Rejection:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:500] if text else type(exc).__name__
+    line = text[0][:500] if text else type(exc).__name__
+    # no object reprs ("<_io.BytesIO object at 0x...>") in a reply: they leak addresses and mean nothing
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "<object>", line)
 
 
 def rejection(exc: HansgateError) -> Rejection:

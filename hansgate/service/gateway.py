@@ -8,6 +8,8 @@ it in-process with a private metrics registry.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
+import json
 import logging
 import time
 import uuid
@@ -38,6 +40,15 @@ class _Job:
     request_id: str
 
 
+def _rows_json(a: np.ndarray) -> list[str]:
+    """Each row of a finite 2-d array as the inside of a JSON list (``"0.1,0.9"``), from one call of
+    the C JSON encoder (the same shortest round-trip floats ``json.dumps`` writes per value)."""
+    if a.shape[1] == 0:
+        return [""] * len(a)
+    text = json.dumps(a.tolist(), separators=(",", ":"))
+    return text[2:-2].split("],[")
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     e = np.exp(z)
@@ -45,10 +56,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Gateway:
-    """One worker's gateway. ``workers`` sizes onnxruntime's threads (cores / workers)."""
+    """One worker's gateway. ``workers`` sizes onnxruntime's threads (cores / workers); ``started_at``
+    is when the gateway (not this worker) started, exported as ``hansgate_start_time_seconds``."""
 
     def __init__(self, cfg: GatewayConfig, workers: int = 1, registry: Any | None = None,
-                 cuda_devices: int | None = None) -> None:
+                 cuda_devices: int | None = None, started_at: float | None = None) -> None:
         self.cfg = cfg
         self.bundle: Bundle = load_bundle(cfg.bundle)
         self.manifest = self.bundle.manifest
@@ -59,19 +71,24 @@ class Gateway:
         self.thresholds = ComplianceThresholds(cfg.recall_margin, cfg.tcav_margin, cfg.min_samples)
         self.metrics = GatewayMetrics(self.manifest, self.provider, {
             "recall_margin": cfg.recall_margin, "tcav_margin": cfg.tcav_margin, "min_samples": cfg.min_samples,
-            "presence_surge_factor": cfg.presence_surge_factor}, registry=registry)
-        self.signer = ReceiptSigner(load_receipt_key(cfg), self.model_sha256, cfg.receipt_ttl_s)
+            "presence_surge_factor": cfg.presence_surge_factor}, registry=registry,
+            started_at=time.time() if started_at is None else started_at)
+        self.signer = ReceiptSigner(load_receipt_key(cfg), self.model_sha256, cfg.receipt_ttl_s,
+                                    n_classes=len(self.manifest.classes), n_concepts=len(self.manifest.concepts))
         self.store = PredictionStore(cfg.state_dir / f"{self.model_sha256[:16]}.sqlite", cfg.store_size,
                                      cfg.receipt_ttl_s)
         self._presence = np.asarray([c.presence_threshold for c in self.manifest.concepts], np.float32)
         self._classes = self.manifest.classes
         self._concepts = [c.name for c in self.manifest.concepts]
+        # JSON-encoded names, once: the response is written directly on the hot path
+        self._class_keys = [json.dumps(c) for c in self._classes]
+        self._concept_keys = [json.dumps(c) for c in self._concepts]
         self._class_index = {c: i for i, c in enumerate(self._classes)}
         self._attributes = {a.name: set(a.values) for a in self.manifest.subgroups}
         # feedback touches SQLite (may wait on the other workers' writes): a small fixed pool keeps
         # it off the event loop without growing a thread (and a malloc arena) per concurrent request
         self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io")
-        self.batcher: MicroBatcher[_Job, list[dict]] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
+        self.batcher: MicroBatcher[_Job, bytes | RequestError] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
                                                                     cfg.microbatch_wait_ms / 1000.0)
         # one dry run so that the first request does not pay for onnxruntime's lazy set-up
         self.runtime.run(np.zeros((1, *self.manifest.input.shape), np.float32))
@@ -80,49 +97,75 @@ class Gateway:
                  self.provider)
 
     # -- predictions ---------------------------------------------------------------------------------
-    async def predict(self, x: np.ndarray) -> dict:
-        """Predictions for a preprocessed batch ``x [N, C, H, W]`` (joined with concurrent requests)."""
-        request_id = uuid.uuid4().hex
-        rows = await self.batcher.submit(_Job(x, request_id), len(x))
-        return {"request_id": request_id, "model_sha256": self.model_sha256, "predictions": rows}
+    async def predict(self, x: np.ndarray) -> bytes:
+        """The JSON response (bytes) for a preprocessed batch ``x [N, C, H, W]``, run together with
+        concurrent requests; ``RequestError('non_finite_output')`` when the graph gives NaN/inf."""
+        out = await self.batcher.submit(_Job(x, uuid.uuid4().hex), len(x))
+        if isinstance(out, RequestError):  # the batcher raises these; this is for the type checker
+            raise out
+        return out
 
-    def _run_batch(self, jobs: Sequence[_Job]) -> list[list[dict]]:
+    def _run_batch(self, jobs: Sequence[_Job]) -> list[bytes | RequestError]:
         x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
         t0 = time.perf_counter()
         out = self.runtime.run(x)
         seconds = time.perf_counter() - t0
-        if self.cfg.monitoring:
-            pred, stats = batch_stats(out.logits, out.concept_scores, out.concept_sensitivity, self._presence)
+        logits, scores, sens = out.logits, out.concept_scores, out.concept_sensitivity
+        # rows whose outputs are not all finite are refused (never counted, never answered with NaN)
+        finite = np.isfinite(logits).all(1)
+        if scores is not None:
+            finite &= np.isfinite(scores).all(1)
+        if sens is not None:
+            finite &= np.isfinite(sens).reshape(len(x), -1).all(1)
+        sizes = [len(j.x) for j in jobs]
+        bounds = [0, *itertools.accumulate(sizes)]
+        ok_job = [bool(finite[a:b].all()) for a, b in zip(bounds[:-1], bounds[1:])] if not finite.all() \
+            else [True] * len(jobs)
+        keep = np.repeat(np.asarray(ok_job), sizes) if not all(ok_job) else None
+        if keep is not None:
+            logits = logits[keep]
+            scores = scores[keep] if scores is not None else None
+            sens = sens[keep] if sens is not None else None
+        if self.cfg.monitoring and len(logits):
+            pred, stats = batch_stats(logits, scores, sens, self._presence)
             self.metrics.observe_batch(stats, seconds, len(x))
         else:
-            pred = out.logits.argmax(1)
-        probs = _softmax(out.logits.astype(np.float64))
-        m = len(self._concepts)
-        if out.concept_sensitivity is not None and m:
-            signs_pos = out.concept_sensitivity[np.arange(len(x)), :, pred] > 0  # [N, M]
+            pred = logits.argmax(1)
+        probs = _rows_json(_softmax(logits.astype(np.float64)))
+        if sens is not None and len(self._concepts):
+            signs_pos = sens[np.arange(len(logits)), :, pred] > 0  # [N, M]
+            signs = ["".join("+" if s else "-" for s in row) for row in signs_pos.tolist()]
         else:
-            signs_pos = np.zeros((len(x), 0), bool)
+            signs = [""] * len(logits)
+        if scores is not None and len(self._concepts):
+            concept_rows = ["{" + ",".join(f"{k}:{v}" for k, v in zip(self._concept_keys, row.split(","))) + "}"
+                            for row in _rows_json(scores)]
+        else:
+            concept_rows = ["{}"] * len(logits)
         now = time.time()
-        results: list[list[dict]] = []
+        pred_list = pred.tolist()
+        results: list[bytes | RequestError] = []
         store_rows = []
-        offset = 0
-        for job in jobs:
-            rows = []
+        n = 0
+        for job, ok in zip(jobs, ok_job):
+            if not ok:
+                results.append(RequestError("the model produced NaN or infinity for this input; the row is "
+                                            "refused and not counted", "non_finite_output"))
+                continue
+            parts = []
             for j in range(len(job.x)):
-                n = offset + j
                 rid = f"{job.request_id}-{j}"
-                cls = int(pred[n])
-                signs = "".join("+" if s else "-" for s in signs_pos[n])
-                receipt = self.signer.sign(Receipt(rid, cls, self.model_sha256, signs, now))
-                store_rows.append((rid, cls, signs, now))
-                row = {"request_id": rid, "class_index": cls, "class": self._classes[cls],
-                       "probabilities": probs[n].tolist(), "concept_scores": {}, "receipt": receipt}
-                if out.concept_scores is not None:
-                    row["concept_scores"] = dict(zip(self._concepts, out.concept_scores[n].tolist()))
-                rows.append(row)
-            offset += len(job.x)
-            results.append(rows)
-        self.store.add(store_rows)
+                cls = pred_list[n]
+                receipt = self.signer.sign(Receipt(rid, cls, self.model_sha256, signs[n], now))
+                store_rows.append((rid, cls, signs[n], now))
+                parts.append(f'{{"request_id":"{rid}","class_index":{cls},"class":{self._class_keys[cls]},'
+                             f'"probabilities":[{probs[n]}],"concept_scores":{concept_rows[n]},'
+                             f'"receipt":"{receipt}"}}')
+                n += 1
+            results.append(f'{{"request_id":"{job.request_id}","model_sha256":"{self.model_sha256}",'
+                           f'"predictions":[{",".join(parts)}]}}'.encode())
+        if store_rows:
+            self.store.add(store_rows)
         return results
 
     # -- feedback ------------------------------------------------------------------------------------
@@ -145,6 +188,8 @@ class Gateway:
         else:
             assert req.request_id is not None
             receipt = self.store.lookup(req.request_id, self.model_sha256)
+        if not 0 <= receipt.class_index < len(self._classes):  # the store and the signer check it too
+            raise RequestError("the prediction's class index is not a class of this model", "forged_receipt")
         self.store.claim(receipt.request_id)
         try:
             self.metrics.observe_feedback(receipt.class_index, true, dict(req.attributes))

@@ -19,15 +19,21 @@ score and presence rate can be summed over workers and replicas before dividing:
 ``hansgate_baseline_tcav{concept,class}`` (gauge)      manifest baselines, for drift alerts
 ``hansgate_baseline_recall{attribute,value,class}``    manifest baseline subgroup recall
 ``hansgate_alert_threshold{name}`` (gauge)             margins the alert rules and snapshot use
+``hansgate_start_time_seconds`` (gauge)                when this gateway started (a change = restart)
 =====================================================  =====================================
 
 Every label value comes from the manifest or a fixed set; all series are created at zero
 at start-up so that ratios exist before the first event.
 
-Multiprocess mode: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker's environment
-before the worker starts, and prometheus_client picks its value class when it is first
-imported, so this module imports prometheus_client only inside ``GatewayMetrics`` (never
-at import time). Gauges use ``multiprocess_mode="max"`` (the same value in every worker).
+Route labels are ``predict``, ``feedback``, ``compliance`` and ``connection`` (refusals
+before a route is known, e.g. slow headers); anything else is ``other``. BentoML's own
+request metrics, which label series with the raw request path, are switched off
+(``service.service``), so no request can add a series; ``exposition`` serves ``/metrics``.
+
+Multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` must be set before prometheus_client is
+imported, and each gateway uses a directory of its own (``service.multiproc``); this
+module imports prometheus_client only inside functions (never at import time). Gauges use
+``multiprocess_mode="max"`` (the same value in every worker).
 """
 
 from __future__ import annotations
@@ -42,12 +48,13 @@ from hansgate.audit.compliance import ALL, Outcomes
 from hansgate.manifest import Manifest
 from hansgate.service.errors import REASONS
 
-__all__ = ["OUTCOMES", "METRIC_NAMES", "BatchStats", "batch_stats", "GatewayMetrics", "CounterReadings"]
+__all__ = ["OUTCOMES", "METRIC_NAMES", "BatchStats", "batch_stats", "GatewayMetrics", "CounterReadings",
+           "exposition"]
 
 OUTCOMES = ("tp", "fn", "fp", "tn")
 FEEDBACK_RESULTS = ("accepted", "forged_receipt", "wrong_model", "duplicate_feedback", "unknown_request", "expired",
                     "unknown_label", "unknown_attribute", "unknown_value", "invalid")
-ROUTES = ("predict", "feedback", "compliance")
+ROUTES = ("predict", "feedback", "compliance", "connection")
 
 #: names as they appear on /metrics (counters with their _total)
 METRIC_NAMES = frozenset({
@@ -55,7 +62,7 @@ METRIC_NAMES = frozenset({
     "hansgate_tcav_positive_total", "hansgate_feedback_total", "hansgate_feedback_requests_total",
     "hansgate_rejected_requests_total", "hansgate_inference_seconds", "hansgate_batch_rows",
     "hansgate_request_seconds", "hansgate_model_info", "hansgate_baseline_tcav", "hansgate_baseline_recall",
-    "hansgate_alert_threshold",
+    "hansgate_alert_threshold", "hansgate_start_time_seconds",
 })
 
 
@@ -110,7 +117,7 @@ class GatewayMetrics:
     """
 
     def __init__(self, manifest: Manifest, provider: str, thresholds: dict[str, float],
-                 registry: Any | None = None) -> None:
+                 registry: Any | None = None, started_at: float | None = None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         self.manifest = manifest
@@ -165,6 +172,10 @@ class GatewayMetrics:
                       ["name"], registry=reg, multiprocess_mode="max")
         for name, value in thresholds.items():
             alert.labels(name).set(value)
+        if started_at is not None:
+            Gauge("hansgate_start_time_seconds", "When this gateway started (unix time); a new value means a "
+                  "restart, after which its counters begin again at zero", registry=reg,
+                  multiprocess_mode="max").set(started_at)
         # all series at zero from the start, so that ratios and rates exist before the first event
         for cls in classes:
             self.predictions.labels(cls)
@@ -184,22 +195,32 @@ class GatewayMetrics:
             self.request_seconds.labels(route)
             for reason in REASONS:
                 self.rejected.labels(route, reason)
+        # the children the hot path increments, looked up once
+        self._pred_children = [self.predictions.labels(c) for c in classes]
+        self._present_children = [self.present.labels(c) for c in concepts]
+        self._samples_children = [[self.tcav_samples.labels(c, k) for k in classes] for c in concepts]
+        self._positive_children = [[self.tcav_positive.labels(c, k) for k in classes] for c in concepts]
+        self.predict_seconds = self.request_seconds.labels("predict")
 
     # -- recording -----------------------------------------------------------------------------------
     def observe_batch(self, stats: BatchStats, seconds: float, rows: int) -> None:
         self.inference_seconds.observe(seconds)
         self.batch_rows.observe(rows)
-        for i in np.flatnonzero(stats.classes):
-            self.predictions.labels(self._classes[i]).inc(int(stats.classes[i]))
+        seen = np.flatnonzero(stats.classes).tolist()
+        counts = stats.classes.tolist()
+        for i in seen:
+            self._pred_children[i].inc(counts[i])
         if len(stats.present) == 0:
             return
-        for j in np.flatnonzero(stats.present):
-            self.present.labels(self._concepts[j]).inc(int(stats.present[j]))
-        for m, name in enumerate(self._concepts):
-            for i in np.flatnonzero(stats.classes):
-                self.tcav_samples.labels(name, self._classes[i]).inc(int(stats.classes[i]))
-                if stats.tcav_positive[m, i]:
-                    self.tcav_positive.labels(name, self._classes[i]).inc(int(stats.tcav_positive[m, i]))
+        for j, v in enumerate(stats.present.tolist()):
+            if v:
+                self._present_children[j].inc(v)
+        positive = stats.tcav_positive.tolist()
+        for m in range(len(self._concepts)):
+            for i in seen:
+                self._samples_children[m][i].inc(counts[i])
+                if positive[m][i]:
+                    self._positive_children[m][i].inc(positive[m][i])
 
     def observe_feedback(self, predicted: int, true: int, attributes: dict[str, str]) -> None:
         """Count one labelled prediction for every class, overall and per declared attribute."""
@@ -266,3 +287,17 @@ def _collect(registry: Any) -> Iterable[tuple[str, dict[str, str], float]]:
         for s in family.samples:
             if s.name.endswith("_total"):
                 yield s.name, s.labels, s.value
+
+
+def exposition(registry: Any | None = None) -> tuple[bytes, str]:
+    """The ``/metrics`` body and content type: every worker's values (multiprocess mode, this
+    gateway's own directory) or ``registry``'s."""
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and (registry is None or registry is REGISTRY):
+        source = CollectorRegistry()
+        multiprocess.MultiProcessCollector(source, path=directory)
+        return generate_latest(source), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY if registry is None else registry), CONTENT_TYPE_LATEST

@@ -12,6 +12,11 @@ Any gateway holding the key verifies it without shared state. Feedback rules, in
 * a receipt whose signature does not verify -> 403 ``forged_receipt``;
 * a receipt for another model (``m`` differs from the served bundle) -> 409 ``wrong_model``;
 * a receipt older than ``receipt_ttl_s`` -> 410 ``expired``;
+* a verified receipt whose fields do not fit the model (class index outside ``[0, K)``,
+  concept signs not one ``+``/``-`` per concept, an issue time that is not finite or lies
+  more than ``MAX_CLOCK_SKEW_S`` in the future, a request id that is empty or over 128
+  characters) -> 403 ``forged_receipt``: only a leaked key produces one, and a future or NaN
+  time would otherwise never expire;
 * only a ``request_id``: looked up in the store of recent predictions of this machine
   (shared by its workers); not there (never issued here, evicted, or older than the TTL)
   -> 404 ``unknown_request``;
@@ -30,6 +35,8 @@ import base64
 import hashlib
 import hmac
 import json
+import math
+import re
 import sqlite3
 import threading
 import time
@@ -41,6 +48,9 @@ from hansgate.errors import RequestError
 __all__ = ["Receipt", "ReceiptSigner", "PredictionStore"]
 
 _VERSION = "v1"
+#: how far in the future a receipt's issue time may lie (clock differences between replicas)
+MAX_CLOCK_SKEW_S = 300.0
+_PLAIN_ID = re.compile(r"[0-9a-zA-Z_-]+")  # ids the gateway mints: JSON needs no escaping for them
 
 
 def _b64(data: bytes) -> str:
@@ -65,19 +75,28 @@ class Receipt:
 class ReceiptSigner:
     """Signs and verifies receipts with one HMAC key for one model."""
 
-    def __init__(self, key: bytes, model_sha256: str, ttl_s: float) -> None:
+    def __init__(self, key: bytes, model_sha256: str, ttl_s: float, n_classes: int | None = None,
+                 n_concepts: int | None = None) -> None:
         if len(key) < 16:
             raise ValueError("receipt key must have at least 16 bytes")
         self._key = key
         self.model_sha256 = model_sha256
         self.ttl_s = ttl_s
+        self.n_classes = n_classes
+        self.n_concepts = n_concepts
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)
 
     def _mac(self, message: bytes) -> bytes:
-        return hmac.new(self._key, message, hashlib.sha256).digest()
+        h = self._hmac.copy()  # the keyed state is computed once; copying it is cheaper than hmac.new
+        h.update(message)
+        return h.digest()
 
     def sign(self, r: Receipt) -> str:
-        payload = json.dumps({"r": r.request_id, "c": r.class_index, "m": r.model_sha256, "s": r.concept_signs,
-                              "t": round(r.issued_at, 3)}, separators=(",", ":")).encode()
+        # the same bytes json.dumps(separators=(",", ":")) writes; built directly on the hot path
+        rid = r.request_id
+        quoted = f'"{rid}"' if rid.isascii() and rid.isalnum() or _PLAIN_ID.fullmatch(rid) else json.dumps(rid)
+        payload = (f'{{"r":{quoted},"c":{int(r.class_index)},"m":"{r.model_sha256}",'
+                   f'"s":"{r.concept_signs}","t":{round(r.issued_at, 3)!r}}}').encode()
         head = f"{_VERSION}.{_b64(payload)}"
         return f"{head}.{_b64(self._mac(head.encode()))}"
 
@@ -95,15 +114,36 @@ class ReceiptSigner:
             raise RequestError("receipt signature does not verify", "forged_receipt")
         try:
             p = json.loads(_unb64(parts[1]))
-            receipt = Receipt(str(p["r"]), int(p["c"]), str(p["m"]), str(p["s"]), float(p["t"]))
+            fields = (p["r"], p["c"], p["m"], p["s"], p["t"])
         except (ValueError, KeyError, TypeError):  # signed by us, so only a key compromise gets here
             raise RequestError("receipt payload is malformed", "forged_receipt") from None
+        receipt = self._checked(*fields)
         if receipt.model_sha256 != self.model_sha256:
             raise RequestError("receipt is for another model than the one served", "wrong_model")
         now = time.time() if now is None else now
+        if receipt.issued_at > now + MAX_CLOCK_SKEW_S:
+            raise RequestError("receipt was issued in the future", "forged_receipt")
         if now - receipt.issued_at > self.ttl_s:
             raise RequestError(f"receipt expired ({self.ttl_s:g} s TTL)", "expired")
         return receipt
+
+    def _checked(self, rid: object, cls: object, sha: object, signs: object, issued: object) -> Receipt:
+        """Every field of a verified payload, typed and in range (``forged_receipt`` otherwise)."""
+        def bad(what: str) -> RequestError:
+            return RequestError(f"receipt payload has an invalid {what}", "forged_receipt")
+
+        if not isinstance(rid, str) or not 0 < len(rid) <= 128:
+            raise bad("request id")
+        if type(cls) is not int or cls < 0 or (self.n_classes is not None and cls >= self.n_classes):
+            raise bad("class index")
+        if not isinstance(sha, str):
+            raise bad("model hash")
+        if not isinstance(signs, str) or set(signs) - {"+", "-"} or \
+                (self.n_concepts is not None and len(signs) != self.n_concepts):
+            raise bad("concept signs")
+        if type(issued) not in (int, float) or not math.isfinite(issued):  # type: ignore[arg-type]
+            raise bad("issue time")
+        return Receipt(rid, cls, sha, signs, float(issued))  # type: ignore[arg-type]
 
 
 class PredictionStore:

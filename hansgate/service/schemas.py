@@ -6,12 +6,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hansgate.manifest import Manifest
+
 __all__ = ["PredictJSON", "Prediction", "PredictResponse", "FeedbackRequest", "FeedbackResponse",
-           "ErrorResponse"]
+           "ErrorResponse", "predict_json_schema", "feedback_json_schema"]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> "_Body":
+        # the documented schemas have no nullable field: an explicit null is refused, not read as absent
+        nulls = sorted(f for f in self.model_fields_set if getattr(self, f) is None)
+        if nulls:
+            raise ValueError(f"{nulls[0]!r} may not be null (leave it out instead)")
+        return self
 
 
 class PredictJSON(_Body):
@@ -85,3 +95,45 @@ class FeedbackResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(description="reason token, counted in hansgate_rejected_requests_total")
     detail: str
+
+
+# -- the request schemas of the OpenAPI document, generated from the manifest ------------------------
+def _tensor_schema(manifest: Manifest, max_batch: int) -> dict[str, Any]:
+    spec = manifest.input
+    lo, hi = (float(v) for v in spec.value_range)
+    number = {"type": "number", "minimum": lo, "maximum": hi}
+    row = {"type": "array", "minItems": spec.width, "maxItems": spec.width, "items": number}
+    plane = {"type": "array", "minItems": spec.height, "maxItems": spec.height, "items": row}
+    sample = {"type": "array", "minItems": spec.channels, "maxItems": spec.channels, "items": plane,
+              "description": f"one sample [{spec.channels},{spec.height},{spec.width}]"}
+    batch = {"type": "array", "minItems": 1, "maxItems": max_batch, "items": sample,
+             "description": f"a batch [N,{spec.channels},{spec.height},{spec.width}], 1 <= N <= {max_batch}"}
+    return {"oneOf": [batch, sample],
+            "description": f"pixel values in the model's input range [{lo:g}, {hi:g}], before mean/std"}
+
+
+def predict_json_schema(manifest: Manifest, max_batch: int) -> dict[str, Any]:
+    """JSON schema of a ``/predict`` JSON body for this manifest: exactly one of ``tensor`` (shape and
+    value range as item bounds and minimum/maximum) or ``images`` (1..``max_batch`` base64 files)."""
+    images = {"type": "array", "minItems": 1, "maxItems": max_batch,
+              "items": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"},
+              "description": "base64-encoded PNG or JPEG files; resized and normalised per the manifest"}
+    return {"type": "object", "title": "PredictJSON", "description": (PredictJSON.__doc__ or "").split("\n\n")[0],
+            "properties": {"tensor": _tensor_schema(manifest, max_batch), "images": images},
+            "additionalProperties": False,
+            "oneOf": [{"required": ["tensor"], "not": {"required": ["images"]}},
+                      {"required": ["images"], "not": {"required": ["tensor"]}}]}
+
+
+def feedback_json_schema(manifest: Manifest) -> dict[str, Any]:
+    """JSON schema of a ``/feedback`` body: ``label`` one of the manifest's classes, ``attributes``
+    only declared attributes with declared values, and a ``receipt`` or a ``request_id``."""
+    attributes = {"type": "object", "additionalProperties": False, "maxProperties": 16,
+                  "properties": {a.name: {"type": "string", "enum": list(a.values)} for a in manifest.subgroups}}
+    return {"type": "object", "title": "FeedbackRequest", "description": (FeedbackRequest.__doc__ or "").split("\n\n")[0],
+            "properties": {"receipt": {"type": "string", "maxLength": 1024},
+                           "request_id": {"type": "string", "maxLength": 128},
+                           "label": {"type": "string", "enum": list(manifest.classes)},
+                           "attributes": attributes},
+            "required": ["label"], "additionalProperties": False,
+            "anyOf": [{"required": ["receipt"]}, {"required": ["request_id"]}]}

@@ -114,6 +114,9 @@ def test_concurrent_requests_are_batched_and_answered_individually(client):
     ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
     ({"json": {"tensor": [1], "images": ["x"]}}, 422, "invalid"),
     ({"content": b"{", "headers": {"content-type": "application/json"}}, 400, "bad_json"),
+    ({"content": b'{"tensor": ' + b"[" * 40 + b"]" * 40 + b"}", "headers": {"content-type": "application/json"}},
+     422, "invalid"),  # nested deeper than a tensor can be: refused before parsing
+    ({"content": b"[" * (70 * 1024), "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
 ])
 def test_bad_predict_input_is_refused_and_counted(client, kwargs, status, reason):
     r = client.post("/predict", **kwargs)
@@ -226,6 +229,21 @@ def test_openapi_documents_the_routes(client):
 json_values = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
                                                                                        max_size=4), max_leaves=20)
+_BODY_STRATEGIES: dict[str, st.SearchStrategy] = {}
+
+
+def _bodies(routes: dict[str, dict]) -> st.SearchStrategy:
+    """One strategy object per set of schemas, built once: building it inside ``data.draw`` made hypothesis
+    see a new strategy definition on every replay (FlakyStrategyDefinition)."""
+    import json
+
+    from hypothesis_jsonschema import from_schema
+
+    key = json.dumps(routes, sort_keys=True)
+    if key not in _BODY_STRATEGIES:
+        _BODY_STRATEGIES[key] = st.one_of(*[st.tuples(st.just(r), from_schema(schema) | json_values)
+                                            for r, schema in routes.items()])
+    return _BODY_STRATEGIES[key]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -233,12 +251,10 @@ json_values = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False
 @given(data=st.data())
 def test_fuzz_from_openapi_finds_no_5xx(client, data):
     """Bodies drawn from the OpenAPI document's own schemas (hypothesis-jsonschema) and arbitrary JSON."""
-    from hypothesis_jsonschema import from_schema
-
     spec = client.app.openapi()
-    route = data.draw(st.sampled_from(["/predict", "/feedback"]))
-    schema = spec["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    body = data.draw(from_schema(schema) | json_values)
+    routes = {r: spec["paths"][r]["post"]["requestBody"]["content"]["application/json"]["schema"]
+              for r in ("/predict", "/feedback")}
+    route, body = data.draw(_bodies(routes))
     r = client.post(route, json=body)
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
@@ -251,3 +267,75 @@ def test_fuzz_from_openapi_finds_no_5xx(client, data):
 def test_fuzz_raw_bodies_find_no_5xx(client, raw, kind):
     r = client.post("/predict", content=raw, headers={"content-type": kind})
     assert 400 <= r.status_code < 500
+
+
+def test_non_finite_outputs_are_refused_not_counted(client, monkeypatch):
+    """Issue 13.5: the graph's NaN reached the reply (invalid JSON) and counted as a prediction."""
+    gw = client.gw
+    original = gw.runtime.run
+
+    def poisoned(x):
+        out = original(x)
+        bad = np.isclose(x[:, 0, 0, 0], (0.9 - 0.5) / 0.25)  # rows sent with value 0.9 give NaN logits
+        out.logits[bad] = np.nan
+        return out
+
+    monkeypatch.setattr(gw.runtime, "run", poisoned)
+    xs = [np.full((2, 1, 8, 8), v, np.float32) for v in (0.1, 0.9, 0.3)]
+    outs = client.gather([client.http.post("/predict", json={"tensor": x.tolist()}) for x in xs])
+    assert [o.status_code for o in outs] == [200, 422, 200]
+    assert outs[1].json()["error"] == "non_finite_output" and "NaN" not in outs[0].text
+    assert sum(counter(gw, "hansgate_predictions_total", **{"class": c}) for c in gw.manifest.classes) == 4
+    assert rejected(gw, "predict", "non_finite_output") == 1
+
+
+def test_signed_receipt_with_a_class_out_of_range_is_refused_before_counting(client):
+    """Issue 13.10: class 99 gave 500 after being counted, class -1 counted as the last class."""
+    from tests.service.test_receipts import _signed_payload
+
+    gw = client.gw
+    for cls in (99, -1, 3):
+        token = _signed_payload(gw.signer, {"r": f"abc-{cls}", "c": cls, "m": gw.model_sha256, "s": "++",
+                                            "t": __import__("time").time()})
+        r = client.post("/feedback", json={"receipt": token, "label": "cat"})
+        assert (r.status_code, r.json()["error"]) == (403, "forged_receipt"), r.text
+    assert counter(gw, "hansgate_feedback_requests_total", result="accepted") == 0
+    assert rejected(gw, "feedback", "forged_receipt") == 3
+
+
+def test_error_details_never_carry_object_addresses(client):
+    """Issue 13.12: '<_io.BytesIO object at 0x...>' was in the reply; a 5-byte .npy was 'pickled data'."""
+    r = client.post("/predict", content=b"hello", headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "0x" not in r.text and "BytesIO" not in r.text
+    r = client.post("/predict", content=b"\x93NUMP", headers={"content-type": "application/x-npy"})
+    assert (r.status_code, r.json()["error"]) == (400, "bad_npy") and "pickle" not in r.text
+
+
+def test_huge_npy_header_is_a_counted_refusal(client):
+    """Issue 13.6: a header claiming a huge shape gave an uncaught MemoryError (500, uncounted)."""
+    from tests.service.test_inputs import npy_with_header
+
+    r = client.post("/predict", content=npy_with_header((2**40, 1, 8, 8)),
+                    headers={"content-type": "application/x-npy"})
+    assert (r.status_code, r.json()["error"]) == (413, "batch_too_large")
+    r = client.post("/predict", content=npy_with_header((1, 1, 2**20, 2**20)),
+                    headers={"content-type": "application/x-npy"})
+    assert (r.status_code, r.json()["error"]) == (422, "shape")
+    assert rejected(client.gw, "predict", "batch_too_large") == 1
+
+
+def test_large_bodies_are_decoded_off_the_event_loop(client, monkeypatch):
+    """Issue 13.3: decoding blocked the loop; images and large bodies now go to the decode pool."""
+    import threading
+
+    seen = []
+    pre = client.gw.preprocessor
+    original = pre.from_images
+
+    def spy(files):
+        seen.append(threading.current_thread().name)
+        return original(files)
+
+    monkeypatch.setattr(pre, "from_images", spy)
+    assert client.post("/predict", content=png(), headers={"content-type": "image/png"}).status_code == 200
+    assert seen and seen[0].startswith("hansgate-decode")

@@ -68,7 +68,8 @@ def stop(proc: subprocess.Popen) -> None:
 def served(concept_bundle, tmp_path):
     port = free_port()
     env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"), HANSGATE_STATE_DIR=str(tmp_path / "state"),
-               HANSGATE_PROVIDER="cpu", HANSGATE_ORT_THREADS="1", BENTOML_DO_NOT_TRACK="True")
+               HANSGATE_PROVIDER="cpu", HANSGATE_ORT_THREADS="1", BENTOML_DO_NOT_TRACK="True",
+               HANSGATE_ACCESS_LOG="1")  # the access log names the worker of each request (checked below)
     env.pop("HANSGATE_RECEIPT_KEY", None)  # the two workers must agree on the machine-local key file
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = open(tmp_path / "serve.log", "w")

@@ -58,3 +58,39 @@ def test_store_lookup_claim_and_bounds(tmp_path):
     assert other.lookup("r6", SHA, now=1010).class_index == 0
     store.close()
     other.close()
+
+
+def _signed_payload(s: ReceiptSigner, payload: dict) -> str:
+    """A token over an arbitrary payload with the signer's key (what a leaked key allows)."""
+    import base64
+    import json
+
+    body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    head = f"v1.{body}"
+    return f"{head}.{base64.urlsafe_b64encode(s._mac(head.encode())).rstrip(b'=').decode()}"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("c", 99), ("c", 3), ("c", -1), ("c", True), ("c", 1.5), ("c", "1"),  # class index outside [0, 3) or not an int
+    ("t", float("nan")), ("t", float("inf")), ("t", 1e12), ("t", "1000"),  # NaN, infinite, far future, not a number
+    ("s", "+"), ("s", "+x"), ("s", 5),  # signs: one + or - per concept
+    ("r", ""), ("r", "x" * 129), ("r", 7),
+])
+def test_every_field_of_a_verified_receipt_is_checked(field, value):
+    """Issue 13.10: class 99 gave 500, class -1 counted as the last class, a future/NaN time never expired."""
+    s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60, n_classes=3, n_concepts=2)
+    good = {"r": "abc-0", "c": 2, "m": SHA, "s": "+-", "t": 1000.0}
+    assert s.verify(_signed_payload(s, good), now=1001.0).class_index == 2
+    assert reason(s.verify, _signed_payload(s, good | {field: value}), now=1001.0) == "forged_receipt"
+
+
+def test_sign_writes_the_same_payload_as_json_dumps():
+    import base64
+    import json
+
+    s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60)
+    for rid, t in [('we"ird\\id', 1700000000.1234567), ("r", 5.0)]:
+        token = s.sign(Receipt(rid, 1, SHA, "+-", t))
+        raw = base64.urlsafe_b64decode(token.split(".")[1] + "==")
+        assert raw == json.dumps({"r": rid, "c": 1, "m": SHA, "s": "+-", "t": round(t, 3)},
+                                 separators=(",", ":")).encode()

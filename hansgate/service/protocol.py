@@ -1,0 +1,112 @@
+"""A header deadline for uvicorn's HTTP/1.1 protocol (slow-header clients, "slowloris").
+
+uvicorn times out a keep-alive connection only while it is idle after a response, and
+any byte re-arms nothing: a client that sends one header byte every few seconds, or that
+opens a connection and sends nothing, holds it (a file descriptor, a task, buffers)
+forever. ``GuardedH11Protocol`` gives every request's headers ``header_timeout_s`` from
+the moment the connection opens or the previous response completes; a connection that
+has not delivered complete headers by then is answered ``408`` and closed, and the
+refusal is reported through ``on_refusal`` (the gateway counts it as
+``hansgate_rejected_requests_total{route="connection", reason="slow_headers"}``). An idle
+keep-alive connection that sent nothing is closed silently, as uvicorn does.
+
+Bodies are bounded in ``service.app`` (a read deadline per request), which knows the route.
+
+BentoML builds the uvicorn ``Config`` of each worker itself; ``install`` points uvicorn's
+``http="auto"`` at this protocol, and must run in the worker before uvicorn starts
+(``service.service`` does it when BentoML imports the service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["GuardedH11Protocol", "install", "settings"]
+
+log = logging.getLogger("hansgate.service")
+
+_BODY_408 = b'{"error":"slow_headers","detail":"request headers did not arrive in time"}'
+_RESPONSE_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(_BODY_408), _BODY_408))
+
+
+class _Settings:
+    header_timeout_s: float = 10.0
+    on_refusal: Callable[[str], None] | None = None
+
+
+settings = _Settings()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._seen_cycle: object = None
+        self._partial = False
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._partial = False
+        self._header_timer = self.loop.call_later(settings.header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is not None:
+            self._partial = True
+        super().data_received(data)
+        if self.cycle is not None and self.cycle is not self._seen_cycle:
+            self._seen_cycle = self.cycle  # a new request's headers are complete
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle is not self._seen_cycle:
+            self._seen_cycle = self.cycle  # a pipelined request's headers were already buffered
+            return
+        self._arm()  # the next request's headers get their own deadline
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._partial:
+            try:
+                self.transport.write(_RESPONSE_408)
+            except (OSError, RuntimeError):
+                pass
+            if settings.on_refusal is not None:
+                try:
+                    settings.on_refusal("slow_headers")
+                except Exception:  # counting must never break the server
+                    log.exception("counting a slow-header refusal failed")
+        self.transport.close()
+
+
+def install(header_timeout_s: float, on_refusal: Callable[[str], None] | None = None) -> None:
+    """Make uvicorn's ``http="auto"`` use ``GuardedH11Protocol`` in this process."""
+    import uvicorn.config
+
+    settings.header_timeout_s = header_timeout_s
+    settings.on_refusal = on_refusal
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedH11Protocol"
