@@ -32,9 +32,10 @@ from typing import Literal, Mapping, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hansgate.errors import ConfigError, HansgateError
+from hansgate.service import limits
 
 __all__ = ["ENV", "SERVICE_ENV", "GatewayConfig", "ServiceOptions", "load_receipt_key", "check_environment",
-           "service_options", "refuse_start", "EXIT_CONFIG"]
+           "service_options", "serving_options", "refuse_start", "EXIT_CONFIG"]
 
 #: exit status of a process that refuses to start over a setting or a bundle (the CLI's error code)
 EXIT_CONFIG = 2
@@ -96,7 +97,7 @@ class GatewayConfig(BaseModel):
     ort_threads: int = Field(0, ge=0, le=256, description="intra-op threads; 0 = cores / workers")
     max_batch: int = Field(256, ge=1, le=65536)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    microbatch_rows: int = Field(256, ge=1, le=65536)
+    microbatch_rows: int = Field(64, ge=1, le=65536)
     microbatch_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
     monitoring: bool = True
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".hansgate" / "state")
@@ -173,13 +174,14 @@ def check_environment(environ: Mapping[str, str]) -> tuple[GatewayConfig, Servic
     Refuses (``ConfigError``, one line) unknown ``HANSGATE_*`` names (a typo would otherwise be
     ignored silently), each bad value, and a state directory the workers cannot write.
     """
-    known = set(ENV) | set(SERVICE_ENV)
+    known = set(ENV) | set(SERVICE_ENV) | set(limits.ENV)
     for var in sorted(v for v in environ if v.startswith("HANSGATE_")):
         if var not in known:
             close = difflib.get_close_matches(var, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
             raise ConfigError(f"unknown setting {var}{hint}")
     options = ServiceOptions.from_env(environ)
+    limits.ServingOptions.from_env(environ)
     cfg = GatewayConfig.from_env(environ)
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +190,15 @@ def check_environment(environ: Mapping[str, str]) -> tuple[GatewayConfig, Servic
     except OSError as exc:
         raise ConfigError(f"HANSGATE_STATE_DIR: cannot write to {cfg.state_dir} ({exc.strerror or exc})") from exc
     return cfg, options
+
+
+def serving_options(max_inflight: int, request_timeout_s: float) -> limits.ServingOptions:
+    """``limits.ServingOptions.from_env`` for the module that defines the service (see ``service_options``)."""
+    try:
+        return limits.ServingOptions.from_env(None, max_inflight=max_inflight, request_timeout_s=request_timeout_s)
+    except ConfigError as exc:
+        print(f"hansgate: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 def service_options(environ: Mapping[str, str] | None = None) -> ServiceOptions:

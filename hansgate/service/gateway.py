@@ -62,7 +62,7 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, workers: int = 1, registry: Any | None = None,
                  cuda_devices: int | None = None, started_at: float | None = None) -> None:
         self.cfg = cfg
-        self.bundle: Bundle = load_bundle(cfg.bundle)
+        self.bundle: Bundle = load_bundle(cfg.bundle, public_key=cfg.public_key)
         self.manifest = self.bundle.manifest
         self.model_sha256 = self.manifest.graph.sha256
         self.runtime = OnnxRuntime(self.bundle, cfg.provider, cfg.threads(workers), cfg.monitoring, cuda_devices)

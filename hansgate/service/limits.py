@@ -79,3 +79,4 @@ class ServingOptions(BaseModel):
             field = str(first["loc"][0]) if first["loc"] else "?"
             var = next((v for v, f in ENV.items() if f == field), field)
             raise ConfigError(f"{var}: {first['msg']}") from None
+

@@ -292,7 +292,12 @@ def _collect(registry: Any) -> Iterable[tuple[str, dict[str, str], float]]:
 def exposition(registry: Any | None = None) -> tuple[bytes, str]:
     """The ``/metrics`` body and content type: every worker's values (multiprocess mode, this
     gateway's own directory) or ``registry``'s."""
-    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client import (
+        REGISTRY,
+        CollectorRegistry,
+        generate_latest,
+        multiprocess,
+    )
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -26,15 +26,19 @@ import math
 import bentoml
 
 from hansgate.service.app import create_app
-from hansgate.service.config import GatewayConfig, ServiceOptions
+from hansgate.service.config import (
+    GatewayConfig,
+    refuse_start,
+    service_options,
+    serving_options,
+)
 from hansgate.service.gateway import Gateway as _GatewayState
-from hansgate.service.limits import ServingOptions
 
 __all__ = ["Gateway"]
 
-_OPTIONS = ServiceOptions.from_env()
-_SERVING = ServingOptions.from_env(max_inflight=math.ceil(_OPTIONS.max_concurrency / _OPTIONS.workers),
-                                   request_timeout_s=float(_OPTIONS.timeout_s))
+_OPTIONS = service_options()
+_SERVING = serving_options(max_inflight=math.ceil(_OPTIONS.max_concurrency / _OPTIONS.workers),
+                           request_timeout_s=float(_OPTIONS.timeout_s))
 _state: dict[str, _GatewayState] = {}
 
 app = create_app(lambda: _state.get("gateway"), _SERVING)
@@ -54,10 +58,13 @@ class Gateway:
     def __init__(self) -> None:
         from hansgate.service import multiproc, protocol
 
-        cfg = GatewayConfig.from_env()
-        # before the first metric value exists: this gateway's own multiprocess directory
-        _, started = multiproc.use_own_directory(cfg.state_dir)
-        self.gateway = _GatewayState(cfg, workers=_OPTIONS.workers, started_at=started)
+        try:
+            cfg = GatewayConfig.from_env()
+            # before the first metric value exists: this gateway's own multiprocess directory
+            _, started = multiproc.use_own_directory(cfg.state_dir)
+            self.gateway = _GatewayState(cfg, workers=_OPTIONS.workers, started_at=started)
+        except Exception as exc:  # one line and the whole server stops, instead of a restart every 10 s
+            refuse_start(exc)
         _state["gateway"] = self.gateway
         app.state.bind_schemas(self.gateway.manifest, cfg.max_batch)
         protocol.settings.on_refusal = lambda reason: self.gateway.metrics.reject("connection", reason)
