@@ -263,35 +263,31 @@ def select_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ege
 
     Each repetition ``r`` splits the verified ``(x, y)`` with seed ``config.seed + r``
     (``val_share`` held out), fits on the rest and scores every alpha of ``alpha_grid`` on
-    the held-out part; ``config.alpha`` skips the search. Returns the model refined from the
-    first split's fit (``final_fit="split"``) or from a refit on all data (``"all"``).
+    the held-out part; a given ``config.alpha`` is only scored, on the first split. Returns
+    the model refined from the first split's fit (``final_fit="split"``) or from a refit on
+    all data (``"all"``).
     """
     cfg = config or EgemConfig()
     if len(x) != len(y) or len(y) < 2:
         raise DataError(f"need at least 2 refinement samples with one label each, got {len(x)} and {len(y)}")
-    grid = sorted(cfg.alpha_grid)  # strongest (smallest alpha) first
+    # strongest (smallest alpha) first; a given alpha is only scored, on the first split
+    grid = [cfg.alpha] if cfg.alpha is not None else sorted(cfg.alpha_grid)
     if not grid:
         raise ConfigError("alpha_grid is empty")
+    reps = 1 if cfg.alpha is not None else cfg.repetitions
     first: ExposureMinimizer | None = None
     val_accs = [0.0] * len(grid)
     orig = 0.0
-    reps = 1 if cfg.alpha is not None else cfg.repetitions
     with eval_mode(model):
         for r in range(reps):
             fit_idx, val_idx = validation_split(len(y), cfg.val_share, cfg.seed + r)
             em = ExposureMinimizer(cfg).fit(model, x[fit_idx], progress=progress)
             first = first or em
-            if cfg.alpha is not None:
-                break
             orig += accuracy(model, x[val_idx], y[val_idx]) / reps
             for i, alpha in enumerate(grid):
                 val_accs[i] += accuracy(em.refine(model, alpha), x[val_idx], y[val_idx]) / reps
         assert first is not None
-        if cfg.alpha is not None:  # no search: the given alpha, fitted on the first split
-            sel = SlackSelection(Candidate({"alpha": cfg.alpha}, float("nan")), float("nan"), cfg.slack,
-                                 float("nan"))
-        else:
-            sel = select_by_slack([Candidate({"alpha": a}, v) for a, v in zip(grid, val_accs)], orig, cfg.slack)
+        sel = select_by_slack([Candidate({"alpha": a}, v) for a, v in zip(grid, val_accs)], orig, cfg.slack)
         alpha = float(sel.chosen.params["alpha"])
         final = first if cfg.final_fit == "split" else ExposureMinimizer(cfg).fit(model, x, progress=progress)
     plan = final.plan(alpha)
