@@ -7,12 +7,21 @@ Writes one JSON file with everything it measured:
 - ``schedule``: EGEM and PCA-EGEM with the triangular schedule's alpha at the deepest
   layer ("deep", default) vs at the first ("shallow", the printed formula), on the same
   trained models, for the demo model and a second one;
+- ``defaults``: every changed EGEM / PCA-EGEM default (issue 14) beside the variant it
+  replaced, on the same trained models and verified sets (3 seeds): the authors' selection
+  protocol (5 splits, the 80 % fit kept) vs one split and a refit on all data, the doubling
+  lambda grid vs bisection, ``conv_mode`` ratio vs linear, float64 (exact) vs float32
+  statistics, a single refined layer at tau = 1 vs tau = alpha, and all previous defaults
+  together; with the demo bars evaluated on the default rows;
 - ``cost``: seconds for statistics + lambda search over all layers vs one plain forward
-  pass over the same refinement set, measured side by side (median of repeats);
+  pass over the same refinement set, measured side by side (interleaved, median of
+  repeats), for the default (exact) and the float32 statistics, at three sample counts;
 - ``memory``: peak resident memory added by ``fit`` for two refinement-set sizes, each in
   a fresh subprocess sampling its own RSS.
 
 Usage: python benchmarks/refinement_bench.py --out benchmarks/results/refinement.json [--seeds 3]
+       [--parts defaults --seed-index K --partial-dir D]   (one seed per process, merged by
+       a later ``--parts defaults --partial-dir D`` run)
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this scr
 
 from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
 from hansgate.nn.training import TrainConfig, accuracy  # noqa: E402
-from hansgate.refinement.egem import EgemConfig, ExposureMinimizer, triangular_schedule  # noqa: E402
+from hansgate.refinement.egem import EgemConfig, ExposureMinimizer, select_alpha  # noqa: E402
 from hansgate.refinement.evaluation import (  # noqa: E402
     BenchmarkConfig,
     run_benchmark,
@@ -85,34 +94,98 @@ def schedule_comparison(model_name: str, artifact: str, seeds: list[int], epochs
             "rows": {k: {m: statistics.fmean(v) for m, v in r.items()} | {"per_seed": r} for k, r in rows.items()}}
 
 
-def cost(repeats: int = 5) -> dict:
+def cost(repeats: int = 5, threads: int = 1) -> dict:
+    torch.set_num_threads(threads)
     data = make_clever_hans(CleverHansConfig(seed=0))
     model = train_demo_model(BenchmarkConfig(), data, seed=0)
-    xr, _ = per_class_subset(*verified_subset(model, data.x_refine, data.y_refine), 200, 0)
-    out = {"n_samples": len(xr), "batch_size": 256, "repeats": repeats, "torch_threads": torch.get_num_threads()}
+    x_all, _ = per_class_subset(*verified_subset(model, data.x_refine, data.y_refine), 200, 0)
+    out: dict = {"batch_size": 256, "repeats": repeats, "torch_threads": threads,
+                 "note": "interleaved medians; the first rows use the whole verified set, 'split' the 80 % "
+                         "the selection protocol fits on, 'n300' 300 samples (fewer than the 1568 units of "
+                         "the flattened layer: the dual route)"}
+    for tag, n in (("", len(x_all)), ("split/", int(0.8 * len(x_all))), ("n300/", 300)):
+        xr = x_all[:n]
 
-    @torch.no_grad()
-    def forward_pass() -> None:
-        for i in range(0, len(xr), 256):
-            model(xr[i : i + 256])
+        @torch.no_grad()
+        def forward_pass() -> None:
+            for i in range(0, len(xr), 256):
+                model(xr[i : i + 256])
 
-    for name, pca in (("egem", False), ("pca-egem", True)):
-        def stats_and_search() -> None:
-            em = ExposureMinimizer(EgemConfig(pca=pca)).fit(model, xr)
-            for layer, tau in zip(em.layers_, triangular_schedule(0.1, len(em.layers_))):
-                em._search(layer, tau)
+        for name, cfg in (("egem", EgemConfig()), ("pca-egem", EgemConfig(pca=True)),
+                          ("pca-egem/float32", EgemConfig(pca=True, precision="float32"))):
+            def stats_and_search() -> None:
+                em = ExposureMinimizer(cfg).fit(model, xr)
+                em.plan(0.1)
 
-        forward_pass()  # warm-up both
-        stats_and_search()
-        # interleave the two measurements so machine noise hits both alike
-        fwd, ref = [], []
-        for _ in range(repeats):
-            fwd.append(seconds(forward_pass))
-            ref.append(seconds(stats_and_search))
-        out[name] = {"forward_s": statistics.median(fwd), "stats_and_search_s": statistics.median(ref),
-                     "ratio": statistics.median(ref) / statistics.median(fwd), "bar_at_most_2x":
-                     statistics.median(ref) / statistics.median(fwd) <= 2.0}
+            forward_pass()  # warm-up both
+            stats_and_search()
+            fwd, ref = [], []
+            for _ in range(repeats):  # interleaved so machine noise hits both alike
+                fwd.append(seconds(forward_pass))
+                ref.append(seconds(stats_and_search))
+            ratio = statistics.median(ref) / statistics.median(fwd)
+            out[tag + name] = {"n_samples": n, "forward_s": statistics.median(fwd),
+                               "stats_and_search_s": statistics.median(ref), "ratio": ratio,
+                               "bar_at_most_2x": ratio <= 2.0}
+            print(tag + name, out[tag + name], flush=True)
     return out
+
+
+#: (method, row) -> EgemConfig overrides; "default" is EgemConfig's defaults.
+VARIANTS: dict[tuple[str, str], dict] = {
+    ("egem", "default"): {},
+    ("egem", "final_fit=all, repetitions=1"): {"final_fit": "all", "repetitions": 1},
+    ("egem", "lambda_rule=bisect"): {"lambda_rule": "bisect"},
+    ("egem", "previous defaults"): {"final_fit": "all", "repetitions": 1, "lambda_rule": "bisect"},
+    ("pca-egem", "default"): {},
+    ("pca-egem", "final_fit=all, repetitions=1"): {"final_fit": "all", "repetitions": 1},
+    ("pca-egem", "lambda_rule=bisect"): {"lambda_rule": "bisect"},
+    ("pca-egem", "conv_mode=linear"): {"conv_mode": "linear"},
+    ("pca-egem", "precision=float32"): {"precision": "float32"},
+    ("pca-egem", "previous defaults"): {"final_fit": "all", "repetitions": 1, "lambda_rule": "bisect",
+                                        "conv_mode": "linear", "precision": "float32"},
+    ("pca-egem", "single layer features.9, tau=1 (default)"): {"layers": ["features.9"]},
+    ("pca-egem", "single layer features.9, tau=alpha (shallow)"): {"layers": ["features.9"], "schedule": "shallow"},
+}
+
+
+def defaults_seed(seed: int, epochs: int = 5) -> dict:
+    """Every row of ``VARIANTS`` on one seed's trained model and verified set."""
+    data = make_clever_hans(CleverHansConfig(artifact="corner", seed=seed))
+    model = train_demo_model(BenchmarkConfig(train=TrainConfig(epochs=epochs)), data, seed)
+    xr, yr = per_class_subset(*verified_subset(model, data.x_refine, data.y_refine), 200, seed)
+    rows = {"original": {"clean_acc": accuracy(model, data.x_test, data.y_test),
+                         "poisoned_acc": accuracy(model, data.x_test_poisoned, data.y_test)}}
+    for (method, row), over in VARIANTS.items():
+        t0 = time.perf_counter()
+        res = select_alpha(model, xr, yr, EgemConfig(pca=method == "pca-egem", seed=seed, **over))
+        rows[f"{method}/{row}"] = {"clean_acc": accuracy(res.model, data.x_test, data.y_test),
+                                   "poisoned_acc": accuracy(res.model, data.x_test_poisoned, data.y_test),
+                                   "alpha": res.alpha, "taus": res.taus, "lambdas": res.lambdas,
+                                   "seconds": time.perf_counter() - t0}
+        print(seed, method, row, {k: v for k, v in rows[f"{method}/{row}"].items() if "acc" in k or k == "alpha"},
+              flush=True)
+    return {"seed": seed, "n_verified": len(yr), "rows": rows}
+
+
+def defaults_merge(parts: list[dict]) -> dict:
+    keys = list(parts[0]["rows"])
+    table = {}
+    for k in keys:
+        vals = {m: [p["rows"][k][m] for p in parts] for m in ("clean_acc", "poisoned_acc")}
+        row = {m: statistics.fmean(v) for m, v in vals.items()}
+        row |= {f"{m}_std": statistics.pstdev(v) for m, v in vals.items()}
+        row["gap"] = row["clean_acc"] - row["poisoned_acc"]
+        if "alpha" in parts[0]["rows"][k]:
+            row["alphas"] = [p["rows"][k]["alpha"] for p in parts]
+            row["seconds"] = statistics.fmean(p["rows"][k]["seconds"] for p in parts)
+        table[k] = row
+    demo = {"original": table["original"], "pca-egem": table["pca-egem/default"]}
+    return {"model": "small_vgg", "artifact": "corner", "epochs": 5, "refine_per_class": 200, "slack": 0.05,
+            "seeds": [p["seed"] for p in parts], "table": table, "bars_on_defaults": bars(demo),
+            "per_seed": parts,
+            "note": "rows run hansgate.refinement.egem.select_alpha directly; 'default' is EgemConfig()'s defaults, "
+                    "each other row changes only what its name says"}
 
 
 def _peak_fit(path: str, n: int, queue: "mp.Queue") -> None:
@@ -171,14 +244,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/refinement.json")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--parts", nargs="+", default=["benchmark", "schedule", "cost", "memory"],
-                    choices=["benchmark", "schedule", "cost", "memory"],
+    ap.add_argument("--seed-index", type=int, default=None, help="defaults: run only this seed (to --partial-dir)")
+    ap.add_argument("--partial-dir", default=None, help="defaults: per-seed JSON files, merged when no --seed-index")
+    ap.add_argument("--parts", nargs="+", default=["benchmark", "schedule", "defaults", "cost", "memory"],
+                    choices=["benchmark", "schedule", "defaults", "cost", "memory"],
                     help="measure only these parts; the others are kept from an existing --out file")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report: dict = json.loads(out.read_text()) if out.exists() and len(args.parts) < 4 else {}
+    if "defaults" in args.parts and args.seed_index is not None:
+        part = defaults_seed(args.seed_index)
+        Path(args.partial_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.partial_dir) / f"seed{args.seed_index}.json").write_text(json.dumps(part, indent=2))
+        return
+    report: dict = json.loads(out.read_text()) if out.exists() and len(args.parts) < 5 else {}
     report.setdefault("commands", []).append(" ".join(sys.argv))
     report["torch"] = torch.__version__
     if "benchmark" in args.parts:
@@ -190,6 +270,13 @@ def main() -> None:
     if "schedule" in args.parts:
         report["schedule"] = [schedule_comparison("small_vgg", "corner", list(range(args.seeds)), 5),
                               schedule_comparison("mnist_cnn", "frame", list(range(args.seeds)), 30)]
+    if "defaults" in args.parts:
+        if args.partial_dir:
+            parts = [json.loads(p.read_text()) for p in sorted(Path(args.partial_dir).glob("seed*.json"))]
+        else:
+            parts = [defaults_seed(seed) for seed in range(args.seeds)]
+        report["defaults"] = defaults_merge(parts)
+        print(json.dumps(report["defaults"]["bars_on_defaults"], indent=2), flush=True)
     if "cost" in args.parts:
         report["cost"] = cost()
         print(json.dumps(report["cost"], indent=2), flush=True)

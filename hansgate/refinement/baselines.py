@@ -4,7 +4,9 @@ RGEM and Ridge replace the last linear layer by a closed-form ridge solution on 
 input features ``A`` (Supp. D, Eq. 26): ``W = (A^T A / n + lambda I')^-1 A^T Y / n``
 with a column of ones for the bias, which is not penalised (``I'`` has a zero there).
 RGEM regresses the original model's logits, Ridge (DFR) the one-hot true labels.
-Moments are accumulated in streamed batches.
+Moments are accumulated in streamed batches (float64), in eval mode with the caller's
+train/eval flags restored afterwards. Retrain (Supp. F.3) fine-tunes a copy with Adam,
+batch-norm frozen and the gradient norm clipped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hansgate.errors import ConfigError
+from hansgate.nn.hooks import capture, eval_mode
 from hansgate.nn.surgery import trace_calls
 from hansgate.nn.training import TrainConfig, accuracy, batches, frozen_batchnorm
 
@@ -30,7 +33,8 @@ RETRAIN_EPOCHS: tuple[int, ...] = (1, 5, 10, 20, 30, 50, 100)
 
 def last_linear(model: nn.Module, example: torch.Tensor) -> str:
     """Name of the linear layer that runs last (the one producing the logits)."""
-    linears = [c.name for c in trace_calls(model, example) if isinstance(c.module, nn.Linear)]
+    with eval_mode(model):
+        linears = [c.name for c in trace_calls(model, example) if isinstance(c.module, nn.Linear)]
     if not linears:
         raise ConfigError("RGEM/Ridge need a model whose last layer is nn.Linear")
     return linears[-1]
@@ -43,22 +47,16 @@ def ridge_moments(model: nn.Module, layer: str, x: torch.Tensor, targets: torch.
 
     With ``targets`` None, ``Y`` is the model's own logits (RGEM); else ``targets``.
     """
-    module = model.get_submodule(layer)
-    feats: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda m, inp: feats.append(inp[0].detach()))
     gram = cross = None
     n = 0
-    try:
-        model.eval()
+    with eval_mode(model), capture(model, [layer], what="input") as store:
         for idx in batches(len(x), batch_size):
             logits = model(x[idx])
-            a = torch.cat([feats.pop().flatten(1), torch.ones(len(idx), 1)], 1).double()
+            a = torch.cat([store[layer].pop().flatten(1), torch.ones(len(idx), 1)], 1).double()
             y = (logits if targets is None else targets[idx]).double()
             gram = a.T @ a if gram is None else gram + a.T @ a
             cross = a.T @ y if cross is None else cross + a.T @ y
             n += len(idx)
-    finally:
-        handle.remove()
     assert gram is not None and cross is not None
     return gram / n, cross / n
 

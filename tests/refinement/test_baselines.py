@@ -62,3 +62,20 @@ def test_slack_rule_picks_strongest_qualifying(accs, orig, slack):
 def test_validation_split_is_disjoint_and_rounds_up():
     fit, val = validation_split(11, 0.2, seed=0)
     assert len(val) == 3 and len(fit) == 8 and not set(fit.tolist()) & set(val.tolist())
+
+
+def test_ridge_moments_read_eval_mode_and_restore_the_callers_flags():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3))
+    net.train()
+    net[3].eval()  # mixed flags must come back exactly
+    x = torch.randn(50, 4)
+    stats = net[1].running_mean.clone()
+    assert last_linear(net, x[:2]) == "4"
+    gram, cross = ridge_moments(net, "4", x, None)
+    assert net.training and net[1].training and not net[3].training
+    assert torch.equal(net[1].running_mean, stats)  # no batch statistics were updated
+    net.eval()
+    feats = torch.cat([net[2](net[1](net[0](x))), torch.ones(50, 1)], 1).double()
+    assert torch.allclose(gram, feats.T @ feats / 50, atol=1e-10)
+    assert torch.allclose(cross, feats.T @ net(x).double() / 50, atol=1e-6)

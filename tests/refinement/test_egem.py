@@ -1,13 +1,13 @@
-"""EGEM / PCA-EGEM against closed forms on tiny models (paper 000, Eq. 5, 6; Sec. 4.4)."""
+"""EGEM / PCA-EGEM against closed forms on tiny models (paper 000, Eq. 5, 6; Sec. 4.4).
+
+The reference formulas themselves are re-derived in test_egem_oracle.py; the schedule and
+the lambda search are tested in test_schedule.py.
+"""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from hansgate.refinement.egem import (
@@ -15,12 +15,9 @@ from hansgate.refinement.egem import (
     ExposureMinimizer,
     ExposureScale,
     PcaExposure,
-    egem_factors,
-    mean_factor,
-    pca_basis,
-    search_lambda,
-    triangular_schedule,
+    select_alpha,
 )
+from hansgate.refinement.pca import dual_basis, pca_basis
 
 
 def _linear_net(d: int = 5) -> nn.Module:
@@ -37,12 +34,6 @@ def _conv_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
-
-
-def test_factors_closed_form_and_identity_at_zero():
-    m2 = torch.tensor([0.0, 1.0, 4.0])
-    assert torch.allclose(egem_factors(m2, 2.0), torch.tensor([0.0, 1 / 3, 4 / 6]))
-    assert torch.equal(egem_factors(m2, 0.0), torch.ones(3))
 
 
 def test_egem_second_moments_and_factors_on_linear_layer():
@@ -72,18 +63,6 @@ def test_streaming_moments_do_not_depend_on_batch_size():
         assert torch.allclose(a.moments_[name].mean, b.moments_[name].mean, rtol=1e-10)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(1e-4, 1e4), min_size=1, max_size=30), st.floats(0.01, 0.99))
-def test_search_lambda_reaches_target(values, tau):
-    m2 = torch.tensor(values, dtype=torch.float64)
-    lam = search_lambda(m2, tau)
-    if mean_factor(m2, 5e-7) < tau:  # already below at the start: start is returned
-        assert lam == 5e-7
-        return
-    assert mean_factor(m2, lam) >= tau
-    assert mean_factor(m2, lam * 1.001) < tau + 1e-3  # the largest such lambda, up to bisection precision
-
-
 def test_float32_statistics_agree_with_float64():
     x = torch.rand(300, 1, 8, 8)
     net = _conv_net()
@@ -96,20 +75,6 @@ def test_float32_statistics_agree_with_float64():
     assert all(abs(lam32[k] - v) <= 1e-3 * abs(v) for k, v in em.lambdas_.items())
     probe = x[:16]
     assert torch.allclose(refined["float32"](probe), refined["float64"](probe), rtol=1e-3, atol=1e-4)
-
-
-def test_search_lambda_tau_one_prunes_only_dead_units():
-    m2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
-    c = egem_factors(m2, search_lambda(m2, 1.0))
-    assert c[0] == 0 and torch.all(c[1:] > 0.999)
-
-
-def test_triangular_schedule():
-    assert triangular_schedule(0.2, 1) == [0.2]
-    deep = triangular_schedule(0.1, 4, "deep")
-    assert deep[0] == pytest.approx(1.0) and deep[-1] == pytest.approx(0.1)
-    assert all(math.isclose(a - b, 0.3) for a, b in zip(deep, deep[1:]))
-    assert triangular_schedule(0.1, 4, "shallow") == pytest.approx(deep[::-1])
 
 
 def test_pca_basis_eigenvalues_are_variances_along_components():
@@ -219,3 +184,77 @@ def test_pca_basis_with_dead_units_matches_the_full_decomposition():
     assert torch.allclose(evecs @ torch.diag(evals) @ evecs.T, cov, atol=1e-10)
     assert torch.all(evals[:-1] >= evals[1:]) and torch.equal(evals[-2:], torch.zeros(2, dtype=torch.float64))
     assert torch.allclose(evals[:4], torch.linalg.eigvalsh(cov).flip(0)[:4], atol=1e-10)
+
+
+def test_fit_restores_the_callers_mode_and_sets_state_only_in_fit():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    net.train()
+    net[1].eval()  # mixed flags must come back exactly
+    bn_before = net[1].running_mean.clone()
+    x = torch.rand(40, 1, 8, 8)
+    em = ExposureMinimizer(EgemConfig(pca=True, layers=["2"]))
+    assert not hasattr(em, "moments_")
+    em.fit(net, x)
+    assert net.training and not net[1].training and net[3].training
+    assert torch.equal(net[1].running_mean, bn_before)  # statistics were read in eval mode
+    plan = em.plan(0.5)
+    assert set(plan) == {"2"} and plan["2"][0] == 1.0  # one refined layer: tau = 1
+    res = select_alpha(net, x, net.eval()(x).argmax(1), EgemConfig(layers=["2"], repetitions=2,
+                                                                   alpha_grid=(0.1, 0.9)))
+    net.train()
+    assert res.model.training is False and res.alpha in (0.1, 0.9)
+
+
+def test_dual_route_for_fewer_samples_than_units_matches_the_covariance_route():
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 3)).eval()
+    x = torch.randn(15, 4)
+    em = ExposureMinimizer(EgemConfig(pca=True)).fit(net, x)
+    mom = em.moments_["1"]
+    assert mom.kind == "data" and mom.n == 15 and em.variances_["1"].shape == (15,)
+    evals, evecs = pca_basis(mom.covariance)
+    assert torch.allclose(em.variances_["1"], evals[:15], atol=1e-12)
+    assert int((em.variances_["1"] > 0).sum()) <= 14  # centred: rank <= N - 1
+    basis = em.bases_["1"]
+    for lam in (1e-3, 0.5):  # the same projection as the D x D decomposition
+        want = (evecs * (evals / (evals + lam))) @ evecs.T
+        got = (basis * (em.variances_["1"] / (em.variances_["1"] + lam))) @ basis.T
+        assert torch.allclose(got, want, atol=1e-10)
+    d_evals, d_vecs = dual_basis(torch.zeros(3, 5))  # no variance at all: nothing kept, no NaN
+    assert torch.equal(d_evals, torch.zeros(3)) and torch.equal(d_vecs, torch.zeros(5, 3, dtype=torch.float64))
+
+
+def test_float64_keeps_the_small_components_that_the_float32_rank_floor_zeroes():
+    torch.manual_seed(7)
+    q = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64)).Q
+    spectrum = torch.logspace(0, -6, 200, dtype=torch.float64)  # real components down to 1e-6 of the largest
+    cov = (q * spectrum) @ q.T
+    e64, _ = pca_basis(cov)
+    e32, _ = pca_basis(cov, torch.float32)
+    assert int((e64 > 0).sum()) == 200
+    assert torch.allclose(e64, spectrum, rtol=1e-6)
+    assert int((e32 == 0).sum()) > 20  # float32's floor (max * D * eps32 ~ 2.4e-5) drops them
+
+
+def test_linear_conv_mode_stays_available_and_differs_from_ratio_on_zero_entries():
+    x = torch.rand(64, 1, 8, 8)
+    net = _conv_net()
+    outs = {}
+    for mode in ("ratio", "linear"):
+        em = ExposureMinimizer(EgemConfig(pca=True, conv_mode=mode, layers=["1"])).fit(net, x)
+        outs[mode] = em.refine(net, lambdas={"1": 0.5})[1].refiner
+    a = torch.relu(torch.randn(3, 4, 8, 8))
+    assert torch.all(outs["ratio"](a)[a == 0] == 0)  # the authors' per-channel rescaling keeps zeros
+    assert not torch.all(outs["linear"](a)[a == 0] == 0)
+    assert torch.allclose(outs["ratio"](a).flatten(2).sum(2), outs["linear"](a).flatten(2).sum(2), atol=1e-4)
+
+
+def test_select_alpha_final_fit_all_refits_on_every_sample():
+    net = _linear_net()
+    x = torch.rand(30, 5)
+    y = net(x).argmax(1)
+    split = select_alpha(net, x, y, EgemConfig(pca=True, repetitions=1, alpha=0.5))
+    full = select_alpha(net, x, y, EgemConfig(pca=True, repetitions=1, alpha=0.5, final_fit="all"))
+    assert split.alpha == full.alpha == 0.5
+    assert split.minimizer.moments_["1"].n == 24 and full.minimizer.moments_["1"].n == 30
