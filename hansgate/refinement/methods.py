@@ -32,7 +32,7 @@ from hansgate.refinement.baselines import (
     ridge_solve,
     with_last_layer,
 )
-from hansgate.refinement.egem import ALPHA_GRID, EgemConfig, ExposureMinimizer
+from hansgate.refinement.egem import ALPHA_GRID, EgemConfig, select_alpha
 from hansgate.refinement.selection import (
     Candidate,
     Selection,
@@ -54,7 +54,12 @@ class RefineConfig(BaseModel):
     seed: int = 0
     layers: list[str] | None = None
     schedule: Literal["deep", "shallow"] = "deep"
-    conv_mode: Literal["linear", "ratio"] = "linear"
+    #: EGEM/PCA-EGEM choices where paper 000 is silent: the authors' code by default (``refinement.egem``)
+    conv_mode: Literal["ratio", "linear"] = "ratio"
+    lambda_rule: Literal["grid", "bisect"] = "grid"
+    precision: Literal["float64", "float32"] = "float64"
+    repetitions: int = Field(5, ge=1)
+    final_fit: Literal["split", "all"] = "split"
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     ridge_lambdas: tuple[float, ...] = RIDGE_LAMBDAS
     retrain_epochs: tuple[int, ...] = RETRAIN_EPOCHS
@@ -84,31 +89,26 @@ class RefinementResult:
 def _egem(pca: bool) -> Callable[..., RefinementResult]:
     def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RefineConfig, progress: bool) -> RefinementResult:
         ecfg = EgemConfig(pca=pca, layers=cfg.layers, schedule=cfg.schedule, conv_mode=cfg.conv_mode,
-                          batch_size=cfg.batch_size, seed=cfg.seed)
-        fit_idx, val_idx = validation_split(len(y), cfg.val_share, cfg.seed)
+                          lambda_rule=cfg.lambda_rule, precision=cfg.precision, repetitions=cfg.repetitions,
+                          final_fit=cfg.final_fit, alpha_grid=cfg.alpha_grid, slack=cfg.slack,
+                          val_share=cfg.val_share, batch_size=cfg.batch_size, seed=cfg.seed)
         t0 = time.perf_counter()
-        em = ExposureMinimizer(ecfg).fit(model, x[fit_idx], progress=progress)
-        orig = accuracy(model, x[val_idx], y[val_idx])
-        cands = []
-        for alpha in sorted(cfg.alpha_grid):
-            cands.append(Candidate({"alpha": alpha}, accuracy(em.refine(model, alpha), x[val_idx], y[val_idx])))
-        sel = select_by_slack(cands, orig, cfg.slack)
-        t1 = time.perf_counter()
-        final = ExposureMinimizer(ecfg).fit(model, x, progress=progress)
-        refined = final.refine(model, sel.chosen.params["alpha"])
-        t2 = time.perf_counter()
-        hp = {
-            "alpha": sel.chosen.params["alpha"],
+        res = select_alpha(model, x, y, ecfg, progress)
+        hp: dict[str, Any] = {
+            "alpha": res.alpha,
             "schedule": cfg.schedule,
-            "taus": final.taus_,
-            "lambdas": final.lambdas_,
-            "units": {k: ("element" if v else "channel") for k, v in final.per_element_.items()},
+            "taus": res.taus,
+            "lambdas": res.lambdas,
+            "units": {k: ("element" if v else "channel") for k, v in res.minimizer.per_element_.items()},
             "slack": cfg.slack,
+            "repetitions": cfg.repetitions,
+            "final_fit": cfg.final_fit,
+            "lambda_rule": cfg.lambda_rule,
         }
         if pca:
-            hp["conv_mode"] = cfg.conv_mode
-        return RefinementResult(refined, "pca-egem" if pca else "egem", final.layers_, hp, sel,
-                                {"selection_s": t1 - t0, "final_fit_s": t2 - t1})
+            hp |= {"conv_mode": cfg.conv_mode, "precision": cfg.precision}
+        return RefinementResult(res.model, "pca-egem" if pca else "egem", res.minimizer.layers_, hp, res.selection,
+                                {"selection_s": time.perf_counter() - t0})
 
     return run
 
