@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, MutableMapping
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 from hansgate.errors import HansgateError, RequestError
 from hansgate.manifest import Manifest
 from hansgate.service.errors import Rejection, rejection
+from hansgate.service.fairness import ATTRIBUTE_HEADER, parse_attribute_header
 from hansgate.service.gateway import Gateway
 from hansgate.service.inputs import IMAGE_TYPES, NPY_TYPES, check_json, json_limits
 from hansgate.service.limits import ServingOptions
@@ -73,6 +75,9 @@ _CLOSE = [(b"connection", b"close")]
 # JSON bodies up to this size are parsed on the event loop (a thread hop costs more); a .npy body is
 # a zero-copy view plus one min/max pass at any size, so it never leaves the loop
 _INLINE_BYTES = 32 * 1024
+#: a JSON boolean as an array item; attribute names and values (a safe alphabet without , [ ]) cannot match
+_ARRAY_BOOLEAN = re.compile(rb"[\[,]\s*(?:true|false)\s*[,\]]")
+ATTRIBUTE_HEADER_BYTES = ATTRIBUTE_HEADER.lower().encode()
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -214,18 +219,19 @@ def create_app(get_gateway: Callable[[], Gateway | None], options: ServingOption
         extra = _CLOSE if r.reason in ("slow_body", "body_too_large") else []  # the rest of the body is not read
         return r.status, json.dumps(r.body()).encode(), _JSON + extra
 
-    def _decode(gw: Gateway, kind: str, body: bytes) -> Any:
+    def _decode(gw: Gateway, kind: str, body: bytes) -> tuple[Any, Any]:
+        """``(x, attributes)``: the preprocessed batch, and the JSON body's ``attributes`` (``None`` for raw bodies)."""
         pre = gw.preprocessor
         if kind in IMAGE_TYPES:
-            return pre.from_images([body])
+            return pre.from_images([body]), None
         if kind in NPY_TYPES:
-            return pre.from_npy(body)
+            return pre.from_npy(body), None
         req = _parse(PredictJSON, body)
         if req.tensor is not None:
-            if b"true" in body or b"false" in body:  # only the tensor can hold them (no strings beside it)
+            if (b"true" in body or b"false" in body) and _ARRAY_BOOLEAN.search(body):
                 raise RequestError("tensor must hold numbers only, got booleans", "dtype")
-            return pre.from_nested(req.tensor)
-        return pre.from_base64(req.images or [])
+            return pre.from_nested(req.tensor), req.attributes
+        return pre.from_base64(req.images or []), req.attributes
 
     async def predict_core(headers: list[tuple[bytes, bytes]], receive: Receive) -> Reply:
         t0 = time.perf_counter()
@@ -247,12 +253,14 @@ def create_app(get_gateway: Callable[[], Gateway | None], options: ServingOption
                 if kind == "application/json":
                     check_json(body, limits_cache[id(gw)]["predict"])
                 if kind in IMAGE_TYPES or (kind == "application/json" and len(body) > _INLINE_BYTES):
-                    x = await guard.offload(_decode, gw, kind, body)
+                    x, attributes = await guard.offload(_decode, gw, kind, body)
                 else:
-                    x = _decode(gw, kind, body)
+                    x, attributes = _decode(gw, kind, body)
+                if attributes is None and (header := _header(headers, ATTRIBUTE_HEADER_BYTES)) is not None:
+                    attributes = parse_attribute_header(header.decode("latin-1"), gw.declared)
                 try:
                     async with asyncio.timeout(opts.request_timeout_s):
-                        out = await gw.predict(x)
+                        out = await gw.predict(x, attributes)
                 except TimeoutError:
                     raise RequestError(f"no answer within {opts.request_timeout_s:g} s", "timeout") from None
             finally:

@@ -58,6 +58,9 @@ ENV: dict[str, str] = {
     "HANSGATE_TCAV_MARGIN": "tcav_margin",
     "HANSGATE_MIN_SAMPLES": "min_samples",
     "HANSGATE_PRESENCE_SURGE_FACTOR": "presence_surge_factor",
+    "HANSGATE_DISPARATE_IMPACT_RATIO": "disparate_impact_ratio",
+    "HANSGATE_EQUALIZED_ODDS_GAP": "equalized_odds_gap",
+    "HANSGATE_PRESENCE_BOUND": "presence_bound",
     "HANSGATE_PUBLIC_KEY": "public_key",
 }
 
@@ -108,6 +111,12 @@ class GatewayConfig(BaseModel):
     tcav_margin: float = Field(0.15, ge=0.0, le=1.0)
     min_samples: int = Field(30, ge=1)
     presence_surge_factor: float = Field(2.0, gt=1.0)
+    #: four-fifths rule: a subgroup's selection rate below this share of the highest is flagged
+    disparate_impact_ratio: float = Field(0.8, gt=0.0, le=1.0)
+    #: equalized odds: a TPR or FPR gap across an attribute's subgroups above this is flagged
+    equalized_odds_gap: float = Field(0.1, gt=0.0, le=1.0)
+    #: label-free recall is untrusted for a subgroup whose rows carry a watched concept more often than this
+    presence_bound: float = Field(0.05, ge=0.0, le=1.0)
     #: Ed25519 public key file; when set, only bundles with a valid signature from it are served
     public_key: Path | None = None
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypedDict
 
 import numpy as np
 
@@ -37,6 +37,8 @@ __all__ = [
     "FairnessCounts",
     "fairness_counts",
     "FairnessThresholds",
+    "SelectionEntry",
+    "EstimatedEntry",
     "selection_table",
     "estimated_table",
 ]
@@ -89,8 +91,9 @@ def row_attributes(attributes: Mapping[str, object] | Sequence[Mapping[str, obje
         one = _checked(attributes, declared)
         return [one for _ in range(n_rows)]
     if len(attributes) != n_rows:
+        # 400 like an undecodable body: the schema cannot tie the list's length to the tensor's
         raise RequestError(f"attributes: {len(attributes)} objects for {n_rows} rows; send one per row or one "
-                           "object for all", reason="invalid")
+                           "object for all", reason="bad_request")
     return [_checked(a, declared) for a in attributes]
 
 
@@ -136,6 +139,14 @@ def fairness_counts(predicted: np.ndarray, probabilities: np.ndarray | None, pre
     return out
 
 
+SelectionEntry = TypedDict("SelectionEntry", {
+    "attribute": str, "value": str, "class": str, "predicted": int, "total": int, "rate": float | None,
+    "ratio_to_max": float | None, "flags": list[str]})
+EstimatedEntry = TypedDict("EstimatedEntry", {
+    "attribute": str, "value": str, "class": str, "estimated_recall": float | None,
+    "realized_recall": float | None, "labelled": int, "trusted": bool})
+
+
 @dataclass(frozen=True)
 class FairnessThresholds:
     """``ratio_bound``: disparate-impact flag below this (four-fifths rule); ``min_samples``: no flag, and no
@@ -153,7 +164,7 @@ def _ratio(k: float, n: float) -> float | None:
 
 def selection_table(predicted: Mapping[tuple[str, str, str], int], rows: Mapping[tuple[str, str], int],
                     declared: Declared, classes: Sequence[str],
-                    thresholds: FairnessThresholds = FairnessThresholds()) -> list[dict[str, object]]:
+                    thresholds: FairnessThresholds = FairnessThresholds()) -> list[SelectionEntry]:
     """The ``selection`` list of ``/compliance``: one entry per attribute, value and class.
 
     ``ratio_to_max`` is this subgroup's selection rate over the highest rate among the attribute's
@@ -161,7 +172,7 @@ def selection_table(predicted: Mapping[tuple[str, str, str], int], rows: Mapping
     ``flags``: ``adverse_impact`` when the ratio is below ``ratio_bound`` and every value of the
     attribute has at least ``min_samples`` rows; ``few_samples`` when this subgroup has fewer.
     """
-    entries: list[dict[str, object]] = []
+    entries: list[SelectionEntry] = []
     for name, values in declared.items():
         guarded = all(rows.get((name, v), 0) >= thresholds.min_samples for v in values)
         for cls in classes:
@@ -186,14 +197,14 @@ def estimated_table(expected_tp: Mapping[tuple[str, str, str], float],
                     realized: Mapping[tuple[str, str, str], tuple[int, int]],
                     present: Mapping[tuple[str, str, str], int], rows: Mapping[tuple[str, str], int],
                     declared: Declared, classes: Sequence[str], concepts: Sequence[str], calibrated: bool,
-                    thresholds: FairnessThresholds = FairnessThresholds()) -> list[dict[str, object]]:
+                    thresholds: FairnessThresholds = FairnessThresholds()) -> list[EstimatedEntry]:
     """The ``estimated`` list of ``/compliance``: label-free recall beside realized recall, per subgroup and class.
 
     ``realized[(a, v, k)] = (tp, tp + fn)`` from feedback. ``trusted`` is false when the bundle carries no
     temperature, when the subgroup has fewer than ``min_samples`` rows, or when a watched concept is present
     in more than ``presence_bound`` of its rows (calibration was fitted on data without it).
     """
-    entries: list[dict[str, object]] = []
+    entries: list[EstimatedEntry] = []
     for name, values in declared.items():
         for v in values:
             n = rows.get((name, v), 0)

@@ -23,6 +23,14 @@ from hansgate.bundle import Bundle, load_bundle
 from hansgate.errors import RequestError
 from hansgate.service.batching import MicroBatcher
 from hansgate.service.config import GatewayConfig, load_receipt_key
+from hansgate.service.fairness import (
+    FairnessThresholds,
+    estimated_table,
+    fairness_counts,
+    parse_attribute_header,
+    row_attributes,
+    selection_table,
+)
 from hansgate.service.inputs import Preprocessor
 from hansgate.service.metrics import GatewayMetrics, batch_stats
 from hansgate.service.receipts import PredictionStore, Receipt, ReceiptSigner
@@ -38,6 +46,8 @@ log = logging.getLogger("hansgate.service")
 class _Job:
     x: np.ndarray
     request_id: str
+    #: declared subgroup attributes per row (validated), or ``None`` when the request sent none
+    attributes: list[dict[str, str]] | None = None
 
 
 def _rows_json(a: np.ndarray) -> list[str]:
@@ -71,7 +81,8 @@ class Gateway:
         self.thresholds = ComplianceThresholds(cfg.recall_margin, cfg.tcav_margin, cfg.min_samples)
         self.metrics = GatewayMetrics(self.manifest, self.provider, {
             "recall_margin": cfg.recall_margin, "tcav_margin": cfg.tcav_margin, "min_samples": cfg.min_samples,
-            "presence_surge_factor": cfg.presence_surge_factor}, registry=registry,
+            "presence_surge_factor": cfg.presence_surge_factor, "disparate_impact_ratio": cfg.disparate_impact_ratio,
+            "equalized_odds_gap": cfg.equalized_odds_gap}, registry=registry,
             started_at=time.time() if started_at is None else started_at)
         self.signer = ReceiptSigner(load_receipt_key(cfg), self.model_sha256, cfg.receipt_ttl_s,
                                     n_classes=len(self.manifest.classes), n_concepts=len(self.manifest.concepts))
@@ -85,6 +96,11 @@ class Gateway:
         self._concept_keys = [json.dumps(c) for c in self._concepts]
         self._class_index = {c: i for i, c in enumerate(self._classes)}
         self._attributes = {a.name: set(a.values) for a in self.manifest.subgroups}
+        #: declared subgroup attributes and their values (what a request may send)
+        self.declared = {a.name: list(a.values) for a in self.manifest.subgroups}
+        calibration = self.manifest.calibration
+        self._temperature = calibration.temperature if calibration is not None else None
+        self.fairness_thresholds = FairnessThresholds(cfg.disparate_impact_ratio, cfg.min_samples, cfg.presence_bound)
         # feedback touches SQLite (may wait on the other workers' writes): a small fixed pool keeps
         # it off the event loop without growing a thread (and a malloc arena) per concurrent request
         self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io")
@@ -97,10 +113,15 @@ class Gateway:
                  self.provider)
 
     # -- predictions ---------------------------------------------------------------------------------
-    async def predict(self, x: np.ndarray) -> bytes:
+    async def predict(self, x: np.ndarray, attributes: Any = None) -> bytes:
         """The JSON response (bytes) for a preprocessed batch ``x [N, C, H, W]``, run together with
-        concurrent requests; ``RequestError('non_finite_output')`` when the graph gives NaN/inf."""
-        out = await self.batcher.submit(_Job(x, uuid.uuid4().hex), len(x))
+        concurrent requests; ``RequestError('non_finite_output')`` when the graph gives NaN/inf.
+
+        ``attributes``: declared subgroup attributes, one object for every row or a list with one per
+        row (``fairness.row_attributes``); counted per subgroup and signed into each row's receipt.
+        """
+        rows = row_attributes(attributes, len(x), self.declared) if attributes is not None else None
+        out = await self.batcher.submit(_Job(x, uuid.uuid4().hex, rows), len(x))
         if isinstance(out, RequestError):  # the batcher raises these; this is for the type checker
             raise out
         return out
@@ -126,9 +147,13 @@ class Gateway:
             logits = logits[keep]
             scores = scores[keep] if scores is not None else None
             sens = sens[keep] if sens is not None else None
+        row_attrs = [a for job, ok in zip(jobs, ok_job) if ok
+                     for a in (job.attributes if job.attributes is not None else [{}] * len(job.x))]
         if self.cfg.monitoring and len(logits):
             pred, stats = batch_stats(logits, scores, sens, self._presence)
             self.metrics.observe_batch(stats, seconds, len(x))
+            if any(row_attrs):
+                self._observe_fairness(logits, scores, pred, row_attrs)
         else:
             pred = logits.argmax(1)
         probs = _rows_json(_softmax(logits.astype(np.float64)))
@@ -156,7 +181,8 @@ class Gateway:
             for j in range(len(job.x)):
                 rid = f"{job.request_id}-{j}"
                 cls = pred_list[n]
-                receipt = self.signer.sign(Receipt(rid, cls, self.model_sha256, signs[n], now))
+                attrs = ",".join(f"{k}={v}" for k, v in sorted(row_attrs[n].items()))
+                receipt = self.signer.sign(Receipt(rid, cls, self.model_sha256, signs[n], now, attrs))
                 store_rows.append((rid, cls, signs[n], now))
                 parts.append(f'{{"request_id":"{rid}","class_index":{cls},"class":{self._class_keys[cls]},'
                              f'"probabilities":[{probs[n]}],"concept_scores":{concept_rows[n]},'
@@ -167,6 +193,14 @@ class Gateway:
         if store_rows:
             self.store.add(store_rows)
         return results
+
+    def _observe_fairness(self, logits: np.ndarray, scores: np.ndarray | None, pred: np.ndarray,
+                          attributes: list[dict[str, str]]) -> None:
+        """Selection, calibrated expected tp/fn and concept presence per subgroup (``service.fairness``)."""
+        probs = _softmax(logits.astype(np.float64) / self._temperature) if self._temperature is not None else None
+        present = scores > self._presence if scores is not None and len(self._concepts) else None
+        self.metrics.fairness.observe(fairness_counts(pred, probs, present, attributes, self._classes,
+                                                      self._concepts))
 
     # -- feedback ------------------------------------------------------------------------------------
     def feedback(self, req: FeedbackRequest) -> dict:
@@ -190,14 +224,16 @@ class Gateway:
             receipt = self.store.lookup(req.request_id, self.model_sha256)
         if not 0 <= receipt.class_index < len(self._classes):  # the store and the signer check it too
             raise RequestError("the prediction's class index is not a class of this model", "forged_receipt")
+        # attributes sent now win; otherwise those the prediction carried (signed into its receipt)
+        attributes = dict(req.attributes) or parse_attribute_header(receipt.attributes, self.declared)
         self.store.claim(receipt.request_id)
         try:
-            self.metrics.observe_feedback(receipt.class_index, true, dict(req.attributes))
+            self.metrics.observe_feedback(receipt.class_index, true, attributes)
         except BaseException:
             self.store.release(receipt.request_id)
             raise
         return {"request_id": receipt.request_id, "predicted": self._classes[receipt.class_index],
-                "label": req.label, "correct": receipt.class_index == true, "attributes": dict(req.attributes)}
+                "label": req.label, "correct": receipt.class_index == true, "attributes": attributes}
 
     # -- compliance ----------------------------------------------------------------------------------
     def compliance(self) -> dict:
@@ -216,6 +252,14 @@ class Gateway:
                  for s in subgroups for f in s.flags]
         flags += [{"kind": f, "concept": t.concept, "class": t.class_name} for t in tcav for f in t.flags]
         total_feedback = sum(o.positives for (a, _, _), o in r.feedback.items() if a == "_all")
+        f = r.fairness
+        realized = {key: (o.tp, o.positives) for key, o in r.feedback.items() if key[0] != "_all"}
+        selection = selection_table(f.predicted, f.rows, self.declared, self._classes, self.fairness_thresholds)
+        estimated = estimated_table(f.expected_tp, f.expected_fn, realized, f.present, f.rows, self.declared,
+                                    self._classes, self._concepts, self._temperature is not None,
+                                    self.fairness_thresholds)
+        flags += [{"kind": flag, "attribute": e["attribute"], "value": e["value"], "class": e["class"]}
+                  for e in selection for flag in e["flags"] if flag == "adverse_impact"]
         return {
             "model_sha256": self.model_sha256,
             "method": self.manifest.method.name,
@@ -224,11 +268,16 @@ class Gateway:
             "scope": "this replica (all workers); fleet-wide: sum the counters in Prometheus",
             "thresholds": {"recall_margin": self.thresholds.recall_margin,
                            "tcav_margin": self.thresholds.tcav_margin, "min_samples": self.thresholds.min_samples,
+                           "disparate_impact_ratio": self.fairness_thresholds.ratio_bound,
+                           "presence_bound": self.fairness_thresholds.presence_bound,
                            "interval": "Wilson score, 95 %"},
             "predictions": sum(r.predictions.values()),
             "feedback": total_feedback,
             "subgroups": [s.as_dict() for s in subgroups],
             "tcav": [t.as_dict() for t in tcav],
+            "selection": selection,
+            "estimated": estimated,
+            "calibration": self.manifest.calibration.model_dump() if self.manifest.calibration else None,
             "flags": flags,
         }
 

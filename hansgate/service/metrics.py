@@ -18,6 +18,8 @@ score and presence rate can be summed over workers and replicas before dividing:
 ``hansgate_model_info{...}`` (gauge = 1)               model hash, method, provider in use
 ``hansgate_baseline_tcav{concept,class}`` (gauge)      manifest baselines, for drift alerts
 ``hansgate_baseline_recall{attribute,value,class}``    manifest baseline subgroup recall
+``hansgate_subgroup_predictions_total{attribute,value,class}`` and the other fairness counters of
+``fairness_metrics`` (selection per subgroup, calibrated expected tp/fn, concept presence)
 ``hansgate_alert_threshold{name}`` (gauge)             margins the alert rules and snapshot use
 ``hansgate_start_time_seconds`` (gauge)                when this gateway started (a change = restart)
 =====================================================  =====================================
@@ -47,6 +49,11 @@ import numpy as np
 from hansgate.audit.compliance import ALL, Outcomes
 from hansgate.manifest import Manifest
 from hansgate.service.errors import REASONS
+from hansgate.service.fairness_metrics import (
+    FAIRNESS_METRIC_NAMES,
+    FairnessMetrics,
+    FairnessReadings,
+)
 
 __all__ = ["OUTCOMES", "METRIC_NAMES", "BatchStats", "batch_stats", "GatewayMetrics", "CounterReadings",
            "exposition"]
@@ -63,7 +70,7 @@ METRIC_NAMES = frozenset({
     "hansgate_rejected_requests_total", "hansgate_inference_seconds", "hansgate_batch_rows",
     "hansgate_request_seconds", "hansgate_model_info", "hansgate_baseline_tcav", "hansgate_baseline_recall",
     "hansgate_alert_threshold", "hansgate_start_time_seconds",
-})
+}) | FAIRNESS_METRIC_NAMES
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class CounterReadings:
     tcav_positive: dict[tuple[str, str], int]
     tcav_samples: dict[tuple[str, str], int]
     predictions: dict[str, int]
+    fairness: FairnessReadings
 
 
 class GatewayMetrics:
@@ -129,6 +137,8 @@ class GatewayMetrics:
         self._concepts = concepts
         self._attributes = {a.name: list(a.values) for a in manifest.subgroups}
         self.predictions = Counter("hansgate_predictions", "Predicted rows per class", ["class"], registry=reg)
+        #: per-subgroup selection, label-free recall and concept presence (``fairness_metrics``)
+        self.fairness = FairnessMetrics(manifest, registry=reg)
         self.present = Counter("hansgate_concept_present", "Rows whose concept score exceeds the presence threshold",
                                ["concept"], registry=reg)
         self.tcav_samples = Counter("hansgate_tcav_samples", "Rows counted for TCAV per concept and predicted class",
@@ -246,7 +256,7 @@ class GatewayMetrics:
     # -- reading -------------------------------------------------------------------------------------
     def readings(self) -> CounterReadings:
         """Current counter values, summed over every worker of this machine in multiprocess mode."""
-        fams = _collect(self.registry)
+        fams = list(_collect(self.registry))
         feedback: dict[tuple[str, str, str], dict[str, int]] = {}
         pos: dict[tuple[str, str], int] = {}
         samples: dict[tuple[str, str], int] = {}
@@ -266,7 +276,7 @@ class GatewayMetrics:
             elif name == "hansgate_predictions_total":
                 preds[labels["class"]] = preds.get(labels["class"], 0) + v
         return CounterReadings({k: Outcomes(**{o: d.get(o, 0) for o in OUTCOMES}) for k, d in feedback.items()},
-                               pos, samples, preds)
+                               pos, samples, preds, FairnessMetrics.readings(fams))
 
 
 def _collect(registry: Any) -> Iterable[tuple[str, dict[str, str], float]]:

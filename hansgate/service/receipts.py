@@ -5,7 +5,8 @@ the prediction did. Each prediction therefore returns a **receipt**::
 
     v1.<base64url(payload)>.<base64url(HMAC-SHA256(key, "v1." + base64url(payload)))>
     payload = {"r": request id, "c": predicted class index, "m": model sha256,
-               "s": concept signs of the predicted class ("+"/"-" per concept), "t": issued (unix s)}
+               "s": concept signs of the predicted class ("+"/"-" per concept), "t": issued (unix s),
+               "a": subgroup attributes sent with the prediction, "name=value,..." (only when there are any)}
 
 Any gateway holding the key verifies it without shared state. Feedback rules, in order:
 
@@ -70,6 +71,9 @@ class Receipt:
     model_sha256: str
     concept_signs: str
     issued_at: float
+    #: ``"site=B,stroke=thin"``: declared subgroup attributes sent with the prediction ("" for none), so
+    #: that feedback need not repeat them (names and values come from a safe alphabet without , or =)
+    attributes: str = ""
 
 
 class ReceiptSigner:
@@ -96,7 +100,8 @@ class ReceiptSigner:
         rid = r.request_id
         quoted = f'"{rid}"' if rid.isascii() and rid.isalnum() or _PLAIN_ID.fullmatch(rid) else json.dumps(rid)
         payload = (f'{{"r":{quoted},"c":{int(r.class_index)},"m":"{r.model_sha256}",'
-                   f'"s":"{r.concept_signs}","t":{round(r.issued_at, 3)!r}}}').encode()
+                   f'"s":"{r.concept_signs}","t":{round(r.issued_at, 3)!r}'
+                   + (f',"a":{json.dumps(r.attributes)}}}' if r.attributes else "}")).encode()
         head = f"{_VERSION}.{_b64(payload)}"
         return f"{head}.{_b64(self._mac(head.encode()))}"
 
@@ -114,7 +119,7 @@ class ReceiptSigner:
             raise RequestError("receipt signature does not verify", "forged_receipt")
         try:
             p = json.loads(_unb64(parts[1]))
-            fields = (p["r"], p["c"], p["m"], p["s"], p["t"])
+            fields = (p["r"], p["c"], p["m"], p["s"], p["t"], p.get("a", ""))
         except (ValueError, KeyError, TypeError):  # signed by us, so only a key compromise gets here
             raise RequestError("receipt payload is malformed", "forged_receipt") from None
         receipt = self._checked(*fields)
@@ -127,7 +132,8 @@ class ReceiptSigner:
             raise RequestError(f"receipt expired ({self.ttl_s:g} s TTL)", "expired")
         return receipt
 
-    def _checked(self, rid: object, cls: object, sha: object, signs: object, issued: object) -> Receipt:
+    def _checked(self, rid: object, cls: object, sha: object, signs: object, issued: object,
+                 attributes: object = "") -> Receipt:
         """Every field of a verified payload, typed and in range (``forged_receipt`` otherwise)."""
         def bad(what: str) -> RequestError:
             return RequestError(f"receipt payload has an invalid {what}", "forged_receipt")
@@ -143,7 +149,9 @@ class ReceiptSigner:
             raise bad("concept signs")
         if type(issued) not in (int, float) or not math.isfinite(issued):  # type: ignore[arg-type]
             raise bad("issue time")
-        return Receipt(rid, cls, sha, signs, float(issued))  # type: ignore[arg-type]
+        if not isinstance(attributes, str) or len(attributes) > 1024:
+            raise bad("attribute list")
+        return Receipt(rid, cls, sha, signs, float(issued), attributes)  # type: ignore[arg-type]
 
 
 class PredictionStore:

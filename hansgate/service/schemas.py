@@ -36,6 +36,8 @@ class PredictJSON(_Body):
 
     tensor: list[Any] | None = Field(None, description="[N,C,H,W] or [C,H,W] nested lists of numbers")
     images: list[str] | None = Field(None, description="base64 PNG/JPEG files", min_length=1)
+    attributes: dict[str, str] | list[dict[str, str]] | None = Field(
+        None, description="declared subgroup attributes: one object for every row, or a list with one per row")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "PredictJSON":
@@ -112,14 +114,25 @@ def _tensor_schema(manifest: Manifest, max_batch: int) -> dict[str, Any]:
             "description": f"pixel values in the model's input range [{lo:g}, {hi:g}], before mean/std"}
 
 
+def _attributes_schema(manifest: Manifest) -> dict[str, Any]:
+    """Only the manifest's attributes, each with its declared values."""
+    return {"type": "object", "additionalProperties": False, "maxProperties": 16,
+            "properties": {a.name: {"type": "string", "enum": list(a.values)} for a in manifest.subgroups}}
+
+
 def predict_json_schema(manifest: Manifest, max_batch: int) -> dict[str, Any]:
     """JSON schema of a ``/predict`` JSON body for this manifest: exactly one of ``tensor`` (shape and
     value range as item bounds and minimum/maximum) or ``images`` (1..``max_batch`` base64 files)."""
     images = {"type": "array", "minItems": 1, "maxItems": max_batch,
               "items": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"},
               "description": "base64-encoded PNG or JPEG files; resized and normalised per the manifest"}
+    attributes = _attributes_schema(manifest)
+    per_row = {"type": "array", "minItems": 1, "maxItems": max_batch, "items": attributes}
     return {"type": "object", "title": "PredictJSON", "description": (PredictJSON.__doc__ or "").split("\n\n")[0],
-            "properties": {"tensor": _tensor_schema(manifest, max_batch), "images": images},
+            "properties": {"tensor": _tensor_schema(manifest, max_batch), "images": images,
+                           "attributes": {"oneOf": [attributes, per_row],
+                                          "description": "declared subgroup attributes: one object for every row, "
+                                                         "or one object per row (counted, never stored)"}},
             "additionalProperties": False,
             "oneOf": [{"required": ["tensor"], "not": {"required": ["images"]}},
                       {"required": ["images"], "not": {"required": ["tensor"]}}]}
@@ -128,8 +141,7 @@ def predict_json_schema(manifest: Manifest, max_batch: int) -> dict[str, Any]:
 def feedback_json_schema(manifest: Manifest) -> dict[str, Any]:
     """JSON schema of a ``/feedback`` body: ``label`` one of the manifest's classes, ``attributes``
     only declared attributes with declared values, and a ``receipt`` or a ``request_id``."""
-    attributes = {"type": "object", "additionalProperties": False, "maxProperties": 16,
-                  "properties": {a.name: {"type": "string", "enum": list(a.values)} for a in manifest.subgroups}}
+    attributes = _attributes_schema(manifest)
     return {"type": "object", "title": "FeedbackRequest", "description": (FeedbackRequest.__doc__ or "").split("\n\n")[0],
             "properties": {"receipt": {"type": "string", "maxLength": 1024},
                            "request_id": {"type": "string", "maxLength": 128},

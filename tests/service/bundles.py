@@ -10,6 +10,7 @@ from torch import nn
 import hansgate
 from hansgate.bundle import Bundle, sha256_bytes, write_bundle
 from hansgate.manifest import (
+    CalibrationSpec,
     ConceptSpec,
     GraphOutput,
     GraphSpec,
@@ -63,7 +64,7 @@ class TinyConceptNet(nn.Module):
         return logits, scores, (plus - minus) / (2 * self.eps)
 
 
-def make_bundle(out: Path, concepts: bool = True, seed: int = 0) -> Bundle:
+def make_bundle(out: Path, concepts: bool = True, seed: int = 0, calibration: CalibrationSpec | None = None) -> Bundle:
     torch.manual_seed(seed)
     model = TinyConceptNet(seed, concepts).eval()
     x_check = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(seed + 1))
@@ -81,6 +82,7 @@ def make_bundle(out: Path, concepts: bool = True, seed: int = 0) -> Bundle:
         subgroups=[SubgroupAttribute(name="site", values=["A", "B"],
                                      baseline_recall={"A": {c: 0.9 for c in CLASSES}, "B": {c: 0.8 for c in CLASSES}}),
                    SubgroupAttribute(name="stroke", values=["thin", "thick"])],
+        calibration=calibration,
         graph=GraphSpec(sha256=sha256_bytes(onnx_bytes), opset=OPSET,
                         outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff))
     return write_bundle(out, onnx_bytes, manifest, overwrite=True)
