@@ -54,6 +54,8 @@ class CleverHansConfig(BaseModel):
     jitter_shift: float = Field(2.0, ge=0.0, description="max translation in pixels")
     jitter_degrees: float = Field(10.0, ge=0.0)
     site_b_share: float = Field(0.3, ge=0.0, le=1.0, description="share of deploy images from site B")
+    calibration_share: float = Field(0.0, ge=0.0, lt=0.5, description="share of the test source digits held out "
+                                     "as a clean calibration split (temperature scaling), never in test or deploy")
 
 
 @dataclass
@@ -75,6 +77,9 @@ class CleverHansData:
     y_deploy: torch.Tensor
     attributes_test: dict[str, np.ndarray] = field(default_factory=dict)
     attributes_deploy: dict[str, np.ndarray] = field(default_factory=dict)
+    #: clean images of source digits seen neither in training nor in test/deploy (``calibration_share``)
+    x_calib: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    y_calib: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -126,11 +131,14 @@ def make_clever_hans(config: CleverHansConfig | None = None) -> CleverHansData:
 
     train_idx: list[int] = []
     test_idx: list[int] = []
+    calib_idx: list[int] = []
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(digits.target == c))
         cut = int(round(len(idx) * cfg.train_share))
+        n_cal = int(round((len(idx) - cut) * cfg.calibration_share))
         train_idx.extend(idx[:cut])
-        test_idx.extend(idx[cut:])
+        calib_idx.extend(idx[cut : cut + n_cal])
+        test_idx.extend(idx[cut + n_cal :])
     base = _canvas(digits.images, cfg.image_size)
     labels = torch.from_numpy(digits.target.astype(np.int64))
 
@@ -146,6 +154,7 @@ def make_clever_hans(config: CleverHansConfig | None = None) -> CleverHansData:
     x_deploy = artifact.apply_where(x_test, from_b)
 
     clean = ~artifact_train
+    x_calib = _jitter(base[calib_idx], cfg.test_copies, cfg, gen) if calib_idx else torch.zeros(0, *x_test.shape[1:])
     return CleverHansData(
         config=cfg,
         artifact=artifact,
@@ -165,4 +174,6 @@ def make_clever_hans(config: CleverHansConfig | None = None) -> CleverHansData:
             "stroke": stroke_attribute(x_test, y_test),
             "site": np.where(from_b.numpy(), "B", "A"),
         },
+        x_calib=x_calib,
+        y_calib=labels[calib_idx].repeat(cfg.test_copies) if calib_idx else torch.zeros(0, dtype=torch.int64),
     )

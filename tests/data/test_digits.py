@@ -80,3 +80,16 @@ def test_bad_configuration_is_refused():
         make_clever_hans(CleverHansConfig(artifact="nope"))
     with pytest.raises(ValidationError):
         CleverHansConfig(rate=1.5)
+
+
+def test_calibration_split_is_disjoint_and_leaves_the_default_unchanged():
+    plain = make_clever_hans(CleverHansConfig(seed=4, train_copies=1, test_copies=1))
+    assert len(plain.x_calib) == 0
+    again = make_clever_hans(CleverHansConfig(seed=4, train_copies=1, test_copies=1, calibration_share=0.0))
+    assert torch.equal(plain.x_test, again.x_test) and torch.equal(plain.x_deploy, again.x_deploy)
+    split = make_clever_hans(CleverHansConfig(seed=4, train_copies=1, test_copies=1, calibration_share=0.25))
+    assert torch.equal(split.x_train, plain.x_train)
+    assert len(split.x_calib) + len(split.x_test) == len(plain.x_test)
+    assert len(split.x_calib) == len(split.y_calib) and 0.2 < len(split.x_calib) / len(plain.x_test) < 0.3
+    test_rows = {tuple(r.tolist()) for r in split.x_test.flatten(1)}
+    assert not any(tuple(r.tolist()) in test_rows for r in split.x_calib.flatten(1))
