@@ -1,0 +1,177 @@
+"""Live fairness benchmark (issue 15): selection counts and calibrated label-free recall on the demo's deploy stream.
+
+The demo configuration (embedded digits, seed 0, ``small_vgg`` trained on the biased split,
+corner artifact on class 8, PCA-EGEM under the 5 % slack rule), with one addition: a clean
+calibration split of held-out test source digits (``calibration_share``), on which each
+bundle's temperature is fitted. Two bundles are served — the third party's original model
+and the PCA-EGEM refinement, each watching the artifact — through the gateway's ASGI app
+in-process, and the deploy split is streamed with every row's ``site`` and ``stroke``:
+
+1. ``selection``: ``/compliance``'s counts against the client's own tally from the responses
+   (must be equal), and ``ratio_to_max`` against the client's computation;
+2. ``estimated``: the label-free recall per subgroup and class, taken before any feedback;
+   then feedback for every row (by receipt, attributes from the receipt) and the realized
+   recall; the mean absolute difference over cells with at least ``min_positives`` labelled
+   positives, for all such cells and for the cells the gateway marks trusted.
+
+Usage: python benchmarks/fairness_bench.py --out benchmarks/results/fairness.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
+from hansgate.manifest import InputSpec, SourceModel, SubgroupAttribute  # noqa: E402
+from hansgate.nn.models import state_dict_sha256  # noqa: E402
+from hansgate.refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
+from hansgate.refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E402
+from hansgate.refinement.methods import RefineConfig, RefinementResult, refine_model  # noqa: E402
+from hansgate.refinement.pipeline import build_bundle, calibration_spec, per_class_subset, verified_subset  # noqa: E402
+from hansgate.refinement.selection import Candidate, select_best  # noqa: E402
+from hansgate.service.app import create_app  # noqa: E402
+from hansgate.service.config import GatewayConfig  # noqa: E402
+from hansgate.service.gateway import Gateway  # noqa: E402
+
+
+def make_bundles(seed: int, calibration_share: float, out: Path, log: Any) -> tuple[Any, dict[str, Path]]:
+    data = make_clever_hans(CleverHansConfig(seed=seed, calibration_share=calibration_share))
+    original = train_demo_model(BenchmarkConfig(), data, seed)
+    xr, yr = per_class_subset(*verified_subset(original, data.x_refine, data.y_refine), 200, seed)
+    log(f"trained; {len(yr)} verified samples; {len(data.y_calib)} calibration images")
+    refined = refine_model(original, xr, yr, RefineConfig(method="pca-egem", seed=seed))
+    identity = RefinementResult(original, "none", [], {}, select_best([Candidate({}, 1.0)], "identity"))
+    spec = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0], color_mode="L")
+    subgroups = [SubgroupAttribute(name="site", values=["A", "B"]),
+                 SubgroupAttribute(name="stroke", values=["thick", "thin"])]
+    paths = {}
+    for name, result in (("original", identity), ("pca-egem", refined)):
+        watched = watch_concept(result.model, "corner", xr, data.artifact.apply(xr), xr, yr, data.classes,
+                                pooling="none", seed=seed)
+        calibration = calibration_spec(result.model, data.x_calib, data.y_calib)
+        log(f"{name}: temperature {calibration.temperature:.3f}, ECE {calibration.ece_before:.3f} -> "
+            f"{calibration.ece_after:.3f}")
+        bundle = build_bundle(out / name, result, x_check=data.x_test[:256], classes=data.classes, input_spec=spec,
+                              source=SourceModel(spec="builtin:small_vgg", sha256=state_dict_sha256(original)),
+                              subgroups=subgroups, concepts=ConceptHeads([watched]), calibration=calibration)
+        paths[name] = bundle.path
+    return data, paths
+
+
+async def stream(bundle: Path, state: Path, data: Any, batch: int, min_positives: int) -> dict[str, Any]:
+    gw = Gateway(GatewayConfig(bundle=bundle, state_dir=state, receipt_key="f" * 32, provider="cpu",
+                               max_batch=batch), registry=CollectorRegistry(), cuda_devices=0)
+    app = create_app(lambda: gw)
+    attrs = data.attributes_deploy
+    x, y = data.x_deploy.numpy(), data.y_deploy.numpy()
+    tally: dict[tuple[str, str, str], int] = {}
+    totals: dict[tuple[str, str], int] = {}
+    receipts: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            for i in range(0, len(y), batch):
+                rows = [{"site": str(attrs["site"][j]), "stroke": str(attrs["stroke"][j])}
+                        for j in range(i, min(i + batch, len(y)))]
+                r = await http.post("/predict", json={"tensor": x[i : i + batch].tolist(), "attributes": rows})
+                r.raise_for_status()
+                for row, p, label in zip(rows, r.json()["predictions"], y[i : i + batch]):
+                    for name, value in row.items():
+                        tally[(name, value, p["class"])] = tally.get((name, value, p["class"]), 0) + 1
+                        totals[(name, value)] = totals.get((name, value), 0) + 1
+                    receipts.append((p["receipt"], data.classes[int(label)]))
+            before = (await http.get("/compliance")).json()
+            for receipt, label in receipts:
+                (await http.post("/feedback", json={"receipt": receipt, "label": label})).raise_for_status()
+            after = (await http.get("/compliance")).json()
+    finally:
+        await gw.batcher.aclose()
+        gw.close()
+    seconds = time.perf_counter() - t0
+    mismatches = [e for e in before["selection"]
+                  if e["predicted"] != tally.get((e["attribute"], e["value"], e["class"]), 0)
+                  or e["total"] != totals.get((e["attribute"], e["value"]), 0)]
+    ratio_errors = []
+    for e in before["selection"]:
+        rates = {v: tally.get((e["attribute"], v, e["class"]), 0) / totals[(e["attribute"], v)]
+                 for (a, v) in totals if a == e["attribute"]}
+        top = max(rates.values())
+        if top and e["ratio_to_max"] is not None:
+            ratio_errors.append(abs(e["ratio_to_max"] - rates[e["value"]] / top))
+    realized = {(e["attribute"], e["value"], e["class"]): e for e in after["estimated"]}
+    cells = []
+    for e in before["estimated"]:
+        r = realized[(e["attribute"], e["value"], e["class"])]
+        if r["labelled"] >= min_positives and e["estimated_recall"] is not None:
+            cells.append({"attribute": e["attribute"], "value": e["value"], "class": e["class"],
+                          "estimated": e["estimated_recall"], "realized": r["realized_recall"],
+                          "error": abs(e["estimated_recall"] - r["realized_recall"]), "labelled": r["labelled"],
+                          "trusted": e["trusted"]})
+    trusted = [c["error"] for c in cells if c["trusted"]]
+    return {
+        "rows": len(y), "seconds": seconds,
+        "selection_exact": not mismatches, "selection_mismatches": mismatches[:5],
+        "ratio_to_max_max_error": max(ratio_errors) if ratio_errors else None,
+        "estimate_cells": len(cells),
+        "mean_abs_error": statistics.fmean(c["error"] for c in cells) if cells else None,
+        "mean_abs_error_trusted": statistics.fmean(trusted) if trusted else None,
+        "trusted_cells": len(trusted),
+        "cells": cells,
+        "flags_before_feedback": [f for f in before["flags"] if f["kind"] == "adverse_impact"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/fairness.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-share", type=float, default=0.25)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--min-positives", type=int, default=30)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        data, bundles = make_bundles(args.seed, args.calibration_share, Path(tmp), lambda m: print(m, flush=True))
+        models = {name: asyncio.run(stream(path, Path(tmp) / f"state-{name}", data, args.batch, args.min_positives))
+                  for name, path in bundles.items()}
+    refined = models["pca-egem"]
+    result = {
+        "config": vars(args), "seconds": time.perf_counter() - t0, "models": models,
+        "bars": {
+            "selection_exact": {"pass": all(m["selection_exact"] for m in models.values())},
+            "ratio_to_max": {"max_error": max((m["ratio_to_max_max_error"] or 0) for m in models.values()),
+                             "pass": all((m["ratio_to_max_max_error"] or 0) < 1e-9 for m in models.values())},
+            "estimate_refined_mae_le_0.05": {"value": refined["mean_abs_error"], "cells": refined["estimate_cells"],
+                                             "pass": refined["mean_abs_error"] is not None
+                                             and refined["mean_abs_error"] <= 0.05},
+            "estimate_original_mae": {"value": models["original"]["mean_abs_error"],
+                                      "trusted_only": models["original"]["mean_abs_error_trusted"]},
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    for name, m in models.items():
+        print(f"{name}: selection exact {m['selection_exact']}, estimate MAE {m['mean_abs_error']} over "
+              f"{m['estimate_cells']} cells (trusted {m['mean_abs_error_trusted']} over {m['trusted_cells']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
