@@ -243,24 +243,22 @@ def xs_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch
         ce = F.cross_entropy(logits, y)
         xs = _rbr_term(model, xg, y, m, config.rbr_scale, logits)
         return ce + lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
-    logits = model(x if separate else xg)
-    ce = F.cross_entropy(logits, y)
-    if not penalised and method != "tap" or lam == 0:
-        xs = torch.zeros((), dtype=ce.dtype)
-    elif method == "rrr":
-        if separate:
-            with eval_mode(model):
-                logits = model(xg)
-        xs = rrr_penalty(input_gradient(logits, xg), m, config.rrr_norm)
-    elif method == "rbr":
+    if separate:  # the eval-mode penalty first: it sees the model as the step starts, as rrr_loss/rbr_loss do
         with eval_mode(model):
-            xs = _rbr_term(model, xg, y, m, config.rbr_scale)
-    elif method == "tap":
+            xs = rrr_penalty(input_gradient(model(xg), xg), m, config.rrr_norm) if method == "rrr" else \
+                _rbr_term(model, xg, y, m, config.rbr_scale)
+        ce = F.cross_entropy(model(x), y)
+        return ce + lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
+    logits = model(xg)
+    ce = F.cross_entropy(logits, y)
+    if method == "rrr" and penalised:
+        xs = rrr_penalty(input_gradient(logits, xg), m, config.rrr_norm)
+    elif method == "tap" and lam != 0:
         if recorder is None:
             raise ConfigError("TAP needs a TargetedActivations recorder around the model")
         xs = tap_penalty(recorder.outputs, m, config.tap_kernel, config.tap_norm, config.tap_geometry)
-    else:  # pragma: no cover - guarded by pydantic
-        raise ConfigError(f"unknown XS method {method!r}; choose from {XS_METHODS}")
+    else:
+        xs = torch.zeros((), dtype=ce.dtype)
     return ce + lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
 
 
