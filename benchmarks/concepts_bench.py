@@ -453,16 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        res = parts[0] | {"table1": [s for p in parts for s in p["table1"]], "merged_from": args.merge,
-                          "load_average": [p["load_average"] for p in parts]}
+        merged = parts[0] | {"table1": [s for p in parts for s in p["table1"]], "merged_from": args.merge,
+                             "load_average": [p["load_average"] for p in parts]}
         earlier = []
         for p in parts:  # the last part that measured costs wins; earlier measurements are kept
-            if "heads" in res and "heads" in p and p is not parts[0]:
-                earlier.append({k: res[k] for k in ("heads", "step_cost") if k in res})
-            res.update({k: p[k] for k in ("heads", "step_cost") if k in p})
-        res["earlier_cost_runs"] = earlier
-        res["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
-        finalize(res, Path(args.out))
+            if "heads" in merged and "heads" in p and p is not parts[0]:
+                earlier.append({k: merged[k] for k in ("heads", "step_cost") if k in merged})
+            merged.update({k: p[k] for k in ("heads", "step_cost") if k in p})
+        merged["earlier_cost_runs"] = earlier
+        merged["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
+        finalize(merged, Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
