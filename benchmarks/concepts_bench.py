@@ -379,6 +379,20 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| | **bar ({tag})** | | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
                          f"{b['tcav_closer_to_half']} | clean within 3 pts: {b['clean_within_3_points']} | "
                          f"{('PASS' if b['passes'] else 'FAIL') if b.get('applicable', True) else 'n/a: no shortcut'} |")
+    lines += ["", "## RR-ClArC: default vs variants (share of Vanilla's clean-biased gap recovered, clean change)", "",
+              "Reference rows against `vanilla`, `[project]` against `vanilla[project]`; each `rr-clarc[...]` row "
+              "changes one default back to the project's earlier choice.", ""]
+    for s in res["table1"]:
+        rows = s["methods"]
+        cells = []
+        for name, row in rows.items():
+            if not name.startswith("rr-clarc") or "clean_acc" not in row:
+                continue
+            v = rows["vanilla[project]" if name.endswith("[project]") else "vanilla"]
+            gap = v["clean_acc"] - v["biased_acc"]
+            cells.append(f"{name}: {(row['biased_acc'] - v['biased_acc']) / gap:.2f} / "
+                         f"{row['clean_acc'] - v['clean_acc']:+.3f}" if gap > 0 else f"{name}: n/a")
+        lines.append(f"- {_label(s)}: " + "; ".join(cells))
     lines += ["", "## CAV alignment (Eq. 7 s / Eq. 8 s_bar; regression gamma by 5-fold CV, [holdout] the variant)", ""]
     for s in res["table1"]:
         for pooling, a in s["alignment"].items():

@@ -4,7 +4,8 @@ RR-ClArC (and P-/A-ClArC) keep every layer up to the concept layer fixed (paper 
 so no such method can do better than the best head trained *with* the answer: here a head
 fitted on concept-layer features of artifact-carrying training images with their true
 labels (the model's own head shape, avgpool + linear, and a linear probe on the full map),
-scored on the artifact-carrying test set. If that oracle stays far below the clean
+scored on the artifact-carrying test set; and one head fitted on clean and artifact features
+together (can a single head serve both?). If that oracle stays far below the clean
 accuracy, the artifact has destroyed the class evidence before the concept layer and the
 gap cannot be closed at that layer; the logit-8 ceiling (argmax over the other classes)
 shows how much removing the shortcut class alone could give.
@@ -79,15 +80,19 @@ def probe(model_name: str, artifact: str, train_epochs: int, n_probe: int) -> di
     for kind in ("avgpool+linear", "linear on full map"):
         head = _fit_head(f_tr, y_tr, kind, k)
         with torch.no_grad():
-            out["oracle_heads"][kind] = {
+            out["oracle_heads"][f"{kind}, fitted on artifact"] = {
                 "biased_acc": float((head(f_te_p).argmax(1) == data.y_test).float().mean()),
                 "clean_acc": float((head(f_te_c).argmax(1) == data.y_test).float().mean())}
-    # the same oracle on clean features (what the head shape reaches without the artifact)
-    head = _fit_head(layer_activations(model, layer, data.x_train[idx]), y_tr, "avgpool+linear", k)
-    with torch.no_grad():
-        out["oracle_heads"]["avgpool+linear, fitted on clean"] = {
-            "biased_acc": float((head(f_te_p).argmax(1) == data.y_test).float().mean()),
-            "clean_acc": float((head(f_te_c).argmax(1) == data.y_test).float().mean())}
+    # the same head shape fitted on clean features only, and on clean + artifact features (one head for both)
+    f_clean = layer_activations(model, layer, data.x_train[idx])
+    for label, feats, labels in (("fitted on clean", f_clean, y_tr),
+                                 ("fitted on clean + artifact", torch.cat([f_clean, f_tr]), torch.cat([y_tr, y_tr]))):
+        for kind in ("avgpool+linear", "linear on full map"):
+            head = _fit_head(feats, labels, kind, k)
+            with torch.no_grad():
+                out["oracle_heads"][f"{kind}, {label}"] = {
+                    "biased_acc": float((head(f_te_p).argmax(1) == data.y_test).float().mean()),
+                    "clean_acc": float((head(f_te_c).argmax(1) == data.y_test).float().mean())}
     return out
 
 

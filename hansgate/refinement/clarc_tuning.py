@@ -64,7 +64,7 @@ class FineTuner:
     ``target`` before the head, needs ``cav``), ``input`` (``CE + lam * input_penalty``,
     needs the masks in ``fit``). ``double_backward``: RR-ClArC's penalty by double backward
     even where forward mode works. Learned in ``fit``: ``model_`` (eval mode), ``seconds_``,
-    ``steps_``, ``diverged_`` (a non-finite loss stopped the training).
+    ``steps_``, ``diverged_`` (a non-finite loss stopped the training), ``class_weights_``.
     """
 
     def __init__(self, layer: str, config: ClarcConfig, objective: str = "plain", cav: torch.Tensor | None = None,
@@ -81,7 +81,6 @@ class FineTuner:
         self.layer, self.config, self.objective, self.cav, self.lam, self.target = layer, config, objective, cav, lam, target
         self.double_backward = double_backward
         self.input_penalty = input_penalty
-        self.weights: torch.Tensor | None = None  # class weights of the cross-entropy (set by fit, or by the caller)
         self._lin_for: nn.Module | None = None
         self._lin: Linearized | None = None
 
@@ -110,7 +109,8 @@ class FineTuner:
         return tuned, features, head, opt
 
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = None if self.weights is None else self.weights.to(logits)[: logits.shape[1]]
+        weights = getattr(self, "class_weights_", None)
+        w = None if weights is None else weights.to(logits)[: logits.shape[1]]
         return F.cross_entropy(logits, y, weight=w)
 
     def step(self, features: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, y: torch.Tensor,
@@ -192,7 +192,7 @@ class FineTuner:
         tuned, features, head, opt = self.prepare(model)
         with torch.no_grad():
             k = int(head(features(x[:1])).shape[1])
-        self.weights = class_weights(y, k) if cfg.class_weighted else None
+        self.class_weights_ = class_weights(y, k) if cfg.class_weighted else None
         cached = None
         if cfg.cache_features and self.objective != "input":
             with torch.no_grad():

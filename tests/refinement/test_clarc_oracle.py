@@ -61,7 +61,7 @@ def test_rr_loss_and_its_gradient_are_the_closed_form(double_backward, mode):
     assert cfg.pooling == "max" and cfg.class_weighted and cfg.penalty_samples == "batch"
     ft = FineTuner("0", cfg, "rr", h, lam=lam, double_backward=double_backward)
     _, _, head, _ = ft.prepare(model)
-    ft.weights = class_weights(y, K)
+    ft.class_weights_ = class_weights(y, K)
     head.eval()
     loss = ft._rr_loss(head, a, y, torch.Generator().manual_seed(5))
     if mode == "all":
