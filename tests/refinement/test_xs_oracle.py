@@ -65,7 +65,7 @@ def test_rrr_default_is_the_eval_mode_area_normalised_closed_form_and_keeps_the_
     # inside training: the XS part is the same eval-mode value, the cross-entropy uses train mode
     y = torch.tensor([0, 1, 2, 3, 0])
     before = model[2].running_mean.clone()
-    total, parts = xs_objective(model, x, y, mask, XSConfig(method="rrr", lam=2.0))
+    _, parts = xs_objective(model, x, y, mask, XSConfig(method="rrr", lam=2.0))
     assert abs(parts["xs"] - expected) <= RTOL * abs(expected)
     assert not torch.equal(model[2].running_mean, before)  # the training pass updated the statistics
     ce_train = nn.functional.cross_entropy(_bn_linear().train()(x), y).item()
