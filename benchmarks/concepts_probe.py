@@ -3,7 +3,7 @@
 RR-ClArC (and P-/A-ClArC) keep every layer up to the concept layer fixed (paper 001, Eq. 6),
 so no such method can do better than the best head trained *with* the answer: here a head
 fitted on concept-layer features of artifact-carrying training images with their true
-labels (the model's own head shape, avgpool + linear, and a linear probe on the full map),
+labels (avgpool + linear, the ResNet's own head shape, and a linear probe on the full map),
 scored on the artifact-carrying test set; and one head fitted on clean and artifact features
 together (can a single head serve both?). If that oracle stays far below the clean
 accuracy, the artifact has destroyed the class evidence before the concept layer and the
