@@ -36,6 +36,7 @@ Usage: ``python benchmarks/concepts_bench.py --out benchmarks/results/concepts.j
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -66,6 +67,7 @@ from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E40
 from hansgate.nn.export import export_onnx, run_onnx  # noqa: E402
 from hansgate.nn.training import TrainConfig, accuracy  # noqa: E402
 from hansgate.refinement.clarc import (  # noqa: E402
+    PROJECT_SETUP,
     ClarcConfig,
     ConceptData,
     FineTuner,
@@ -74,6 +76,7 @@ from hansgate.refinement.clarc import (  # noqa: E402
 )
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
 from hansgate.refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E402
+from hansgate.refinement.xs import rrr_loss  # noqa: E402
 
 SETTINGS = [("small_vgg", "corner"), ("small_vgg", "brightness"), ("small_vgg", "lsb"), ("mnist_cnn", "corner"),
             ("mnist_cnn", "brightness"), ("small_resnet", "corner"), ("small_resnet", "brightness")]
@@ -86,26 +89,29 @@ def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def alignment(model: torch.nn.Module, layer: str, data: Any, concept: ConceptData) -> dict[str, Any]:
+def alignment(model: torch.nn.Module, layer: str, data: Any, concept: ConceptData,
+              poolings: tuple[str, ...] = ("max",)) -> dict[str, Any]:
+    """Eq. 7 / Eq. 8 of every CAV kind; regression gammas chosen by ``cv`` (default) and ``holdout`` (variant)."""
     x_eval = data.x_test[:300]
     out: dict[str, Any] = {}
-    for pooling in ("mean", "none"):
+    for pooling in poolings:
         acts = pool_channels(layer_activations(model, layer, concept.x), pooling)
         delta = pool_channels(layer_activations(model, layer, data.artifact.apply(x_eval)), pooling) - \
             pool_channels(layer_activations(model, layer, x_eval), pooling)
-        rows = {}
+        rows: dict[str, Any] = {}
         for kind in CAV_KINDS:
-            t0 = time.perf_counter()
-            cav = ConceptActivationVector(kind).fit(acts, concept.concept)
-            s, s_bar = mean_alignment(cav.cav_, delta)
-            per = sample_alignment(cav.cav_, delta)
-            rows[kind] = {"s": s, "s_sem": float(per.std() / len(per) ** 0.5), "s_bar": s_bar,
-                          "gamma": cav.regularization_, "val_accuracy": cav.val_accuracy_,
-                          "converged": cav.converged_, "seconds": time.perf_counter() - t0}
-        best_regression = max(rows[k]["s_bar"] for k in CAV_KINDS if k != "signal")
+            for selection in (("cv", "holdout") if kind != "signal" else ("cv",)):
+                t0 = time.perf_counter()
+                cav = ConceptActivationVector(kind, selection=selection).fit(acts, concept.concept)
+                s, s_bar = mean_alignment(cav.cav_, delta)
+                per = sample_alignment(cav.cav_, delta)
+                rows[kind if selection == "cv" else f"{kind}[holdout]"] = {
+                    "s": s, "s_sem": float(per.std() / len(per) ** 0.5), "s_bar": s_bar, "gamma": cav.regularization_,
+                    "val_score": cav.val_accuracy_, "converged": cav.converged_, "seconds": time.perf_counter() - t0}
+        best_regression = max(v["s_bar"] for k, v in rows.items() if k != "signal")
         out[pooling] = {"cavs": rows, "signal_beats_all_regression_s_bar": rows["signal"]["s_bar"] > best_regression,
                         "signal_beats_all_regression_s": rows["signal"]["s"] > max(
-                            rows[k]["s"] for k in CAV_KINDS if k != "signal")}
+                            v["s"] for k, v in rows.items() if k != "signal")}
     return out
 
 
@@ -120,62 +126,29 @@ def train(model_name: str, artifact: str, train_epochs: int, copies: int = 4) ->
 def logit_shift(model: torch.nn.Module, data: Any, n: int = 300) -> dict[str, float]:
     """How the artifact moves the logits on test samples of the other classes (mean):
     ``target_logit_rise`` (class ``TARGET``, what the shortcut adds) and ``true_logit_drop``
-    (the true class, what it erases). A concept direction can remove the first, not the second."""
+    (the true class, what it erases); ``poisoned_pred_target_share``: share of those samples
+    predicted as ``TARGET`` under the artifact. A concept direction can remove the first, not the second."""
     keep = data.y_test[:n] != TARGET
     x, y = data.x_test[:n][keep], data.y_test[:n][keep]
     with torch.no_grad():
         clean, poisoned = model.eval()(x), model(data.artifact.apply(x))
     rows = torch.arange(len(y))
     return {"target_logit_rise": float((poisoned[:, TARGET] - clean[:, TARGET]).mean()),
-            "true_logit_drop": float((clean[rows, y] - poisoned[rows, y]).mean())}
+            "true_logit_drop": float((clean[rows, y] - poisoned[rows, y]).mean()),
+            "poisoned_pred_target_share": float((poisoned.argmax(1) == TARGET).float().mean())}
 
 
-def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, artifact: str, cfg: ClarcConfig,
-           rrr_lambdas: tuple[float, ...]) -> tuple[dict[str, Any], Any]:
-    ft = _subset(len(data.y_train), 500, 1)
-    x_ft, y_ft, art_ft = data.x_train[ft], data.y_train[ft], data.artifact_train[ft]
-    ci = _subset(len(data.y_refine), 150, 2)
-    xc, yc = data.x_refine[ci], data.y_refine[ci]
-    concept = ConceptData(torch.cat([xc, data.artifact.apply(xc)]), torch.cat([yc, yc]),
-                          torch.cat([torch.zeros(len(ci)), torch.ones(len(ci))]).bool())
-    fit_part, val_part = concept.split(cfg.val_share, cfg.seed)
-    x_bias = data.x_test_poisoned[:300]
+#: RR-ClArC rows beside the reference default: each changes one default back to the project's earlier choice.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "rr-clarc[pooling=none]": {"pooling": "none"},
+    "rr-clarc[penalty=concept]": {"penalty_samples": "concept"},
+    "rr-clarc[adam 3e-3]": {"optimizer": "adam", "lr": 3e-3},
+    "rr-clarc[unweighted CE]": {"class_weighted": False},
+    "rr-clarc[freeze=features]": {"freeze": "features"},
+}
 
-    rr = refine_clarc(model, x_ft, y_ft, concept, cfg.model_copy(update={"method": "rr-clarc"}))
-    layer, cav = rr.layer, rr.cav.cav_
 
-    def scores(m: torch.nn.Module) -> dict[str, float]:
-        sens = latent_gradients(m, layer, x_bias, [TARGET], pooling=cfg.pooling)[:, 0] @ cav
-        return {"clean_acc": accuracy(m, data.x_test, data.y_test),
-                "biased_acc": accuracy(m, data.x_test_poisoned, data.y_test),
-                "tcav": tcav_score(sens), "mean_sensitivity": float(sens.mean()),
-                "val_balanced_acc": balanced_accuracy(m, val_part)} | logit_shift(m, data)
-
-    rows: dict[str, Any] = {"original": scores(model)}
-    t0 = time.perf_counter()
-    vanilla = FineTuner(layer, cfg).fit(model, x_ft, y_ft).model_
-    rows["vanilla"] = scores(vanilla) | {"seconds": time.perf_counter() - t0}
-    # RRR (input level): masks on the fine-tuning samples that carry the artifact
-    mask = data.artifact.mask(*data.x_train.shape[-2:])
-    masks = art_ft.float().view(-1, 1, 1, 1) * mask.view(1, 1, *mask.shape)
-    t0 = time.perf_counter()
-    rrr_cands = []
-    for lam in sorted(rrr_lambdas, reverse=True):
-        tuned = FineTuner(layer, cfg, "rrr", lam=lam).fit(model, x_ft, y_ft, masks=masks).model_
-        rrr_cands.append((balanced_accuracy(tuned, val_part), lam, tuned))
-    best = max(rrr_cands, key=lambda c: (c[0], c[1]))
-    rows["rrr"] = scores(best[2]) | {"lambda": best[1], "candidates": [{"lambda": c[1], "val_balanced_acc": c[0]}
-                                                                      for c in rrr_cands],
-                                     "seconds": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    p = refine_clarc(vanilla, x_ft, y_ft, concept, cfg.model_copy(update={"method": "p-clarc"}))
-    rows["p-clarc"] = scores(p.model) | {"seconds": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    a = refine_clarc(model, x_ft, y_ft, concept, cfg.model_copy(update={"method": "a-clarc"}))
-    rows["a-clarc"] = scores(a.model) | {"seconds": time.perf_counter() - t0}
-    rows["rr-clarc"] = scores(rr.model) | {"lambda": rr.hyperparameters["lambda"], "candidates": rr.candidates,
-                                           "seconds": rr.timings.get("selection_s", 0.0)}
-    v, r = rows["vanilla"], rows["rr-clarc"]
+def _bar(v: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     gap = v["clean_acc"] - v["biased_acc"]
     recovered = (r["biased_acc"] - v["biased_acc"]) / gap if gap > 0 else float("nan")
     bar = {"vanilla_gap": gap, "rr_gap_recovered_share": recovered,
@@ -185,9 +158,90 @@ def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, a
     bar["passes"] = bar["recovers_half_gap"] and bar["tcav_closer_to_half"] and bar["clean_within_3_points"]
     # a model that did not learn the shortcut (biased within MIN_GAP of clean) has nothing to unlearn
     bar["applicable"] = bool(gap >= MIN_GAP)
+    return bar
+
+
+def _conv_bn_after(model: torch.nn.Module, layer: str) -> int:
+    """Parameters of conv/batch-norm layers after ``layer`` (what ``freeze="conv_bn"`` freezes beyond Eq. 6)."""
+    from hansgate.nn.surgery import split_at
+
+    _, head = split_at(copy.deepcopy(model), layer)
+    return sum(p.numel() for m in head.modules()
+               if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm))
+               for p in m.parameters(recurse=False))
+
+
+def table1(model: torch.nn.Module, data: Any, t_train: float, model_name: str, artifact: str, cfg: ClarcConfig,
+           rrr_lambdas: tuple[float, ...]) -> tuple[dict[str, Any], Any]:
+    """Every method under the reference setup (``cfg``) and under ``PROJECT_SETUP`` (rows ``[project]``),
+    plus RR-ClArC with one default changed at a time (``ABLATIONS``), on the same data and model."""
+    ft = _subset(len(data.y_train), 500, 1)
+    x_ft, y_ft, art_ft = data.x_train[ft], data.y_train[ft], data.artifact_train[ft]
+    ci = _subset(len(data.y_refine), 150, 2)
+    xc, yc = data.x_refine[ci], data.y_refine[ci]
+    concept = ConceptData(torch.cat([xc, data.artifact.apply(xc)]), torch.cat([yc, yc]),
+                          torch.cat([torch.zeros(len(ci)), torch.ones(len(ci))]).bool())
+    _, val_part = concept.split(cfg.val_share, cfg.seed)
+    x_bias = data.x_test_poisoned[:300]
+    setups = {"": cfg, "[project]": cfg.model_copy(update=PROJECT_SETUP)}
+
+    def scores(m: torch.nn.Module, res: Any) -> dict[str, float]:
+        sens = latent_gradients(m, res.layer, x_bias, [TARGET], pooling=res.hyperparameters["pooling"])[:, 0] \
+            @ res.cav.cav_
+        return {"clean_acc": accuracy(m, data.x_test, data.y_test),
+                "biased_acc": accuracy(m, data.x_test_poisoned, data.y_test),
+                "tcav": tcav_score(sens), "mean_sensitivity": float(sens.mean()),
+                "val_balanced_acc": balanced_accuracy(m, val_part)} | logit_shift(m, data)
+
+    rows: dict[str, Any] = {}
+    bars: dict[str, Any] = {}
+    layer = ""
+    for tag, c in setups.items():
+        t0 = time.perf_counter()
+        rr = refine_clarc(model, x_ft, y_ft, concept, c.model_copy(update={"method": "rr-clarc"}))
+        t_rr = time.perf_counter() - t0
+        layer = rr.layer
+        if tag == "":
+            rows["original"] = scores(model, rr)
+        t0 = time.perf_counter()
+        vanilla = FineTuner(layer, c).fit(model, x_ft, y_ft).model_
+        rows[f"vanilla{tag}"] = scores(vanilla, rr) | {"seconds": time.perf_counter() - t0}
+        if tag == "":  # RRR (input level) with the XS defaults: masks on the fine-tuning samples with the artifact
+            mask = data.artifact.mask(*data.x_train.shape[-2:])
+            masks = art_ft.float().view(-1, 1, 1, 1) * mask.view(1, 1, *mask.shape)
+            t0 = time.perf_counter()
+            rrr_cands = []
+            for lam in sorted(rrr_lambdas, reverse=True):
+                tuned = FineTuner(layer, c, "input", lam=lam, input_penalty=rrr_loss).fit(model, x_ft, y_ft,
+                                                                                          masks=masks).model_
+                rrr_cands.append((balanced_accuracy(tuned, val_part), lam, tuned))
+            best = max(rrr_cands, key=lambda cand: (cand[0], cand[1]))
+            rows["rrr"] = scores(best[2], rr) | {"lambda": best[1], "seconds": time.perf_counter() - t0,
+                                                 "candidates": [{"lambda": cand[1], "val_balanced_acc": cand[0]}
+                                                                for cand in rrr_cands]}
+        t0 = time.perf_counter()
+        p = refine_clarc(vanilla, x_ft, y_ft, concept, c.model_copy(update={"method": "p-clarc"}))
+        rows[f"p-clarc{tag}"] = scores(p.model, rr) | {"seconds": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        a = refine_clarc(model, x_ft, y_ft, concept, c.model_copy(update={"method": "a-clarc"}))
+        rows[f"a-clarc{tag}"] = scores(a.model, rr) | {"seconds": time.perf_counter() - t0}
+        rows[f"rr-clarc{tag}"] = scores(rr.model, rr) | {"lambda": rr.hyperparameters["lambda"],
+                                                         "candidates": rr.candidates, "seconds": t_rr}
+        bars[tag or "reference"] = _bar(rows[f"vanilla{tag}"], rows[f"rr-clarc{tag}"])
+        if tag == "":
+            frozen_extra = _conv_bn_after(model, layer)
+            for name, change in ABLATIONS.items():
+                if "freeze" in change and frozen_extra == 0:
+                    rows[name] = {"same_as": "rr-clarc", "why": f"no conv/batch-norm parameters after {layer}"}
+                    continue
+                t0 = time.perf_counter()
+                ab = refine_clarc(model, x_ft, y_ft, concept, c.model_copy(update={"method": "rr-clarc"} | change))
+                rows[name] = scores(ab.model, ab) | {"lambda": ab.hyperparameters["lambda"],
+                                                     "candidates": ab.candidates,
+                                                     "seconds": time.perf_counter() - t0, "changed": change}
     setting = {"model": model_name, "artifact": artifact, "localized": data.artifact.localized, "layer": layer,
                "train_seconds": t_train, "n_finetune": len(y_ft), "n_finetune_with_artifact": int(art_ft.sum()),
-               "n_concept": len(concept.y), "methods": rows, "bar": bar,
+               "n_concept": len(concept.y), "methods": rows, "bar": bars["reference"], "bar_project": bars["[project]"],
                "alignment": alignment(model, layer, data, concept)}
     return setting, (model, data, layer, concept, x_ft, y_ft)
 
@@ -312,20 +366,41 @@ def markdown(res: dict[str, Any]) -> str:
               "| setting | method | clean | biased | TCAV | logit change | lambda |", "|---|---|---|---|---|---|---|"]
     for s in res["table1"]:
         for meth, row in s["methods"].items():
+            if "clean_acc" not in row:
+                lines.append(f"| {_label(s)} | {meth} | = {row['same_as']} ({row['why']}) | | | | |")
+                continue
             shift = f"{row['target_logit_rise']:+.2f} / {-row['true_logit_drop']:+.2f}" if "true_logit_drop" in row else ""
             lines.append(f"| {_label(s)} | {meth} | {row['clean_acc']:.3f} | {row['biased_acc']:.3f} "
                          f"| {row['tcav']:.2f} | {shift} | {row.get('lambda', '')} |")
-        b = s["bar"]
-        lines.append(f"| | **bar** | | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
-                     f"{b['tcav_closer_to_half']} | clean within 3 pts: {b['clean_within_3_points']} | "
-                     f"{('PASS' if b['passes'] else 'FAIL') if _applicable(s) else 'n/a: no shortcut learned'} |")
-    lines += ["", "## CAV alignment (Eq. 7 s / Eq. 8 s_bar)", "", "| setting | pooling | " +
-              " | ".join(CAV_KINDS) + " | signal best (s_bar) |", "|---|---|" + "---|" * (len(CAV_KINDS) + 1)]
+        for key, tag in (("bar", "reference"), ("bar_project", "project")):
+            if key not in s:
+                continue
+            b = s[key]
+            lines.append(f"| | **bar ({tag})** | | gap recovered {b['rr_gap_recovered_share']:.2f} | TCAV closer: "
+                         f"{b['tcav_closer_to_half']} | clean within 3 pts: {b['clean_within_3_points']} | "
+                         f"{('PASS' if b['passes'] else 'FAIL') if b.get('applicable', True) else 'n/a: no shortcut'} |")
+    lines += ["", "## RR-ClArC: default vs variants (share of Vanilla's clean-biased gap recovered, clean change)", "",
+              "Reference rows against `vanilla`, `[project]` against `vanilla[project]`; each `rr-clarc[...]` row "
+              "changes one default back to the project's earlier choice.", ""]
+    for s in res["table1"]:
+        rows = s["methods"]
+        cells = []
+        for name, row in rows.items():
+            if not name.startswith("rr-clarc") or "clean_acc" not in row:
+                continue
+            v = rows["vanilla[project]" if name.endswith("[project]") else "vanilla"]
+            gap = v["clean_acc"] - v["biased_acc"]
+            cells.append(f"{name}: {(row['biased_acc'] - v['biased_acc']) / gap:.2f} / "
+                         f"{row['clean_acc'] - v['clean_acc']:+.3f}" if gap > 0 else f"{name}: n/a")
+        lines.append(f"- {_label(s)}: " + "; ".join(cells))
+    lines += ["", "## CAV alignment (Eq. 7 s / Eq. 8 s_bar; regression gamma by 5-fold CV, [holdout] the variant)", ""]
     for s in res["table1"]:
         for pooling, a in s["alignment"].items():
-            cells = " | ".join(f"{a['cavs'][k]['s']:.2f} / {a['cavs'][k]['s_bar']:.2f}" for k in CAV_KINDS)
-            lines.append(f"| {_label(s)} | {pooling} | {cells} | "
-                         f"{a['signal_beats_all_regression_s_bar']} |")
+            kinds = list(a["cavs"])
+            lines += [f"{_label(s)}, pooling {pooling}:", "", "| " + " | ".join(kinds) + " |",
+                      "|" + "---|" * len(kinds),
+                      "| " + " | ".join(f"{a['cavs'][k]['s']:.2f} / {a['cavs'][k]['s_bar']:.2f}" for k in kinds) + " |",
+                      ""]
     if "step_cost" in res:
         sc = res["step_cost"]
         lines += ["", "## RR-ClArC step cost (small_vgg, batch 64)", ""]
@@ -359,7 +434,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
     for ax, s in zip(axes[0], settings):
-        methods = list(s["methods"])
+        methods = [m for m, r in s["methods"].items() if "clean_acc" in r]
         pos = np.arange(len(methods))
         ax.bar(pos - 0.2, [s["methods"][m]["clean_acc"] for m in methods], 0.4, label="clean", color="#9ecae1")
         ax.bar(pos + 0.2, [s["methods"][m]["biased_acc"] for m in methods], 0.4, label="biased", color="#08519c")
@@ -383,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=[f"{m}:{a}" for m, a in SETTINGS],
                     help="MODEL:ARTIFACT pairs for Table 1 (default: all three)")
+    ap.add_argument("--rrr-lambdas", type=float, nargs="+", default=[10.0, 1e3, 1e5],
+                    help="RRR lambdas (mask-area normalised penalty)")
     ap.add_argument("--no-costs", action="store_true", help="skip the step-cost and head-cost measurements")
     ap.add_argument("--costs-only", action="store_true", help="only the step-cost and head-cost measurements")
     ap.add_argument("--merge", nargs="+", metavar="PARTIAL_JSON",
@@ -390,23 +467,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        res = parts[0] | {"table1": [s for p in parts for s in p["table1"]], "merged_from": args.merge,
-                          "load_average": [p["load_average"] for p in parts]}
+        merged = parts[0] | {"table1": [s for p in parts for s in p["table1"]], "merged_from": args.merge,
+                             "load_average": [p["load_average"] for p in parts]}
         earlier = []
         for p in parts:  # the last part that measured costs wins; earlier measurements are kept
-            if "heads" in res and "heads" in p and p is not parts[0]:
-                earlier.append({k: res[k] for k in ("heads", "step_cost") if k in res})
-            res.update({k: p[k] for k in ("heads", "step_cost") if k in p})
-        res["earlier_cost_runs"] = earlier
-        res["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
-        finalize(res, Path(args.out))
+            if "heads" in merged and "heads" in p and p is not parts[0]:
+                earlier.append({k: merged[k] for k in ("heads", "step_cost") if k in merged})
+            merged.update({k: p[k] for k in ("heads", "step_cost") if k in p})
+        merged["earlier_cost_runs"] = earlier
+        merged["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
+        finalize(merged, Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     cfg = ClarcConfig(epochs=args.epochs, seed=0)
     res: dict[str, Any] = {"load_average": os.getloadavg(), "python": platform.python_version(),
                            "torch": torch.__version__, "clarc_config": json.loads(cfg.model_dump_json()),
-                           "rrr_lambdas": [1.0, 10.0, 100.0, 1000.0], "table1": []}
+                           "rrr_lambdas": args.rrr_lambdas, "project_setup": json.loads(json.dumps(PROJECT_SETUP)),
+                           "argv": sys.argv[1:] if argv is None else argv, "table1": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, pair in enumerate(args.settings):
@@ -458,6 +536,8 @@ def finalize(res: dict[str, Any], out: Path) -> None:
                      f"{s['bar']['vanilla_gap']:.3f} < {MIN_GAP})" for s in res["table1"]},
     }
     bars["rr_clarc_passes_where_applicable"] = all(s["bar"]["passes"] for s in res["table1"] if _applicable(s))
+    bars["rr_clarc_project_setup"] = {_label(s): s["bar_project"]["passes"] if s["bar_project"]["applicable"] else
+                                      "not applicable" for s in res["table1"] if "bar_project" in s}
     if "step_cost" in res:
         bars |= {"rr_step_ratio": res["step_cost"]["bar_ratio"], "rr_step_passes": res["step_cost"]["passes"]}
     if "heads" in res:

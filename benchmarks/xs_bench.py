@@ -52,6 +52,13 @@ from hansgate.refinement.xs import (
 __all__ = ["XSBenchConfig", "run_xs_bench", "write_xs_results", "step_times", "step_memory"]
 
 XS_LOSSES = ("rrr", "rbr", "tap")
+#: The project's earlier XS choices, measured beside the defaults: row name -> (method, XSConfig options, lambdas
+#: or None for the method's own grid).
+VARIANTS: dict[str, tuple[str, dict[str, Any], tuple[float, ...] | None]] = {
+    "rrr[train-mode, no area norm]": ("rrr", {"grad_mode": "train", "rrr_norm": "none"}, (1e2, 1e3)),
+    "rbr[train-mode, per-sample scale]": ("rbr", {"grad_mode": "train", "rbr_scale": "per_sample"}, (1e3, 1e4)),
+    "tap[adaptive geometry]": ("tap", {"tap_geometry": "adaptive"}, None),
+}
 TAU_SWEEP = (0.005, 0.01, 0.05, 0.1, 0.2)
 
 
@@ -69,7 +76,9 @@ class XSBenchConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     lambdas: dict[str, tuple[float, ...]] = Field(default_factory=lambda: {
-        "tap": (1e-4, 3e-4, 1e-3, 3e-3), "rrr": (1e2, 1e3), "rbr": (1e3, 1e4)})
+        # RRR's default divides by the mask area (16 pixels on the decoy digits) and RBR's sums over a batch of
+        # 64 with the batch-mean loss: these grids are the earlier (1e2, 1e3) and (1e3, 1e4) on the new scales
+        "tap": (1e-4, 3e-4, 1e-3, 3e-3), "rrr": (1.6e3, 1.6e4), "rbr": (6.4e4, 6.4e5)})
     teacher_shares: tuple[float, ...] = (0.1, 0.01)
     teacher: TeacherConfig = TeacherConfig()
     data: DecoyConfig = DecoyConfig()
@@ -77,6 +86,7 @@ class XSBenchConfig(BaseModel):
     timing_repeats: int = Field(5, ge=1)
     memory: bool = True
     threads: int = Field(1, ge=1)
+    variants: tuple[str, ...] = ()
 
 
 def _scores(model: nn.Module, data: DecoyData) -> dict[str, float]:
@@ -91,21 +101,22 @@ def _val_loss(model: nn.Module, data: DecoyData) -> float:
 
 
 def _train(arch: str, cfg: XSBenchConfig, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, method: str,
-           lam: float) -> tuple[nn.Module, float]:
+           lam: float, options: dict[str, Any] | None = None) -> tuple[nn.Module, float]:
     torch.manual_seed(cfg.seed)
     model = build_builtin(arch)
-    xcfg = XSConfig(method=method, lam=lam, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    xcfg = XSConfig(method=method, lam=lam, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                    **(options or {}))
     t0 = time.perf_counter()
     train_xs(model, x, y, masks, xcfg)
     return model, time.perf_counter() - t0
 
 
 def _tuned(arch: str, cfg: XSBenchConfig, data: DecoyData, masks: torch.Tensor, method: str,
-           log: Any) -> dict[str, Any]:
+           log: Any, options: dict[str, Any] | None = None, lambdas: tuple[float, ...] | None = None) -> dict[str, Any]:
     """Train every lambda candidate; keep the lowest cross-entropy on the permuted validation split."""
     cands = []
-    for lam in cfg.lambdas[method]:
-        model, secs = _train(arch, cfg, data.x_train, data.y_train, masks, method, lam)
+    for lam in lambdas or cfg.lambdas[method]:
+        model, secs = _train(arch, cfg, data.x_train, data.y_train, masks, method, lam, options)
         row = {"lambda": lam, "val_loss_permuted": _val_loss(model, data), "train_s": secs, **_scores(model, data)}
         log(f"  {arch} {method} lambda={lam:g}: {row}")
         cands.append(row)
@@ -191,7 +202,7 @@ def run_xs_bench(config: XSBenchConfig | None = None, log: Any = None) -> dict[s
     """Run the whole comparison and return a JSON-ready dict (with the bars evaluated per architecture)."""
     cfg = config or XSBenchConfig()
     log = log or (lambda msg: None)
-    unknown = [m for m in cfg.methods if m not in XS_LOSSES]
+    unknown = [m for m in cfg.methods if m not in XS_LOSSES] + [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
         from hansgate.errors import ConfigError
 
@@ -227,6 +238,9 @@ def run_xs_bench(config: XSBenchConfig | None = None, log: Any = None) -> dict[s
             log(f"{arch} base {res['base']}\n{arch} none {res['none']}")
             for method in cfg.methods:
                 res[method] = _tuned(arch, cfg, data, data.mask_train, method, log)
+            for name in cfg.variants:
+                method, options, lams = VARIANTS[name]
+                res[name] = _tuned(arch, cfg, data, data.mask_train, method, log, options, lams) | {"options": options}
             if "tap" in cfg.methods:
                 for key, masks in teacher_masks.items():
                     res[f"tap-teacher-{key}"] = _tuned(arch, cfg, data, masks, "tap", log)
@@ -373,3 +387,55 @@ def write_xs_results(result: dict[str, Any], out_dir: str | Path, stem: str = "x
     paths["md"].write_text(_markdown(result))
     _plot(result, paths["png"])
     return paths
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Command line (also behind ``hansgate bench xs``): run the comparison and write DIR/xs.{json,md,png}."""
+    import argparse
+
+    from hansgate.errors import ConfigError
+
+    ap = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--archs", nargs="+", help="built-in architectures (default: mnist_cnn small_vgg)")
+    ap.add_argument("--methods", nargs="+", choices=list(XS_LOSSES), help="XS losses (default: all)")
+    ap.add_argument("--n-train", type=int, help="training images (default 800)")
+    ap.add_argument("--epochs", type=int, help="training epochs (default 16)")
+    ap.add_argument("--lambdas", nargs="+", metavar="METHOD=L1,L2",
+                    help="lambda candidates per method, e.g. tap=1e-4,1e-3 rrr=1e3")
+    ap.add_argument("--teacher-shares", type=float, nargs="+", help="teacher data shares (default 0.1 0.01)")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                    help="also train the project's earlier XS choices beside the defaults")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--threads", type=int, help="torch threads (default 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    options: dict[str, Any] = {"seed": args.seed, "memory": not args.no_memory}
+    for key in ("archs", "methods", "teacher_shares", "variants"):
+        if getattr(args, key):
+            options[key] = tuple(getattr(args, key))
+    for key in ("n_train", "epochs", "threads"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.lambdas:
+        lambdas = dict(XSBenchConfig().lambdas)
+        for item in args.lambdas:
+            method, _, values = item.partition("=")
+            try:
+                lambdas[method] = tuple(float(v) for v in values.split(","))
+            except ValueError:
+                raise ConfigError(f"cannot parse --lambdas {item!r}; use METHOD=L1,L2") from None
+        options["lambdas"] = lambdas
+    config = XSBenchConfig(**options)  # a ValidationError names the option (mapped to exit 2 by hansgate.cli)
+    result = run_xs_bench(config, log=None if args.quiet else (lambda msg: print(msg, flush=True)))
+    paths = write_xs_results(result, args.out)
+    for arch, res in result["archs"].items():
+        for bar, val in res["bars"].items():
+            print(f"{arch} {bar}: {'pass' if val['pass'] else 'FAIL'}")
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,66 +1,57 @@
-"""``hansgate bench NAME --out DIR``: run a built-in benchmark and write DIR/NAME.{json,md,png}."""
+"""``hansgate bench NAME [OPTIONS]``: run a benchmark of the source repository (``benchmarks/NAME_bench.py``).
+
+The benchmarks are not part of the installed package (they live beside it, in the
+repository's ``benchmarks/``); this command is a thin entry point that finds them in a
+source checkout and hands every option to the script's own ``main``. Installed without
+the repository, it says where the benchmarks are instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
-#: Benchmarks by name: module and function ``run(args) -> dict of written paths``.
+__all__ = ["BENCHMARKS", "add_parser", "run", "benchmark_script"]
+
+#: Benchmarks ``hansgate bench`` runs, by name: ``benchmarks/<name>_bench.py`` with ``main(argv) -> int``.
 BENCHMARKS = ("xs",)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a built-in benchmark (xs: RRR/RBR/TAP on the decoy digits)",
-                       description="xs: explanatory supervision on the decoy digits (papers 002, 004): No-XS, RRR, "
-                                   "RBR and TAP (ground-truth and teacher masks) on several architectures; accuracy "
-                                   "on contaminated data, Delta under permutation, step-time and memory ratios to "
-                                   "No-XS. Writes DIR/xs.json, DIR/xs.md and DIR/xs.png.")
+    p = sub.add_parser("bench", help="run a benchmark from a source checkout (xs: RRR/RBR/TAP on the decoy digits)",
+                       description="Runs benchmarks/NAME_bench.py of the hansgate source repository; the options "
+                                   "after NAME go to that script (see `hansgate bench xs --help`). xs: explanatory "
+                                   "supervision on the decoy digits (papers 002, 004), writes DIR/xs.json, .md, .png.")
     p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--archs", nargs="+", help="built-in architectures (default: mnist_cnn small_vgg)")
-    p.add_argument("--methods", nargs="+", choices=["rrr", "rbr", "tap"], help="XS losses (default: all)")
-    p.add_argument("--n-train", type=int, help="training images (default 800)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 16)")
-    p.add_argument("--lambdas", nargs="+", metavar="METHOD=L1,L2",
-                   help="lambda candidates per method, e.g. tap=1e-4,1e-3 rrr=1e3")
-    p.add_argument("--teacher-shares", type=float, nargs="+", help="teacher data shares (default 0.1 0.01)")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    p.add_argument("--threads", type=int, help="torch threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark script, e.g. --out DIR")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+def benchmark_script(name: str) -> Path:
+    """``benchmarks/<name>_bench.py`` of the checkout this package was imported from (it may not exist)."""
+    import hansgate
 
-    from benchmarks.xs_bench import XSBenchConfig, run_xs_bench, write_xs_results
+    return Path(hansgate.__file__).resolve().parents[1] / "benchmarks" / f"{name}_bench.py"
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_hansgate_bench_{name}", path)
+    assert spec is not None and spec.loader is not None  # a .py file always has a loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic and dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args: argparse.Namespace) -> int:
     from hansgate.errors import ConfigError
 
-    options: dict[str, object] = {"seed": args.seed, "memory": not args.no_memory}
-    for key in ("archs", "methods", "teacher_shares"):
-        if getattr(args, key):
-            options[key] = tuple(getattr(args, key))
-    for key in ("n_train", "epochs", "threads"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    if args.lambdas:
-        lambdas = dict(XSBenchConfig().lambdas)
-        for item in args.lambdas:
-            method, _, values = item.partition("=")
-            try:
-                lambdas[method] = tuple(float(v) for v in values.split(","))
-            except ValueError:
-                raise ConfigError(f"cannot parse --lambdas {item!r}; use METHOD=L1,L2") from None
-        options["lambdas"] = lambdas
-    try:
-        config = XSBenchConfig(**options)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    result = run_xs_bench(config, log=None if args.quiet else (lambda msg: print(msg, flush=True)))
-    paths = write_xs_results(result, args.out)
-    for arch, res in result["archs"].items():
-        for bar, val in res["bars"].items():
-            print(f"{arch} {bar}: {'pass' if val['pass'] else 'FAIL'}")
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+    path = benchmark_script(args.name)
+    if not path.is_file():
+        raise ConfigError(f"benchmark {args.name!r} not found at {path}: the benchmarks ship with the hansgate source "
+                          "repository, not with the installed package; run `hansgate bench` from a clone of the "
+                          "repository (with the package installed from it, e.g. `pip install -e .`)")
+    return int(_load(path, args.name).main(list(args.options), prog=f"hansgate bench {args.name}") or 0)

@@ -9,7 +9,7 @@ layer*). CAVs are fitted on activations reduced by a ``pooling``:
   ``a + e * h[:, None, None]``, which moves the pooled activation by exactly ``e * h``.
 - ``none``: the full map flattened to ``[N, C * H * W]``; the CAV is a map itself. This
   keeps *where* a localized artifact sits, which a channel-pooled direction cannot
-  express (``refinement.clarc`` uses it by default, see there).
+  express (``refinement.clarc`` offers it beside the reference's ``max``).
 
 ``pool_gradient`` reduces a gradient w.r.t. the full activation so that
 ``pool_gradient(g) @ h`` is the directional derivative along ``lift_cav(h)``; TCAV
@@ -27,8 +27,11 @@ concept (``t = 1``):
   ``C = 1 / gamma``; ``ridge``: ``RidgeClassifier(alpha=gamma)``; ``lasso``:
   ``Lasso(alpha=gamma)`` on targets ``+-1``. Features are centred, no intercept,
   classes balanced (weights), ``gamma`` from ``REGULARIZATION_GRID`` = 10^-5 ... 10^5
-  (Sec. 4.1), chosen by accuracy on a stratified held-out share of the concept data
-  (ties: the stronger regularisation), then refitted on all of it.
+  (Sec. 4.1). ``selection="cv"`` (default, as the reference code's grid search): 5-fold
+  stratified cross-validation in order, the estimator's own score (accuracy; R^2 of the
+  +-1 targets for lasso), ties to the first gamma of the grid; ``"holdout"``: accuracy on
+  a stratified held-out share, ties to the stronger regularisation. Either way the chosen
+  gamma is refitted on all the data.
 
 Alignment with the true artifact direction (Sec. 4.2) for artifacts that can be
 pasted: ``delta = pool(a(phi(x))) - pool(a(x))``; Eq. 7 is the mean per-sample
@@ -249,20 +252,23 @@ class ConceptActivationVector:
     """A CAV of one ``kind`` fitted on pooled activations ``a`` ``[N, D]`` and concept labels ``t`` ``[N]``.
 
     Parameters: ``kind`` (``CAV_KINDS``), ``grid`` (regularisation strengths gamma for
-    regression kinds), ``val_share`` (held-out share for choosing gamma), ``seed``.
+    regression kinds), ``selection`` (``cv`` or ``holdout``, module docstring), ``folds``
+    (for ``cv``), ``val_share`` (held-out share for ``holdout``), ``seed``.
 
     Learned: ``cav_`` unit vector ``[D]`` (float32), ``raw_`` the un-normalised solution,
     ``mean_`` mean activation of the fitting data ``[D]``, ``regularization_`` (gamma or
-    None), ``val_accuracy_`` (held-out accuracy of the chosen gamma; None for signal),
+    None), ``val_accuracy_`` (the chosen gamma's validation score; None for signal),
     ``candidates_`` ``[{gamma, val_accuracy, converged}]``, ``converged_``.
     """
 
     def __init__(self, kind: str = "signal", grid: tuple[float, ...] = REGULARIZATION_GRID, val_share: float = 0.25,
-                 seed: int = 0) -> None:
+                 seed: int = 0, selection: str = "cv", folds: int = 5) -> None:
         self.kind = kind
         self.grid = grid
         self.val_share = val_share
         self.seed = seed
+        self.selection = selection
+        self.folds = folds
 
     def fit(self, a: torch.Tensor | np.ndarray, t: torch.Tensor | np.ndarray) -> "ConceptActivationVector":
         if self.kind not in CAV_KINDS:
@@ -295,6 +301,47 @@ class ConceptActivationVector:
         return self
 
     def _fit_regression(self, a: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if self.selection == "cv":
+            ranked = self._cv_ranking(a, t)
+        elif self.selection == "holdout":
+            ranked = self._holdout_ranking(a, t)
+        else:
+            raise ConfigError(f"unknown gamma selection {self.selection!r}; choose cv or holdout")
+        for cand in ranked:  # a gamma whose refit on all data is the zero vector (lasso) gives way to the next
+            w, self.converged_ = _fit_direction(self.kind, cand["gamma"], a, t, self.seed)
+            if np.any(w):
+                self.regularization_, self.val_accuracy_ = cand["gamma"], cand["val_accuracy"]
+                return w
+        raise DataError(f"every {self.kind} CAV on the grid is zero; the concept is not separable here")
+
+    def _score(self, a: np.ndarray, t: np.ndarray, w: np.ndarray) -> float:
+        """The estimator's own score: accuracy of ``sign(a . w)``; R^2 of the +-1 targets for lasso."""
+        pred = a @ w
+        if self.kind != "lasso":
+            return float(((pred > 0) == t).mean())
+        target = np.where(t, 1.0, -1.0)
+        return float(1.0 - ((target - pred) ** 2).sum() / ((target - target.mean()) ** 2).sum())
+
+    def _cv_ranking(self, a: np.ndarray, t: np.ndarray) -> list[dict[str, Any]]:
+        """Gammas by mean score over stratified folds (no shuffling), ties to the first of the grid."""
+        from sklearn.model_selection import StratifiedKFold
+
+        folds = min(self.folds, int(t.sum()), int((~t).sum()))
+        if folds < 2:
+            raise DataError("too few concept samples to cross-validate the regression CAV")
+        splits = list(StratifiedKFold(n_splits=folds).split(a, t))
+        for gamma in self.grid:
+            scores, ok = [], True
+            for train, test in splits:
+                w, conv = _fit_direction(self.kind, gamma, a[train], t[train], self.seed)
+                scores.append(self._score(a[test], t[test], w))
+                ok = ok and conv
+            self.candidates_.append({"gamma": gamma, "val_accuracy": float(np.mean(scores)), "converged": ok})
+        order = sorted(range(len(self.candidates_)), key=lambda i: (-self.candidates_[i]["val_accuracy"], i))
+        return [self.candidates_[i] for i in order]
+
+    def _holdout_ranking(self, a: np.ndarray, t: np.ndarray) -> list[dict[str, Any]]:
+        """Gammas by accuracy on a stratified held-out share, ties to the stronger regularisation."""
         rng = np.random.default_rng(self.seed)
         val = np.zeros(len(t), dtype=bool)
         for label in (True, False):  # stratified hold-out
@@ -306,16 +353,8 @@ class ConceptActivationVector:
             w, ok = _fit_direction(self.kind, gamma, a[~val], t[~val], self.seed)
             acc = float(((a[val] @ w > 0) == t[val]).mean()) if np.any(w) else float("nan")
             self.candidates_.append({"gamma": gamma, "val_accuracy": acc, "converged": ok})
-        # best held-out accuracy first, ties to the stronger regularisation; a gamma whose refit on all
-        # data is the zero vector (lasso) gives way to the next one
-        ranked = sorted((c for c in self.candidates_ if not np.isnan(c["val_accuracy"])),
-                        key=lambda c: (-c["val_accuracy"], -c["gamma"]))
-        for cand in ranked:
-            w, self.converged_ = _fit_direction(self.kind, cand["gamma"], a, t, self.seed)
-            if np.any(w):
-                self.regularization_, self.val_accuracy_ = cand["gamma"], cand["val_accuracy"]
-                return w
-        raise DataError(f"every {self.kind} CAV on the grid is zero; the concept is not separable here")
+        return sorted((c for c in self.candidates_ if not np.isnan(c["val_accuracy"])),
+                      key=lambda c: (-c["val_accuracy"], -c["gamma"]))
 
     def score(self, a: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
         """Concept score ``(a - center) . cav_`` ``[N]`` (``center`` defaults to ``mean_``)."""

@@ -18,6 +18,10 @@ the order the modules run on one forward pass:
 A module that runs more than once per forward pass (a shared ``self.relu``) cannot
 be refined by replacing it, so the automatic choice skips it and an explicit choice
 of it is an error.
+
+``explicit_batchnorm`` swaps a model's batch-norm layers, for the duration of a ``with``
+block, for the same computation written with elementary ops: PyTorch's fused kernel has
+no third derivative, which RBR (``refinement.xs``) needs.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from hansgate.errors import ConfigError, ModelRunError
 
 __all__ = ["LayerCall", "run_hooked", "trace_calls", "auto_layers", "resolve_layers", "capture_outputs", "get_module",
-           "insert_after", "Refined"]
+           "insert_after", "Refined", "split_at", "explicit_batchnorm"]
 
 _RESIDUAL = (BasicBlock, Bottleneck)
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -269,3 +273,65 @@ def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.
     features.graph.eliminate_dead_code()
     features.recompile()
     return features, torch.fx.GraphModule(model, hg)
+
+
+class _ExplicitBatchNorm(nn.Module):
+    """The batch-norm of a wrapped ``_BatchNorm`` written with elementary ops (differentiable to any order).
+
+    PyTorch's fused batch-norm has no third derivative, which RBR needs; this computes
+    the same normalisation and running-statistics update on the wrapped module's own
+    parameters and buffers.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        running_mean, running_var = bn.running_mean, bn.running_var
+        tracked = bn.num_batches_tracked
+        if bn.training or running_mean is None or running_var is None:
+            mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+            if bn.training and running_mean is not None and running_var is not None and tracked is not None:
+                with torch.no_grad():
+                    tracked.add_(1)
+                    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(tracked.item())
+                    n = x.numel() / x.shape[1]
+                    running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                    running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(n - 1, 1))
+        else:
+            mean, var = running_mean, running_var
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+        if bn.affine:
+            out = out * bn.weight.view(shape) + bn.bias.view(shape)
+        return out
+
+
+class explicit_batchnorm:
+    """Context manager: every batch-norm layer of ``model`` computed by ``_ExplicitBatchNorm``, restored on exit.
+
+    Parameters, buffers and the optimizer's references are untouched (the wrapper
+    holds the original module); only the forward computation changes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def __enter__(self) -> nn.Module:
+        for parent in list(self.model.modules()):
+            if isinstance(parent, _ExplicitBatchNorm):
+                continue  # already swapped by an enclosing context
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    setattr(parent, name, _ExplicitBatchNorm(child))
+                    self._swapped.append((parent, name, child))
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for parent, name, child in reversed(self._swapped):
+            setattr(parent, name, child)
+        self._swapped = []

@@ -6,24 +6,28 @@ Every term takes the model, a batch ``x`` ``[N, C, H, W]`` and an annotation mas
 ``CE + lambda * L_XS`` (paper 002, Eq. 3).
 
 - **RRR** (paper 002 Eq. 4, Ross et al. 2017): squared masked input gradient of the
-  label-agnostic ``sum_k log softmax_k``, summed over channels. Second order.
+  label-agnostic ``sum_k log softmax_k``, summed over channels, each sample divided by
+  its mask area (Ross et al.). Second order.
 - **RBR** (paper 004 Eq. 1): ``sum (M * IF * IG)^2`` with the influence term
   ``IF = grad_x sum_theta dL/dtheta`` (the identity in place of the inverse Hessian,
-  as the paper does) and ``IG`` the RRR input gradient. Third order.
-- **TAP** (paper 002 Eq. 6-8): the channel sum ``A^l`` of each targeted layer's
-  output, multiplied by the mask downscaled to that layer and penalised by its
-  squared Frobenius norm (the authors' code; the paper writes the L1 norm, which
-  ``norm="l1"`` gives), averaged over layers and batch. One forward pass, no
-  second derivatives; the activations are read by forward hooks that live only
-  inside the ``TargetedActivations`` context manager.
+  as the paper does; ``L`` the batch-mean cross-entropy) and ``IG`` the RRR input
+  gradient, summed over batch, channels and pixels (the reference code's scale). Third order.
+- **TAP** (paper 002 Eq. 6-8, ``refinement.xs_tap``): the channel sum of each targeted
+  layer's output times the mask downscaled to that layer, squared Frobenius norm.
 
-``xs_objective`` computes task loss and XS term from one shared forward pass;
-``train_xs`` is the training loop the CLI and the benchmark use.
+Input gradients (RRR, RBR) are taken in eval mode, as in the reference code: each
+image's gradient then depends on that image only. Where the papers are silent the
+defaults follow the reference code (``seeds/IMPLEMENTATION-NOTES.md``); the project's
+earlier choices remain as named options of ``XSConfig`` (``grad_mode="train"``,
+``rrr_norm="none"``, ``rbr_scale="per_sample"``, ``tap_geometry="adaptive"``). A change
+of scale moves the useful lambda range: grids tuned on one do not transfer.
+
+``xs_objective`` computes task loss and XS term of one batch; ``train_xs`` is the
+training loop the CLI and the benchmark use.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable, Literal
 
@@ -32,8 +36,20 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from hansgate.errors import ConfigError, DataError
+from hansgate.errors import ConfigError, DataError, ModelRunError
+from hansgate.nn.hooks import eval_mode
+from hansgate.nn.surgery import explicit_batchnorm
 from hansgate.nn.training import batches
+from hansgate.refinement.xs_tap import (
+    TapGeometry,
+    as_mask,
+    TargetedActivations,
+    activation_map,
+    downscale_masks,
+    tap_layers,
+    tap_loss,
+    tap_penalty,
+)
 
 __all__ = [
     "XS_METHODS",
@@ -58,259 +74,118 @@ __all__ = [
 
 #: Names ``--xs`` accepts; ``none`` is plain cross-entropy (the "No XS" model).
 XS_METHODS: tuple[str, ...] = ("none", "rrr", "rbr", "tap")
-
-
-def as_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Validate a mask against a batch ``x`` ``[N, C, H, W]``; return it as float ``[N, 1, H, W]``."""
-    if mask.dim() == 3:
-        mask = mask.unsqueeze(1)
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != x.shape[0] or mask.shape[2:] != x.shape[2:]:
-        raise DataError(
-            f"mask of shape {tuple(mask.shape)} does not fit inputs of shape {tuple(x.shape)}; "
-            "expected [N, 1, H, W] or [N, H, W]"
-        )
-    return mask.to(dtype=x.dtype, device=x.device)
+RRRNorm = Literal["area", "none"]
+RBRScale = Literal["reference", "per_sample"]
 
 
 # --------------------------------------------------------------------------- RRR
 
 
+def _mode_dependent(model: nn.Module) -> bool:
+    """Whether ``model`` computes differently in train and eval mode (normalisation statistics, dropout)."""
+    return any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd))
+               for m in model.modules())
+
+
 def input_gradient(logits: torch.Tensor, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
     """``d/dx sum_n sum_k log softmax_k(logits_n)``, shape of ``x``; ``x`` must require grad.
 
-    Each image's logits depend only on that image (batch-norm in eval mode), so the
-    summed objective yields every image's own input gradient in one backward pass.
+    Each image's logits depend only on that image when the model runs in eval mode (the
+    reference's choice, ``XSConfig.grad_mode``), so the summed objective yields every
+    image's own input gradient in one backward pass.
     """
     (grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), x, create_graph=create_graph)
     return grad
 
 
-def rrr_penalty(input_grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Paper 002 Eq. 4: ``mean_n sum_ij [M (.) sum_c G_c]_ij^2`` for gradients ``G`` ``[N, C, H, W]``."""
-    masked = mask * input_grad.sum(dim=1, keepdim=True)
-    return masked.pow(2).sum(dim=(1, 2, 3)).mean()
+def rrr_penalty(input_grad: torch.Tensor, mask: torch.Tensor, norm: RRRNorm = "area") -> torch.Tensor:
+    """Paper 002 Eq. 4: ``mean_n sum_ij [M (.) sum_c G_c]_ij^2 / |M_n|`` for gradients ``G`` ``[N, C, H, W]``.
+
+    ``norm="area"`` divides each sample's term by its mask area ``|M_n| = sum_ij M_nij`` (Ross
+    et al.'s normalisation; an empty mask contributes 0); ``"none"`` leaves the plain sum.
+    """
+    per_sample = (mask * input_grad.sum(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2, 3))
+    if norm == "area":
+        per_sample = per_sample / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    elif norm != "none":
+        raise ConfigError(f"unknown RRR normalisation {norm!r}; choose area or none")
+    return per_sample.mean()
 
 
-def rrr_loss(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rrr_loss(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, norm: RRRNorm = "area") -> torch.Tensor:
     """Label-agnostic "right for the right reasons" penalty (paper 002 Eq. 4, Ross et al. 2017).
 
-    ``mean_n sum_ij [M (.) sum_c d(sum_k log softmax_k f(x_n))/dx_c]_ij^2``: the input
-    gradient of the summed log-probabilities, summed over channels, masked, squared
-    and summed over pixels, averaged over the batch. Built with ``create_graph=True``
-    so that it can be minimised (a second-order term).
+    ``mean_n sum_ij [M (.) sum_c d(sum_k log softmax_k f(x_n))/dx_c]_ij^2 / |M_n|``: the input
+    gradient of the summed log-probabilities, summed over channels, masked, squared and
+    summed over pixels, divided by the mask area, averaged over the batch. The model runs
+    in eval mode (its mode is restored); built with ``create_graph=True`` so that it can
+    be minimised (a second-order term).
     """
     m = as_mask(mask, x)
     x = x.detach().requires_grad_(True)
-    return rrr_penalty(input_gradient(model(x), x), m)
+    with eval_mode(model):
+        return rrr_penalty(input_gradient(model(x), x), m, norm)
 
 
 # --------------------------------------------------------------------------- RBR
 
 
 def influence_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None,
-                  create_graph: bool = True) -> torch.Tensor:
+                  create_graph: bool = True, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
     """Paper 004, "explanations via influence functions" with ``H^-1 := I``: ``grad_x sum_theta dL/dtheta``.
 
-    ``L`` is the summed cross-entropy of the batch, so row ``n`` of the result is
-    ``grad_{x_n} sum_theta dL(x_n, y_n)/dtheta`` (images do not interact in eval mode).
-    ``x`` must require grad; ``logits`` may be passed to reuse a forward pass. Shape of ``x``.
+    ``L`` is the batch's cross-entropy, averaged (``reduction="mean"``, the reference) or
+    summed; with ``sum`` row ``n`` is ``grad_{x_n} sum_theta dL(x_n, y_n)/dtheta`` (images do
+    not interact in eval mode), with ``mean`` the same divided by ``N``. ``x`` must require
+    grad; ``logits`` may be passed to reuse a forward pass. Shape of ``x``.
     """
     if logits is None:
         logits = model(x)
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), params, create_graph=True)
+    grads = torch.autograd.grad(F.cross_entropy(logits, y, reduction=reduction), params, create_graph=True)
     total = torch.stack([g.sum() for g in grads]).sum()
     (infl,) = torch.autograd.grad(total, x, create_graph=create_graph)
     return infl
 
 
-def rbr_penalty(influence: torch.Tensor, input_grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Paper 004 Eq. 1 (right reasons): ``mean_n sum_d (M_nd IF_nd IG_nd)^2``, channels summed after the product."""
-    masked = mask * (influence * input_grad).sum(dim=1, keepdim=True)
-    return masked.pow(2).sum(dim=(1, 2, 3)).mean()
+def rbr_penalty(influence: torch.Tensor, input_grad: torch.Tensor, mask: torch.Tensor,
+                scale: RBRScale = "reference") -> torch.Tensor:
+    """Paper 004 Eq. 1 (right reasons): the masked product ``M IF IG`` squared and summed.
+
+    ``scale="reference"``: ``sum_{n,c,ij} (M_nij IF_ncij IG_ncij)^2`` (every channel squared on
+    its own, summed over the batch; pair with ``influence_map(reduction="mean")``).
+    ``"per_sample"``: ``mean_n sum_ij (M_nij sum_c IF_ncij IG_ncij)^2`` (channels summed after
+    the product, averaged over the batch; pair with ``reduction="sum"``).
+    """
+    if scale == "reference":
+        return (mask * influence * input_grad).pow(2).sum()
+    if scale == "per_sample":
+        masked = mask * (influence * input_grad).sum(dim=1, keepdim=True)
+        return masked.pow(2).sum(dim=(1, 2, 3)).mean()
+    raise ConfigError(f"unknown RBR scale {scale!r}; choose reference or per_sample")
 
 
-def rbr_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _rbr_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, scale: RBRScale,
+              logits: torch.Tensor | None = None) -> torch.Tensor:
+    """RBR of a batch whose ``x`` requires grad, inside ``explicit_batchnorm`` (third derivatives)."""
+    with explicit_batchnorm(model):
+        logits = model(x) if logits is None else logits
+        infl = influence_map(model, x, y, logits, reduction="mean" if scale == "reference" else "sum")
+        return rbr_penalty(infl, input_gradient(logits, x), mask, scale)
+
+
+def rbr_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+             scale: RBRScale = "reference") -> torch.Tensor:
     """"Right for better reasons" penalty (paper 004 Eq. 1, identity Hessian); differentiable in the parameters.
 
-    Batch-norm layers are computed by ``explicit_batchnorm`` while the term is built,
-    since the fused kernel has no third derivative.
+    The model runs in eval mode (its mode is restored); batch-norm layers are computed by
+    ``nn.surgery.explicit_batchnorm`` while the term is built, since the fused kernel has no
+    third derivative.
     """
     m = as_mask(mask, x)
     x = x.detach().requires_grad_(True)
-    with explicit_batchnorm(model):
-        logits = model(x)
-        return rbr_penalty(influence_map(model, x, y, logits), input_gradient(logits, x), m)
-
-
-class _ExplicitBatchNorm(nn.Module):
-    """The batch-norm of a wrapped ``_BatchNorm`` written with elementary ops (differentiable to any order).
-
-    PyTorch's fused batch-norm has no third derivative, which RBR needs; this computes
-    the same normalisation and running-statistics update on the wrapped module's own
-    parameters and buffers.
-    """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        running_mean, running_var = bn.running_mean, bn.running_var
-        tracked = bn.num_batches_tracked
-        if bn.training or running_mean is None or running_var is None:
-            mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
-            if bn.training and running_mean is not None and running_var is not None and tracked is not None:
-                with torch.no_grad():
-                    tracked.add_(1)
-                    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(tracked.item())
-                    n = x.numel() / x.shape[1]
-                    running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
-                    running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(n - 1, 1))
-        else:
-            mean, var = running_mean, running_var
-        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-        if bn.affine:
-            out = out * bn.weight.view(shape) + bn.bias.view(shape)
-        return out
-
-
-class explicit_batchnorm:
-    """Context manager: every batch-norm layer of ``model`` computed by ``_ExplicitBatchNorm``, restored on exit.
-
-    Parameters, buffers and the optimizer's references are untouched (the wrapper
-    holds the original module); only the forward computation changes.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def __enter__(self) -> nn.Module:
-        for parent in list(self.model.modules()):
-            if isinstance(parent, _ExplicitBatchNorm):
-                continue  # already swapped by an enclosing context
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                    setattr(parent, name, _ExplicitBatchNorm(child))
-                    self._swapped.append((parent, name, child))
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for parent, name, child in reversed(self._swapped):
-            setattr(parent, name, child)
-        self._swapped = []
-
-
-# --------------------------------------------------------------------------- TAP
-
-
-def downscale_masks(mask: torch.Tensor, sizes: list[tuple[int, int]], kernel: int = 3) -> list[torch.Tensor]:
-    """Paper 002 Eq. 7, applied cumulatively layer to layer: ``M^l = AvgPool(MaxPool_k,1(M^{l-1}), H^l, W^l)``.
-
-    ``mask`` ``[N, 1, H, W]``; ``sizes`` the targeted layers' ``(H^l, W^l)`` in forward
-    order. The max-pool (kernel ``k``, stride 1, padding ``k // 2``) widens the marked
-    region by ``k // 2`` pixels; average pooling then shrinks by the size ratio
-    (adaptive pooling, which is plain ``k = s = ratio`` pooling when the ratio is an
-    integer). A layer larger than the previous map gets nearest interpolation.
-    Returns one ``[N, 1, H^l, W^l]`` mask per layer.
-    """
-    out, cur = [], mask
-    for h, w in sizes:
-        cur = F.max_pool2d(cur, kernel, stride=1, padding=kernel // 2)
-        ch, cw = cur.shape[-2:]
-        if (h, w) != (ch, cw):
-            cur = F.adaptive_avg_pool2d(cur, (h, w)) if h <= ch and w <= cw else \
-                F.interpolate(cur, size=(h, w), mode="nearest")
-        out.append(cur)
-    return out
-
-
-def activation_map(z: torch.Tensor) -> torch.Tensor:
-    """Paper 002 Eq. 6: signed channel sum ``A^l = sum_c a_c`` of an activation ``[N, C, H, W]`` -> ``[N, 1, H, W]``."""
-    return z.sum(dim=1, keepdim=True)
-
-
-def tap_penalty(activations: list[torch.Tensor], mask: torch.Tensor, kernel: int = 3,
-                norm: Literal["l2sq", "l1"] = "l2sq") -> torch.Tensor:
-    """Paper 002 Eq. 8: ``mean_n (1/L) sum_l ||D(M, l) (.) A^l||`` over the targeted activations (forward order)."""
-    if not activations:
-        raise ConfigError("TAP needs at least one targeted layer")
-    maps = [activation_map(a) for a in activations]
-    masks = downscale_masks(mask, [tuple(a.shape[-2:]) for a in maps], kernel)  # type: ignore[misc]
-    terms = []
-    for a, m in zip(maps, masks):
-        prod = m * a
-        terms.append(prod.pow(2).sum(dim=(1, 2, 3)) if norm == "l2sq" else prod.abs().sum(dim=(1, 2, 3)))
-    return torch.stack(terms).mean(0).mean()
-
-
-def tap_layers(model: nn.Module) -> list[str]:
-    """The layers TAP targets, spaced through the network (paper 002, "Models").
-
-    ResNets: the output of every residual stage (``layer1``, ``layer2``, ...);
-    DenseNets: every dense block; otherwise the output of every 2-D max-pool (each
-    VGG block; both conv blocks of the two-layer MNIST CNN). Anything else needs
-    explicit layer names.
-    """
-    names = dict(model.named_modules())
-    stages = sorted((n for n in names if re.fullmatch(r"layer\d+", n)), key=lambda n: int(n[5:]))
-    if stages:
-        return stages
-    dense = [n for n in names if re.fullmatch(r"(features\.)?denseblock\d+", n)]
-    if dense:
-        return dense
-    pools = [n for n, m in names.items() if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))]
-    if pools:
-        return pools
-    raise ConfigError(f"cannot choose TAP layers for {type(model).__name__} automatically; pass layer names")
-
-
-class TargetedActivations:
-    """Context manager: records the outputs of ``layers`` on every forward pass, hooks removed on exit.
-
-    ``outputs`` holds the latest forward's activations in the order the layers ran.
-    """
-
-    def __init__(self, model: nn.Module, layers: list[str]) -> None:
-        modules = dict(model.named_modules())
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            raise ConfigError(f"model has no layer(s) {missing}")
-        self.model, self.layers = model, list(layers)
-        self._modules = [modules[n] for n in layers]
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.outputs: list[torch.Tensor] = []
-
-    def _hook(self, _module: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        if out.dim() != 4:
-            raise ConfigError(f"TAP layers must output [N, C, H, W] maps, got shape {tuple(out.shape)}")
-        self.outputs.append(out)
-
-    def clear(self) -> None:
-        self.outputs = []
-
-    def __enter__(self) -> "TargetedActivations":
-        self._handles = [m.register_forward_hook(self._hook) for m in self._modules]
-        self.outputs = []
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self.outputs = [], []
-
-
-def tap_loss(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, layers: list[str] | None = None,
-             kernel: int = 3, norm: Literal["l2sq", "l1"] = "l2sq") -> torch.Tensor:
-    """Targeted activation penalty (paper 002 Eq. 8) of ``model`` on ``x``; layers default to ``tap_layers``."""
-    m = as_mask(mask, x)
-    with TargetedActivations(model, layers or tap_layers(model)) as rec:
-        model(x)
-        return tap_penalty(rec.outputs, m, kernel, norm)
+    with eval_mode(model):
+        return _rbr_term(model, x, y, m, scale)
 
 
 # --------------------------------------------------------------------------- training
@@ -320,7 +195,13 @@ class XSConfig(BaseModel):
     """Training with explanatory supervision: ``CE + lam * L_XS`` (paper 002 Eq. 3).
 
     Adam at learning rate 1e-3, as the other trainers here (the paper: SGD, 50 epochs);
-    ``layers`` are TAP's targeted layers (default ``tap_layers``).
+    ``layers`` are TAP's targeted layers (default ``tap_layers``). Defaults follow the
+    reference code where the papers are silent, the alternatives are named:
+    ``grad_mode``: RRR's and RBR's input gradients from an eval-mode forward pass
+    (``eval``; the cross-entropy still trains in train mode) or from the training forward
+    pass itself (``train``, one pass fewer; batch statistics then couple the images).
+    ``rrr_norm``, ``rbr_scale``, ``tap_geometry``: see ``rrr_penalty``, ``rbr_penalty``,
+    ``downscale_masks``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -335,39 +216,50 @@ class XSConfig(BaseModel):
     layers: list[str] | None = None
     tap_kernel: int = Field(3, ge=1)
     tap_norm: Literal["l2sq", "l1"] = "l2sq"
+    tap_geometry: TapGeometry = "reference"
+    grad_mode: Literal["eval", "train"] = "eval"
+    rrr_norm: RRRNorm = "area"
+    rbr_scale: RBRScale = "reference"
 
 
 def xs_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, config: XSConfig,
                  recorder: TargetedActivations | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss ``CE + lam * L_XS`` of one batch from one forward pass, and its parts as floats.
+    """Total loss ``CE + lam * L_XS`` of one batch, and its parts as floats.
 
-    TAP reads its activations from ``recorder`` (entered on ``model`` by the caller).
+    TAP reads its activations from ``recorder`` (entered on ``model`` by the caller). RRR and
+    RBR with ``grad_mode="eval"`` run a second, eval-mode forward pass for the penalty when
+    the model computes differently in the two modes (otherwise the pass is shared).
     """
     m = as_mask(mask, x)
-    method = config.method
-    if method in ("rrr", "rbr"):
-        x = x.detach().requires_grad_(True)
+    method, lam = config.method, config.lam
     if recorder is not None:
         recorder.clear()
-    if method == "rbr" and config.lam != 0:
+    penalised = method in ("rrr", "rbr") and lam != 0
+    separate = penalised and config.grad_mode == "eval" and _mode_dependent(model)
+    xg = x.detach().requires_grad_(True) if penalised else x
+    if method == "rbr" and penalised and not separate:
         with explicit_batchnorm(model):  # the fused batch-norm has no third derivative
-            logits = model(x)
-            ce = F.cross_entropy(logits, y)
-            xs = rbr_penalty(influence_map(model, x, y, logits), input_gradient(logits, x), m)
-        return ce + config.lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
-    logits = model(x)
+            logits = model(xg)
+        ce = F.cross_entropy(logits, y)
+        xs = _rbr_term(model, xg, y, m, config.rbr_scale, logits)
+        return ce + lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
+    if separate:  # the eval-mode penalty first: it sees the model as the step starts, as rrr_loss/rbr_loss do
+        with eval_mode(model):
+            xs = rrr_penalty(input_gradient(model(xg), xg), m, config.rrr_norm) if method == "rrr" else \
+                _rbr_term(model, xg, y, m, config.rbr_scale)
+        ce = F.cross_entropy(model(x), y)
+        return ce + lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
+    logits = model(xg)
     ce = F.cross_entropy(logits, y)
-    if method in ("none", "rbr") or config.lam == 0:
-        xs = torch.zeros((), dtype=ce.dtype)
-    elif method == "rrr":
-        xs = rrr_penalty(input_gradient(logits, x), m)
-    elif method == "tap":
+    if method == "rrr" and penalised:
+        xs = rrr_penalty(input_gradient(logits, xg), m, config.rrr_norm)
+    elif method == "tap" and lam != 0:
         if recorder is None:
             raise ConfigError("TAP needs a TargetedActivations recorder around the model")
-        xs = tap_penalty(recorder.outputs, m, config.tap_kernel, config.tap_norm)
-    else:  # pragma: no cover - guarded by pydantic
-        raise ConfigError(f"unknown XS method {method!r}; choose from {XS_METHODS}")
-    return ce + config.lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
+        xs = tap_penalty(recorder.outputs, m, config.tap_kernel, config.tap_norm, config.tap_geometry)
+    else:
+        xs = torch.zeros((), dtype=ce.dtype)
+    return ce + lam * xs, {"ce": float(ce.detach()), "xs": float(xs.detach())}
 
 
 def train_xs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, config: XSConfig,
@@ -377,8 +269,6 @@ def train_xs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Te
     ``callback(epoch, {"ce", "xs", "seconds"})`` receives each epoch's mean losses.
     Raises ``DataError`` for mismatched inputs and ``ModelRunError`` if the loss diverges.
     """
-    from hansgate.errors import ModelRunError
-
     if len(x) != len(y) or len(y) == 0:
         raise DataError(f"need one label per image, got {len(x)} images and {len(y)} labels")
     masks = as_mask(masks, x)

@@ -1,4 +1,4 @@
-"""``hansgate bench xs`` (refinement.xs_bench) on a tiny configuration: files, table, bars and the cost probes."""
+"""``hansgate bench xs`` (benchmarks/xs_bench.py through the thin entry point) on a tiny configuration: files, table, bars and the cost probes."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def test_bench_rejects_bad_options(tmp_path, capsys):
     assert main(["bench", "xs", "--out", str(tmp_path), "--lambdas", "tap=abc"]) == 2
     assert main(["bench", "xs", "--out", str(tmp_path), "--n-train", "1"]) == 2
     assert "n_train" in capsys.readouterr().err
+
+
+def test_bench_without_the_repository_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
+    from hansgate.commands import bench
+
+    monkeypatch.setattr(bench, "benchmark_script", lambda name: tmp_path / "benchmarks" / f"{name}_bench.py")
+    assert main(["bench", "xs", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "source repository" in err and "not with the installed package" in err
+    assert bench.benchmark_script("xs").name == "xs_bench.py"
 
 
 def test_cost_probes_measure_something():

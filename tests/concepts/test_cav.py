@@ -52,6 +52,34 @@ def test_every_kind_finds_a_known_direction_and_points_to_the_concept(kind):
     if kind != "signal":
         assert cav.regularization_ in cav.grid and 0.5 < cav.val_accuracy_ <= 1.0
         assert len(cav.candidates_) == len(cav.grid)
+        held = ConceptActivationVector(kind, selection="holdout").fit(a, t)  # the project's earlier variant
+        assert held.regularization_ in held.grid and held.cav_[0] > 0.8
+
+
+@pytest.mark.parametrize("kind,param", [("ridge", "alpha"), ("svm", "C"), ("logistic", "C")])
+def test_cv_gamma_is_the_grid_search_choice(kind, param):
+    """The default gamma is what scikit-learn's GridSearchCV (5 stratified folds, the estimator's score,
+    ties to the first grid point) picks over the same grid, on the centred features."""
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import LinearSVC
+
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(120, 6, generator=gen)
+    t = torch.rand(120, generator=gen) < 0.4
+    a[t, :2] += 0.6  # overlapping clusters: the grid's scores differ
+    grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    cav = ConceptActivationVector(kind, grid=grid).fit(a, t)
+    est = {"ridge": RidgeClassifier(fit_intercept=False, class_weight="balanced"),
+           "svm": LinearSVC(fit_intercept=False, class_weight="balanced", max_iter=5000, random_state=0),
+           "logistic": LogisticRegression(fit_intercept=False, class_weight="balanced", max_iter=2000)}[kind]
+    values = list(grid) if param == "alpha" else [1.0 / g for g in grid]
+    x = a.double().numpy() - a.double().numpy().mean(0)
+    search = GridSearchCV(est, {param: values}, cv=5).fit(x, t.numpy().astype(int))
+    chosen = search.best_params_[param]
+    assert cav.regularization_ == pytest.approx(chosen if param == "alpha" else 1.0 / chosen)
+    scores = [c["val_accuracy"] for c in cav.candidates_]
+    np.testing.assert_allclose(scores, search.cv_results_["mean_test_score"], rtol=1e-9)
 
 
 def test_signal_beats_svm_under_correlated_noise():

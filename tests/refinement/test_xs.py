@@ -51,9 +51,11 @@ def test_rrr_matches_closed_form_on_linear_softmax():
     W = model[1].weight
     p = torch.softmax(model(x), 1)
     grad = ((1 - W.shape[0] * p) @ W).view(5, 1, 4, 4)
-    expected = (mask * grad).pow(2).sum((1, 2, 3)).mean()
+    plain = (mask * grad).pow(2).sum((1, 2, 3))
+    expected = (plain / mask.sum((1, 2, 3))).mean()  # default: each sample divided by its mask area
     got = rrr_loss(model, x, mask)
     assert torch.allclose(got, expected, rtol=1e-10)
+    assert torch.allclose(rrr_loss(model, x, mask, norm="none"), plain.mean(), rtol=1e-10)
     # a [N, H, W] mask is the same mask
     assert torch.allclose(rrr_loss(model, x, mask[:, 0]), expected, rtol=1e-10)
 
@@ -68,7 +70,7 @@ def test_rrr_is_differentiable_in_the_parameters():
     W2 = W.detach().clone().requires_grad_(True)
     b2 = model[1].bias.detach().clone().requires_grad_(True)
     p = torch.softmax(x.flatten(1) @ W2.T + b2, 1)
-    closed = (mask * ((1 - W2.shape[0] * p) @ W2).view(3, 1, 4, 4)).pow(2).sum((1, 2, 3)).mean()
+    closed = ((mask * ((1 - W2.shape[0] * p) @ W2).view(3, 1, 4, 4)).pow(2).sum((1, 2, 3)) / 4).mean()
     closed.backward()
     assert torch.allclose(W.grad, W2.grad, rtol=1e-8, atol=1e-12)
     assert W.grad.abs().sum() > 0
@@ -111,7 +113,8 @@ def test_influence_matches_finite_differences_and_per_sample_autograd():
     torch.manual_seed(4)
     x = torch.rand(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 2, 1])
-    infl = influence_map(model, x, y)
+    infl = influence_map(model, x, y, reduction="sum")
+    assert torch.allclose(influence_map(model, x, y), infl / 3, rtol=1e-12)  # default: the batch-mean loss
     # per sample, with its own loss
     for n in range(3):
         xn = x[n : n + 1].detach().clone().requires_grad_(True)
@@ -137,11 +140,14 @@ def test_rbr_loss_is_eq1_and_trains():
     mask[:, :, 0, :] = 1
     xg = x.clone().requires_grad_(True)
     logits = model(xg)
-    infl, ig = influence_map(model, xg, y, logits), input_gradient(logits, xg)
-    expected = (mask * infl * ig).pow(2).sum((1, 2, 3)).mean()
+    infl, ig = influence_map(model, xg, y, logits, reduction="sum"), input_gradient(logits, xg)
+    expected = (mask * (infl / 3) * ig).pow(2).sum()  # reference: batch-mean loss, everything summed
     got = rbr_loss(model, x, y, mask)
     assert torch.allclose(got, expected, rtol=1e-10)
-    assert torch.allclose(rbr_penalty(infl, ig, mask), expected)
+    assert torch.allclose(rbr_penalty(infl / 3, ig, mask), expected)
+    per_sample = (mask * (infl * ig).sum(1, keepdim=True)).pow(2).sum((1, 2, 3)).mean()
+    assert torch.allclose(rbr_loss(model, x, y, mask, scale="per_sample"), per_sample, rtol=1e-10)
+    assert torch.allclose(rbr_penalty(infl, ig, mask, "per_sample"), per_sample)
     got.backward()  # third order: must reach the parameters
     assert all(p.grad is not None for p in model.parameters())
     assert model[1].weight.grad.abs().sum() > 0
@@ -185,7 +191,13 @@ def test_downscale_hand_made_mask():
     m = torch.zeros(1, 1, 8, 8)
     m[0, 0, 0, 0] = 1
     same, half = downscale_masks(m, [(8, 8), (4, 4)])
-    # step 1: max-pool 3x3, stride 1, padding 1 widens (0, 0) to the 2x2 corner; size unchanged
+    # reference: a layer of the input's size keeps the mask; then max-pool (the 2x2 corner) and 2x2 averages
+    assert torch.equal(same, m)
+    expected_half = torch.zeros(4, 4)
+    expected_half[0, 0] = 1.0
+    assert torch.allclose(half[0, 0], expected_half)
+    same, half = downscale_masks(m, [(8, 8), (4, 4)], geometry="adaptive")
+    # adaptive, step 1: max-pool 3x3, stride 1, padding 1 widens (0, 0) to the 2x2 corner; size unchanged
     expected_same = torch.zeros(8, 8)
     expected_same[:2, :2] = 1
     assert torch.equal(same[0, 0], expected_same)
