@@ -43,13 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a concept and its labelled samples; repeatable; ClArC corrects the first, all are watched")
     c.add_argument("--concept-layer", help="concept layer (default: the last conv layer)")
     c.add_argument("--cav-kind", default="signal", help="signal, svm, ridge, lasso, logistic")
-    c.add_argument("--pooling", default="none", choices=["none", "mean", "max"],
-                   help="activation pooling for the CAVs (default none: the full map)")
+    c.add_argument("--pooling", choices=["none", "mean", "max"],
+                   help="activation pooling for the ClArC CAV (default max, as the authors' code; none: the full map)")
     c.add_argument("--rr-mode", default="random", choices=["random", "all", "class"],
                    help="RR-ClArC annotation vector m (random +-1, ones, one-hot on --target-class)")
     c.add_argument("--target-class", type=int, help="class index for --rr-mode class")
     c.add_argument("--epochs", type=int, default=10, help="ClArC fine-tuning epochs")
-    c.add_argument("--lambdas", type=float, nargs="+", help="RR-ClArC lambda grid (default 1 ... 1e5)")
+    c.add_argument("--lambdas", type=float, nargs="+", help="RR-ClArC lambda grid (default 0.05, 0.1, 1 ... 1e8)")
     p.set_defaults(run=run)
 
 
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.calibration_share < 0.9:
         raise ConfigError(f"--calibration-share must lie in [0, 0.9), got {args.calibration_share}")
-    clarc = ClarcConfig(layer=args.concept_layer, cav_kind=args.cav_kind, pooling=args.pooling, mode=args.rr_mode,
+    clarc = ClarcConfig(layer=args.concept_layer, cav_kind=args.cav_kind, mode=args.rr_mode,
+                        **({"pooling": args.pooling} if args.pooling else {}),
                         target_class=args.target_class, epochs=args.epochs, seed=args.seed,
                         **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
     config = RefinerConfig(refine=RefineConfig(slack=args.slack, layers=args.layers, schedule=args.schedule,

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-data", help="small clean labelled set for the teacher (not needed with --data decoy)")
     p.add_argument("--teacher-tau", type=float, default=0.01, help="mask = normalised saliency < tau (default 0.01)")
     p.add_argument("--teacher-model", default="mnist_cnn", help="built-in teacher architecture")
-    p.add_argument("--lam", type=float, help="XS weight lambda (default per method: tap 3e-3, rrr 1e2, rbr 1e4)")
+    p.add_argument("--lam", type=float, help="XS weight lambda (default per method: tap 3e-3, rrr 1.6e3, rbr 6.4e5)")
     p.add_argument("--lambdas", type=float, nargs="+",
                    help="tune lambda over these on --val-data (permuted spurious signal): lowest cross-entropy")
     p.add_argument("--val-data", help="validation data whose spurious signal is permuted (for --lambdas)")

@@ -31,8 +31,9 @@ from hansgate.refinement.registry import get_refiner
 __all__ = ["DEFAULT_LAMBDAS", "TrainXSConfig", "load_masks", "xs_inputs", "train_xs_from_files"]
 
 #: Default lambda per method when none is given: what the decoy benchmark tuned for small_vgg with ground-truth
-#: masks (benchmarks/results/xs.json); tune on your own permuted validation data where you can.
-DEFAULT_LAMBDAS: dict[str, float] = {"tap": 3e-3, "rrr": 1e2, "rbr": 1e4, "none": 0.0}
+#: masks, carried to the reference scales of RRR (per-sample mask-area normalisation: x16 for 16-pixel masks) and
+#: RBR (summed elements, batch-mean influence: x64 at batch 64); tune on your own permuted validation data.
+DEFAULT_LAMBDAS: dict[str, float] = {"tap": 3e-3, "rrr": 1.6e3, "rbr": 6.4e5, "none": 0.0}
 
 
 def load_masks(path: str | Path, like: torch.Tensor) -> torch.Tensor:
