@@ -46,7 +46,7 @@ __all__ = [
     "ModelArtifactResult",
     "ArtifactTcav",
     "ArtifactResult",
-    "ArtifactHeatmaps",
+    "HeatmapFigure",
     "ArtifactTests",
     "artifact_prediction_test",
     "known_artifact_tests",
@@ -219,8 +219,9 @@ class ArtifactResult:
 
 
 @dataclass(frozen=True)
-class ArtifactHeatmaps:
-    """Pasted images ``[n, H, W]`` (first channel) and per model the LRP heatmaps ``[n, H, W]``."""
+class HeatmapFigure:
+    """Input images ``[n, H, W]`` (first channel) and one row of maps ``[n, H, W]`` per model or method
+    (for the artifact tests: the pasted images and each model's LRP heatmaps)."""
 
     images: np.ndarray
     rows: dict[str, np.ndarray]
@@ -232,7 +233,7 @@ class ArtifactTests:
 
     config: ArtifactTestConfig
     artifacts: dict[str, ArtifactResult]
-    heatmaps: dict[str, ArtifactHeatmaps]
+    heatmaps: dict[str, HeatmapFigure]
 
     def as_dict(self) -> dict[str, object]:
         return {"config": self.config.model_dump(), "artifacts": {a: r.as_dict() for a, r in self.artifacts.items()}}
@@ -274,7 +275,7 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
 
     gen = np.random.default_rng(config.seed)
     results: dict[str, ArtifactResult] = {}
-    heatmaps: dict[str, ArtifactHeatmaps] = {}
+    heatmaps: dict[str, HeatmapFigure] = {}
     for art in artifacts:
         clean = ~carries(x, art)
         idx = np.flatnonzero(clean)
@@ -302,7 +303,7 @@ def known_artifact_tests(predictors: dict[str, PredictFn], torch_models: dict[st
                 res.relevance_share = float(share.mean())
                 res.relevance_share_n = int(len(sub))
                 res.relevance_share_ratio = float(share.mean() / max(float(mask.mean()), 1e-12))
-                heatmaps.setdefault(art.name, ArtifactHeatmaps(sub[:4, 0].numpy(), {}))
+                heatmaps.setdefault(art.name, HeatmapFigure(sub[:4, 0].numpy(), {}))
                 heatmaps[art.name].rows[model] = rel[:4].sum(1).numpy()
             entry.models[model] = res
         results[art.name] = entry

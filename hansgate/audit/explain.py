@@ -21,19 +21,29 @@ from hansgate.audit.artifact_tests import (
     ArtifactTcav,
     ArtifactTestConfig,
     ArtifactTests,
+    HeatmapFigure,
     carries,
     known_artifact_tests,
 )
-from hansgate.audit.attributions import ATTRIBUTION_METHODS, AttributionConfig, attribute, relevance_share_in_mask
+from hansgate.audit.attributions import (
+    ATTRIBUTION_METHODS,
+    AttributionConfig,
+    attribute,
+    relevance_share_in_mask,
+)
 from hansgate.audit.concepts import ConceptEvidence, concept_evidence, concept_sets
 from hansgate.audit.config import AuditConfig
-from hansgate.audit.influence import InfluenceConfig, InfluenceReport, LinearStudentInfluence
+from hansgate.audit.influence import (
+    InfluenceConfig,
+    InfluenceReport,
+    LinearStudentInfluence,
+)
 from hansgate.audit.roles import PredictFn, raw_pixel_model, standardise
 from hansgate.audit.sections import Predictions, Skipped
 from hansgate.audit.tcav import TcavConfig
 from hansgate.manifest import InputSpec
 
-__all__ = ["sample_indices", "AttributionSample", "HeatmapFigure", "AttributionSection", "attributions_section",
+__all__ = ["sample_indices", "AttributionSample", "AttributionSection", "attributions_section",
            "artifacts_section", "ConceptSection", "concepts_section", "InfluenceSection", "influence_section"]
 
 
@@ -59,14 +69,6 @@ class AttributionSample:
         if self.region_share:
             out["region_share"], out["verified"] = self.region_share, self.verified
         return out
-
-
-@dataclass(frozen=True)
-class HeatmapFigure:
-    """Input images ``[n, H, W]`` (first channel) and one row of maps ``[n, H, W]`` per model or method."""
-
-    images: np.ndarray
-    rows: dict[str, np.ndarray]
 
 
 @dataclass

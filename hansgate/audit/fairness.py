@@ -26,7 +26,13 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
 import numpy as np
-from fairlearn.metrics import MetricFrame, count, false_positive_rate, selection_rate, true_positive_rate
+from fairlearn.metrics import (
+    MetricFrame,
+    count,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
 
 from hansgate.audit.compliance import rate
 

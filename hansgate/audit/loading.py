@@ -16,7 +16,11 @@ import numpy as np
 import torch
 
 from hansgate.audit.explain import sample_indices
-from hansgate.audit.inputs import load_source_model, read_attributes, source_weights_path
+from hansgate.audit.inputs import (
+    load_source_model,
+    read_attributes,
+    source_weights_path,
+)
 from hansgate.audit.runner import AuditInputs
 from hansgate.bundle import load_bundle
 from hansgate.data.datasets import LabelledImages, load_labelled

@@ -30,13 +30,16 @@ import torch
 from torch import nn
 
 import hansgate
-from hansgate.audit.artifact_tests import ArtifactHeatmaps, ArtifactTests, resolve_artifacts
+from hansgate.audit.artifact_tests import (
+    ArtifactTests,
+    HeatmapFigure,
+    resolve_artifacts,
+)
 from hansgate.audit.concepts import Localisation
 from hansgate.audit.config import AuditConfig
 from hansgate.audit.explain import (
     AttributionSection,
     ConceptSection,
-    HeatmapFigure,
     InfluenceSection,
     artifacts_section,
     attributions_section,
@@ -106,7 +109,7 @@ class FigureData:
     heatmaps: HeatmapFigure | None = None
     heatmap_samples: list[int] = field(default_factory=list)
     methods: HeatmapFigure | None = None
-    artifact_heatmaps: dict[str, ArtifactHeatmaps] = field(default_factory=dict)
+    artifact_heatmaps: dict[str, HeatmapFigure] = field(default_factory=dict)
     localisation: dict[str, Localisation] = field(default_factory=dict)
 
 
