@@ -35,7 +35,8 @@ CLASSES = ["a", "b", "c"]
 def rgb_bundle(tmp_path_factory) -> dict[str, Path]:
     """A small_resnet (BatchNorm) on 3x16x16 inputs, 60 RGB 20x20 PNGs labelled with its own predictions."""
     from hansgate.refinement.methods import RefineConfig
-    from hansgate.refinement.pipeline import refine_from_files
+    from hansgate.refinement.pipeline import DataOptions, refine_from_files
+    from hansgate.refinement.refiners import RefinerConfig
 
     root = tmp_path_factory.mktemp("rgb")
     torch.manual_seed(0)
@@ -59,8 +60,8 @@ def rgb_bundle(tmp_path_factory) -> dict[str, Path]:
     weights = root / "source.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     refine_from_files(model_spec="small_resnet", weights=str(weights), data=str(data), out=root / "bundle",
-                      config=RefineConfig(method="egem", layers=["layer2"]), image_size=(16, 16), channels=3,
-                      mean=MEAN, std=STD, progress=False)
+                      method="egem", config=RefinerConfig(refine=RefineConfig(layers=["layer2"])),
+                      options=DataOptions(channels=3, image_size=(16, 16), mean=tuple(MEAN), std=tuple(STD)))
     attrs = write_attributes(root / "attrs.csv", {"site": np.where(np.arange(60) % 2 == 0, "A", "B")})
     return {"root": root, "bundle": root / "bundle", "data": data, "weights": weights, "attributes": attrs}
 

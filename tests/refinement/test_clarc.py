@@ -258,7 +258,7 @@ def test_cli_refine_rr_clarc_writes_a_bundle_with_heads(biased_cnn, digits_data,
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.manifest.method.name == "rr-clarc" and bundle.manifest.method.layers == ["conv2"]
     assert [c.name for c in bundle.manifest.concepts] == ["corner"]
-    assert bundle.manifest.concepts[0].pooling == "none"
+    assert bundle.manifest.concepts[0].pooling == "max"  # ClarcConfig's default, the authors' choice
     assert main(args) == 2  # existing output, no --overwrite: one clear error, nothing lost
     assert load_bundle(tmp_path / "bundle").manifest == bundle.manifest
     missing = [*args[:-3], "--out", str(tmp_path / "b2"), "--quiet"]

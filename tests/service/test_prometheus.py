@@ -77,7 +77,7 @@ def _exported(gateway) -> set[str]:
 def test_every_query_names_only_exported_or_recorded_metrics(gateway_factory, concept_bundle):
     gw = gateway_factory(concept_bundle)
     x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
-    gw._run_batch([type("J", (), {"x": x, "request_id": "r"})()])  # so histograms have samples
+    gw._run_batch([type("J", (), {"x": x, "request_id": "r", "attributes": [{"site": "A"}] * len(x)})()])  # so histograms have samples
     exported = _exported(gw)
     assert {n for n in exported if n.startswith("hansgate_")} >= {n for n in METRIC_NAMES if not n.endswith("_seconds")
                                                                   and not n.endswith("_rows")}
