@@ -55,7 +55,7 @@ def make_bundles(seed: int, calibration_share: float, out: Path, log: Any) -> tu
     xr, yr = per_class_subset(*verified_subset(original, data.x_refine, data.y_refine), 200, seed)
     log(f"trained; {len(yr)} verified samples; {len(data.y_calib)} calibration images")
     refined = refine_model(original, xr, yr, RefineConfig(method="pca-egem", seed=seed))
-    identity = RefinementResult(original, "none", [], {}, select_best([Candidate({}, 1.0)], "identity"))
+    identity = RefinementResult(original, "none", [], {}, select_best([Candidate({}, 1.0)], [None], "identity", best="max"))
     spec = InputSpec(channels=1, height=28, width=28, mean=[0.0], std=[1.0], color_mode="L")
     subgroups = [SubgroupAttribute(name="site", values=["A", "B"]),
                  SubgroupAttribute(name="stroke", values=["thick", "thin"])]
