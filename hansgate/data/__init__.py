@@ -1,10 +1,11 @@
-"""L1: data. The embedded Clever-Hans digits, the decoy digits, the artifact catalogue and
-labelled-image loading (``.npz`` or an ImageFolder directory).
+"""L1: data. The embedded Clever-Hans digits, their RGB variant with a patch shortcut, the decoy
+digits, the artifact catalogue and labelled-image loading (``.npz`` or an ImageFolder directory).
 """
 
 from __future__ import annotations
 
 from hansgate.data.artifacts import ARTIFACTS, Artifact, get_artifact
+from hansgate.data.rgb import RgbConfig, patch_mask, paste_patch, make_rgb_clever_hans
 from hansgate.data.datasets import (
     IMAGE_SUFFIXES,
     LabelledImages,
@@ -26,6 +27,10 @@ from hansgate.data.digits import (
 )
 
 __all__ = [
+    "RgbConfig",
+    "patch_mask",
+    "paste_patch",
+    "make_rgb_clever_hans",
     "Artifact",
     "ARTIFACTS",
     "get_artifact",
