@@ -1,5 +1,9 @@
 """Concept bars of issue 3, measured on the embedded Clever-Hans digits (paper 001, Table 1 and Fig. 3b).
 
+Longer than one concept per module: a benchmark script, kept in one file so that one command
+reproduces every figure in ``benchmarks/results/concepts.json`` (alignment, Table 1 with its
+default-vs-variant rows, step and head costs) from the same trained models.
+
 1. CAV alignment (Eq. 7 per sample, Eq. 8 of the mean) of signal-CAV vs the regression CAVs
    (SVM, ridge, lasso, logistic; gamma grid 10^-5 ... 10^5) for every artifact, with the CAV
    computed on channel-pooled (``mean``) and on full (``none``) activations of the last conv layer.

@@ -32,6 +32,7 @@ from hansgate.errors import RequestError
 __all__ = [
     "ATTRIBUTE_HEADER",
     "Declared",
+    "check_attributes",
     "parse_attribute_header",
     "row_attributes",
     "FairnessCounts",
@@ -51,7 +52,8 @@ MAX_HEADER_CHARS = 4096
 Declared = Mapping[str, Sequence[str]]
 
 
-def _checked(pairs: Mapping[str, object], declared: Declared) -> dict[str, str]:
+def check_attributes(pairs: Mapping[str, object], declared: Declared) -> dict[str, str]:
+    """``pairs`` when every name and value is declared; ``RequestError`` (unknown_attribute/value) otherwise."""
     out: dict[str, str] = {}
     for name, value in pairs.items():
         if name not in declared:
@@ -79,7 +81,7 @@ def parse_attribute_header(header: str, declared: Declared) -> dict[str, str]:
         if name.strip() in pairs:
             raise RequestError(f"{ATTRIBUTE_HEADER} names {name.strip()!r} twice", reason="bad_request")
         pairs[name.strip()] = value.strip()
-    return _checked(pairs, declared)
+    return check_attributes(pairs, declared)
 
 
 def row_attributes(attributes: Mapping[str, object] | Sequence[Mapping[str, object]] | None, n_rows: int,
@@ -88,13 +90,13 @@ def row_attributes(attributes: Mapping[str, object] | Sequence[Mapping[str, obje
     if attributes is None:
         return [{} for _ in range(n_rows)]
     if isinstance(attributes, Mapping):
-        one = _checked(attributes, declared)
+        one = check_attributes(attributes, declared)
         return [one for _ in range(n_rows)]
     if len(attributes) != n_rows:
         # 400 like an undecodable body: the schema cannot tie the list's length to the tensor's
         raise RequestError(f"attributes: {len(attributes)} objects for {n_rows} rows; send one per row or one "
                            "object for all", reason="bad_request")
-    return [_checked(a, declared) for a in attributes]
+    return [check_attributes(a, declared) for a in attributes]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from hansgate.service.batching import MicroBatcher
 from hansgate.service.config import GatewayConfig, load_receipt_key
 from hansgate.service.fairness import (
     FairnessThresholds,
+    check_attributes,
     estimated_table,
     fairness_counts,
     parse_attribute_header,
@@ -95,7 +96,6 @@ class Gateway:
         self._class_keys = [json.dumps(c) for c in self._classes]
         self._concept_keys = [json.dumps(c) for c in self._concepts]
         self._class_index = {c: i for i, c in enumerate(self._classes)}
-        self._attributes = {a.name: set(a.values) for a in self.manifest.subgroups}
         #: declared subgroup attributes and their values (what a request may send)
         self.declared = {a.name: list(a.values) for a in self.manifest.subgroups}
         calibration = self.manifest.calibration
@@ -147,12 +147,14 @@ class Gateway:
             logits = logits[keep]
             scores = scores[keep] if scores is not None else None
             sens = sens[keep] if sens is not None else None
+        # per-row attributes only when a request sent some (most batches carry none)
         row_attrs = [a for job, ok in zip(jobs, ok_job) if ok
-                     for a in (job.attributes if job.attributes is not None else [{}] * len(job.x))]
+                     for a in (job.attributes if job.attributes is not None else [{}] * len(job.x))] \
+            if any(job.attributes is not None for job in jobs) else None
         if self.cfg.monitoring and len(logits):
             pred, stats = batch_stats(logits, scores, sens, self._presence)
             self.metrics.observe_batch(stats, seconds, len(x))
-            if any(row_attrs):
+            if row_attrs is not None and any(row_attrs):
                 self._observe_fairness(logits, scores, pred, row_attrs)
         else:
             pred = logits.argmax(1)
@@ -181,7 +183,7 @@ class Gateway:
             for j in range(len(job.x)):
                 rid = f"{job.request_id}-{j}"
                 cls = pred_list[n]
-                attrs = ",".join(f"{k}={v}" for k, v in sorted(row_attrs[n].items()))
+                attrs = ",".join(f"{k}={v}" for k, v in sorted(row_attrs[n].items())) if row_attrs else ""
                 receipt = self.signer.sign(Receipt(rid, cls, self.model_sha256, signs[n], now, attrs))
                 store_rows.append((rid, cls, signs[n], now))
                 parts.append(f'{{"request_id":"{rid}","class_index":{cls},"class":{self._class_keys[cls]},'
@@ -208,13 +210,7 @@ class Gateway:
         true = self._class_index.get(req.label)
         if true is None:
             raise RequestError(f"label {req.label[:64]!r} is not a class of this model", "unknown_label")
-        for name, value in req.attributes.items():
-            if name not in self._attributes:
-                raise RequestError(f"attribute {name[:64]!r} is not declared by the manifest "
-                                   f"(declared: {sorted(self._attributes)})", "unknown_attribute")
-            if value not in self._attributes[name]:
-                raise RequestError(f"value {value[:64]!r} of attribute {name!r} is not declared "
-                                   f"(allowed: {sorted(self._attributes[name])})", "unknown_value")
+        check_attributes(req.attributes, self.declared)
         if req.receipt is not None:
             receipt = self.signer.verify(req.receipt)
             if req.request_id is not None and req.request_id != receipt.request_id:
