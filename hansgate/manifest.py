@@ -37,9 +37,10 @@ __all__ = [
     "Manifest",
 ]
 
-#: 1.1 adds ``calibration`` (temperature scaling); 1.0 bundles load unchanged
-SCHEMA_VERSION = "1.1"
-KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1"})
+#: 1.1 adds ``calibration`` (temperature scaling); 1.2 adds ``verified_share`` and each concept's
+#: ``layer_reason``; older bundles load unchanged
+SCHEMA_VERSION = "1.2"
+KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1", "1.2"})
 
 
 #: names served in responses and exported as label values: letters, digits, ``_ . + -`` and single
@@ -176,6 +177,8 @@ class ConceptSpec(_Strict):
     sensitivity_tolerance: float = Field(1e-3, ge=0.0)
     #: how the graph computes ``concept_sensitivity`` (refinement.concept_heads): exact JVP or finite differences
     sensitivity_method: Literal["jvp", "central", "forward"] = "central"
+    #: why ``layer`` was watched (automatic choice or the user's, and any warning about it)
+    layer_reason: Text | None = None
 
 
 class SubgroupAttribute(_Strict):
@@ -243,6 +246,8 @@ class Manifest(_Strict):
     concepts: list[ConceptSpec] = Field(default_factory=list, max_length=64)
     subgroups: list[SubgroupAttribute] = Field(default_factory=list, max_length=16)
     calibration: CalibrationSpec | None = None
+    #: share of the supplied refinement data the source model predicted correctly (the verified set)
+    verified_share: Fraction | None = None
     graph: GraphSpec
 
     @field_validator("classes")
@@ -256,6 +261,9 @@ class Manifest(_Strict):
     def _consistent(self) -> "Manifest":
         if self.calibration is not None and self.schema_version == "1.0":
             raise ValueError("calibration needs manifest schema 1.1 or later")
+        newer = self.verified_share is not None or any(c.layer_reason is not None for c in self.concepts)
+        if newer and self.schema_version in ("1.0", "1.1"):
+            raise ValueError("verified_share and layer_reason need manifest schema 1.2 or later")
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError("concept names must be unique")

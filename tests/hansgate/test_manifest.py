@@ -130,7 +130,7 @@ def test_external_tensor_data_is_refused(bundle):
 
 def test_schema_1_0_manifests_written_before_these_checks_still_load(tiny):
     raw = json.loads((tiny / "manifest.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.2"
     raw["schema_version"] = "1.0"
     assert Manifest.model_validate(raw).classes == ["cat", "dog", "fox"]
 

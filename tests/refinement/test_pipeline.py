@@ -170,4 +170,4 @@ def test_refine_records_the_temperature_of_the_refined_model(grey_files, tmp_pat
     cal = bundle.manifest.calibration
     assert cal is not None and cal.samples == 27 and summary["n_verified"] == 63
     assert cal.nll_after <= cal.nll_before + 1e-9 and cal.temperature > 0
-    assert bundle.manifest.schema_version == "1.1" and summary["calibration"]["temperature"] == cal.temperature
+    assert bundle.manifest.schema_version == "1.2" and summary["calibration"]["temperature"] == cal.temperature
