@@ -6,7 +6,9 @@ semantic checks of ``hansgate.manifest`` (strict JSON: no NaN or Infinity litera
 files lie outside its directory, or whose graph signature disagrees with the manifest
 (the class axis of ``logits`` must be fixed and equal to the number of classes). With a
 ``public_key`` it also requires a valid detached signature (``hansgate.signing``) over the
-exact manifest bytes it parses and the graph. ``write_bundle`` writes into a temporary
+exact manifest bytes it parses and the graph. A bundle that carries the served model's torch
+weights (``manifest.refined``) must hold that file inside its directory with the manifest's
+sha256; the signature covers it through the manifest. ``write_bundle`` writes into a temporary
 sibling directory and renames it into place, so a failure leaves no partial bundle.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,11 +30,12 @@ from hansgate.manifest import KNOWN_SCHEMA_VERSIONS, Manifest
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["MANIFEST_FILE", "Bundle", "sha256_file", "sha256_bytes", "load_bundle", "read_manifest",
+__all__ = ["MANIFEST_FILE", "Bundle", "sha256_file", "sha256_bytes", "verify_refined", "load_bundle", "read_manifest",
            "parse_manifest", "graph_signature", "write_bundle"]
 
 MANIFEST_FILE = "manifest.json"
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -58,6 +62,12 @@ class Bundle:
     @property
     def onnx_path(self) -> Path:
         return self.path / self.manifest.graph.file
+
+    @property
+    def refined_path(self) -> Path | None:
+        """The served model's torch weights (``manifest.refined``), ``None`` when the bundle carries none."""
+        refined = self.manifest.refined
+        return None if refined is None else self.path / refined.file
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -129,6 +139,22 @@ def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[in
     return inputs, outputs
 
 
+def verify_refined(root: str | Path, manifest: Manifest) -> Path:
+    """The refined weights file of ``manifest.refined``: inside ``root``, present, with the manifest's sha256."""
+    root = Path(root)
+    if manifest.refined is None:
+        raise BundleError(f"bundle {root} carries no refined weights")
+    path = _inside(root, manifest.refined.file)
+    if not path.is_file():
+        raise BundleError(f"refined weights missing: {path}")
+    digest = sha256_file(path)
+    if digest != manifest.refined.sha256:
+        raise BundleHashError(f"{path.name} sha256 {digest[:12]}... does not match the manifest's "
+                              f"{manifest.refined.sha256[:12]}...: the refined weights changed after the bundle "
+                              "was written")
+    return path
+
+
 def load_bundle(path: str | Path, public_key: "Ed25519PublicKey | str | Path | None" = None) -> Bundle:
     """Read and verify a bundle; raises a ``BundleError`` subclass with a one-line reason.
 
@@ -156,6 +182,8 @@ def load_bundle(path: str | Path, public_key: "Ed25519PublicKey | str | Path | N
     if digest != manifest.graph.sha256:
         raise BundleHashError(f"{onnx_path.name} sha256 {digest[:12]}... does not match the manifest's "
                               f"{manifest.graph.sha256[:12]}...")
+    if manifest.refined is not None:
+        verify_refined(root, manifest)
     inputs, outputs = graph_signature(onnx_path)
     if manifest.graph.input_name not in inputs:
         raise BundleError(f"graph has no input {manifest.graph.input_name!r} (has {inputs})")
@@ -189,6 +217,11 @@ def write_bundle(out: str | Path, onnx_bytes: bytes, manifest: Manifest, overwri
             raise BundleError(f"refusing to overwrite existing {out}")
     if sha256_bytes(onnx_bytes) != manifest.graph.sha256:
         raise BundleHashError("manifest hash does not match the graph being written")
+    for name in extra_files or {}:
+        if not _PLAIN_FILE.fullmatch(name) or name in (MANIFEST_FILE, manifest.graph.file, "signature.json"):
+            raise BundleError(f"extra bundle file {name!r} is not a plain file name of its own")
+    if manifest.refined is not None and manifest.refined.file not in (extra_files or {}):
+        raise BundleError(f"the manifest names refined weights {manifest.refined.file!r}, but none are written")
     with atomic_directory(out) as tmp:
         (tmp / manifest.graph.file).write_bytes(onnx_bytes)
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))

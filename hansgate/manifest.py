@@ -9,7 +9,7 @@ finite, ranges are ordered, baselines are fractions keyed by declared names, and
 name that the gateway serves or exports as a Prometheus label (classes, concepts,
 subgroup attributes and values, the method) comes from ``SAFE_NAME``'s alphabet, so a
 hand-edited manifest cannot smuggle quotes, newlines or markup into responses, metrics
-or the compliance page. ``graph.file`` is a plain file name inside the bundle.
+or the compliance page. ``graph.file`` and ``refined.file`` are plain file names inside the bundle.
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ __all__ = [
     "SubgroupAttribute",
     "GraphOutput",
     "GraphSpec",
+    "UnitKind",
+    "InsertedUnit",
+    "RefinedModelSpec",
     "Manifest",
 ]
 
-#: 1.1 adds ``calibration`` (temperature scaling); 1.2 adds ``verified_share`` and each concept's
-#: ``layer_reason``; older bundles load unchanged
+#: 1.1 adds ``calibration`` (temperature scaling); 1.2 adds ``verified_share``, each concept's
+#: ``layer_reason`` and ``refined`` (the served model's torch weights); older bundles load unchanged
 SCHEMA_VERSION = "1.2"
 KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1", "1.2"})
 
@@ -232,6 +235,60 @@ class GraphSpec(_Strict):
     max_abs_logit_diff: float = Field(ge=0.0, description="torch vs onnxruntime on real samples")
 
 
+#: the refinement units a bundle can ask to rebuild (``nn.units.UNIT_KINDS``)
+UnitKind = Literal["exposure_scale", "pca_exposure"]
+_FILE_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"
+#: files a bundle reserves for itself (``bundle.MANIFEST_FILE``, ``signing.SIGNATURE_FILE``)
+_RESERVED_FILES = frozenset({"manifest.json", "signature.json"})
+_OPTION_KEY = r"^[a-z_]{1,32}$"
+
+
+class InsertedUnit(_Strict):
+    """One refinement unit inserted after the module ``layer`` (dotted path) of the source model.
+
+    ``options`` are the unit's constructor shapes and flags (``nn.units.unit_options``); its
+    tensors are in the refined weights file.
+    """
+
+    layer: str = Field(pattern=r"^[A-Za-z0-9_]{1,128}(\.[A-Za-z0-9_]{1,128}){0,63}$")
+    kind: UnitKind
+    options: dict[Annotated[str, Field(pattern=_OPTION_KEY)],
+                  Annotated[bool, Field(strict=True)] | Annotated[int, Field(strict=True, ge=0, le=1 << 31)]
+                  | Literal["linear", "ratio"]
+                  | Annotated[list[Annotated[int, Field(strict=True, ge=1, le=1 << 31)]], Field(max_length=8)]
+                  ] = Field(default_factory=dict, max_length=16)
+
+
+class RefinedModelSpec(_Strict):
+    """The served model as torch weights: rebuild it from the source model and check it against the graph.
+
+    ``file`` (a plain file name in the bundle, safetensors, never pickle) holds the refined
+    model's full state dict; ``inserted`` lists the units to insert into a fresh source model
+    before loading it (empty for methods that only change weights). The audit rebuilds the
+    module (``nn.units.rebuild``), verifies ``sha256`` and compares the module with the graph.
+    """
+
+    file: str = Field("refined.safetensors", pattern=_FILE_PATTERN)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    format: Literal["safetensors"] = "safetensors"
+    inserted: list[InsertedUnit] = Field(default_factory=list, max_length=256)
+
+    @field_validator("file")
+    @classmethod
+    def _safetensors(cls, v: str) -> str:
+        if not v.endswith(".safetensors") or v in _RESERVED_FILES:
+            raise ValueError(f"refined weights file {v!r} must be a plain '*.safetensors' file name")
+        return v
+
+    @field_validator("inserted")
+    @classmethod
+    def _distinct_layers(cls, v: list[InsertedUnit]) -> list[InsertedUnit]:
+        layers = [u.layer for u in v]
+        if len(set(layers)) != len(layers):
+            raise ValueError("each layer takes at most one inserted unit")
+        return v
+
+
 class Manifest(_Strict):
     """Everything a reader needs to trust and use ``model.onnx``."""
 
@@ -248,6 +305,8 @@ class Manifest(_Strict):
     calibration: CalibrationSpec | None = None
     #: share of the supplied refinement data the source model predicted correctly (the verified set)
     verified_share: Fraction | None = None
+    #: the served model's torch weights and how to rebuild it from the source model (``None``: audit by predictions)
+    refined: RefinedModelSpec | None = None
     graph: GraphSpec
 
     @field_validator("classes")
@@ -264,6 +323,10 @@ class Manifest(_Strict):
         newer = self.verified_share is not None or any(c.layer_reason is not None for c in self.concepts)
         if newer and self.schema_version in ("1.0", "1.1"):
             raise ValueError("verified_share and layer_reason need manifest schema 1.2 or later")
+        if self.refined is not None and self.schema_version in ("1.0", "1.1"):
+            raise ValueError("refined (the served model's weights) needs manifest schema 1.2 or later")
+        if self.refined is not None and self.refined.file == self.graph.file:
+            raise ValueError(f"refined.file and graph.file are both {self.graph.file!r}")
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError("concept names must be unique")

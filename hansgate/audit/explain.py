@@ -4,7 +4,9 @@ Each section is one function returning one typed dataclass (or ``sections.Skippe
 reason); ``as_dict`` gives its ``report.json`` layout, and the arrays the figures are drawn
 from stay on the dataclass, outside the JSON. Torch models arrive keyed by role and take
 normalised inputs (``audit.roles``); sections that paste artifacts on raw pixels wrap them with
-``roles.raw_pixel_model``.
+``roles.raw_pixel_model``. The sections that explain one model (the attribution methods figure,
+TCAV, influence) explain the served model (role ``after``) when the audit holds it
+(``audit.served``), else the first model; every section names the model it explains.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from hansgate.audit.influence import (
 )
 from hansgate.audit.roles import PredictFn, raw_pixel_model, standardise
 from hansgate.audit.sections import Predictions, Skipped
+from hansgate.audit.served import explained_name
 from hansgate.audit.tcav import TcavConfig
 from hansgate.manifest import InputSpec
 
-__all__ = ["sample_indices", "AttributionSample", "AttributionSection", "attributions_section",
+__all__ = ["sample_indices", "explained_role", "AttributionSample", "AttributionSection", "attributions_section",
            "artifacts_section", "ConceptSection", "concepts_section", "InfluenceSection", "influence_section"]
 
 
@@ -52,6 +55,11 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
     if k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def explained_role(torch_models: Mapping[str, nn.Module]) -> str:
+    """The role a one-model section explains: the served model (``after``) when present, else the first."""
+    return "after" if "after" in torch_models else next(iter(torch_models))
 
 
 @dataclass
@@ -94,12 +102,14 @@ class AttributionSection:
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
-            "status": "done", "models": self.models, "composite": self.composite, "explained": self.explained,
+            "status": "done", "models": self.models, "explains": {m: explained_name(m) for m in self.models},
+            "composite": self.composite, "explained": self.explained,
             "n": self.n, "samples": [s.as_dict() for s in self.samples], "accept_share": self.accept_share,
             "region_mask": self.region_mask}
         if self.region_mask is not None:
             out["verified_share"], out["mean_region_share"] = self.verified_share(), self.mean_region_share()
         out["methods_model"], out["methods"] = self.methods_model, list(ATTRIBUTION_METHODS)
+        out["methods_explains"] = explained_name(self.methods_model)
         return out
 
 
@@ -129,8 +139,8 @@ def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], p
             for s, v in zip(samples, relevance_share_in_mask(rel, region_mask).tolist()):
                 s.region_share[m] = v
                 s.verified[m] = bool(v >= cfg.accept_share)
-    # every method on a few samples of the first torch model (paper 003, Fig. 2A)
-    first = next(iter(torch_models))
+    # every method on a few samples of the served model, else the first torch model (paper 003, Fig. 2A)
+    first = explained_role(torch_models)
     few = xs[:4]
     with torch.no_grad():
         few_t = torch_models[first](few).argmax(1)
@@ -160,7 +170,7 @@ def artifacts_section(predictors: Mapping[str, PredictFn], torch_models: Mapping
 
 @dataclass
 class ConceptSection:
-    """TCAV evidence on the torch model ``model`` (the first one: the source model from the command line)."""
+    """TCAV evidence on the torch model ``model`` (the served model when the audit holds it, else the source)."""
 
     model: str
     evidence: ConceptEvidence
@@ -176,7 +186,8 @@ class ConceptSection:
             max_mean_score=max((r.mean for r in row.values()), default=None))
 
     def as_dict(self) -> dict[str, object]:
-        return {"status": "done", "model": self.model, **self.evidence.as_dict()}
+        return {"status": "done", "model": self.model, "explains": explained_name(self.model),
+                **self.evidence.as_dict()}
 
 
 def concepts_section(torch_models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, classes: list[str],
@@ -188,7 +199,7 @@ def concepts_section(torch_models: Mapping[str, nn.Module], x: torch.Tensor, y: 
         return Skipped("no torch model")
     if not cfg.concepts:
         return Skipped("disabled")
-    name = next(iter(torch_models))
+    name = explained_role(torch_models)
     net = raw_pixel_model(torch_models[name], spec)
     pasted, clean_index = {}, {}
     for art in artifacts:
@@ -211,21 +222,22 @@ class InfluenceSection:
     report: InfluenceReport
 
     def as_dict(self) -> dict[str, object]:
-        return {"status": "done", "model": self.model, "artifact": self.artifact, **self.report.as_dict()}
+        return {"status": "done", "model": self.model, "explains": explained_name(self.model),
+                "artifact": self.artifact, **self.report.as_dict()}
 
 
 def influence_section(torch_models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                       train_x: torch.Tensor | None, train_y: torch.Tensor | None, train_artifact: np.ndarray | None,
                       artifacts: list[ArtifactLike], spec: InputSpec, cfg: AuditConfig) -> InfluenceSection | Skipped:
     """Influence functions on a linear student (paper 003, Sec. 3) of the first torch model; test points
-    clean and with the first artifact pasted."""
+    clean and with the first artifact pasted (the served model when the audit holds it)."""
     if not cfg.influence:
         return Skipped("disabled")
     if train_x is None or train_y is None:
         return Skipped("no training data given (--train-data)")
     if not torch_models:
         return Skipped("no torch model")
-    name = next(iter(torch_models))
+    name = explained_role(torch_models)
     icfg = InfluenceConfig(test_samples=cfg.influence_test_samples, seed=cfg.seed)
     inf = LinearStudentInfluence(icfg).fit(torch_models[name], torch.from_numpy(standardise(train_x.numpy(), spec)))
     ti = sample_indices(len(y), icfg.test_samples, cfg.seed + 1)

@@ -6,6 +6,8 @@ Rules that the tests hold the report to:
   the ``num``/``signed`` filters, so every number in the HTML is a number of ``report.json``;
 - every figure is a PNG embedded in the HTML *and* filed under ``figures/`` with its sha256
   and the numbers it plots in ``report.json["figures"]``;
+- every heatmap, TCAV and influence figure names the model it explains (``explains`` in
+  ``report.json["figures"]``, and its title): the served (refined) model or the source model;
 - the PDF is the HTML printed by headless Chromium (``--print-to-pdf``);
 - everything is written into a temporary sibling directory and renamed into place, so a
   failure leaves no half-written report.
@@ -190,22 +192,30 @@ def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[s
                                   "data": pdata}
 
     from hansgate.audit.attributions import heatmap_grid_png
+    from hansgate.audit.served import explained_name
 
     def grid(images: np.ndarray, rows: dict[str, np.ndarray], titles: list[str]) -> bytes:
         cols = [list(r) for r in zip(*rows.values())]  # one row per sample
         return base64.b64decode(heatmap_grid_png(cols, None, ["input", *titles], images=list(images)))
 
+    def named(roles: list[str]) -> list[str]:
+        return [explained_name(m) for m in roles]
+
     if data.heatmaps is not None:
         h = data.heatmaps
         figs["heatmaps_lrp"] = {
-            "title": f"LRP heatmaps ({report['attributions']['composite']}) of the predicted class, red = evidence for it",
-            "png": grid(h.images, h.rows, [labels_of.get(m, m) for m in h.rows]),
+            "title": f"LRP heatmaps ({report['attributions']['composite']}) of the predicted class, red = evidence "
+                     f"for it; columns: {', '.join(named(list(h.rows)))}",
+            "explains": named(list(h.rows)),
+            "png": grid(h.images, h.rows, named(list(h.rows))),
             "data": {"samples": data.heatmap_samples,
                      "relevance_sum": {m: [float(a.sum()) for a in v] for m, v in h.rows.items()}}}
     if data.methods is not None:
         h = data.methods
+        who = explained_name(report["attributions"]["methods_model"])
         figs["heatmaps_methods"] = {
-            "title": "The same samples under every attribution method (paper 003, App. B)",
+            "title": f"The same samples under every attribution method (paper 003, App. B), {who}",
+            "explains": [who],
             "png": grid(h.images, h.rows, list(h.rows)),
             "data": {"methods": list(h.rows),
                      "abs_relevance_sum": {k: [float(np.abs(a).sum()) for a in v] for k, v in h.rows.items()}}}
@@ -228,16 +238,19 @@ def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[s
                                   "png": _png(fig), "data": pdata}
     for name, ah in data.artifact_heatmaps.items():
         figs[f"artifact_heatmap_{name}"] = {
-            "title": f"LRP heatmaps with artifact '{name}' pasted",
-            "png": grid(ah.images, ah.rows, [labels_of.get(m, m) for m in ah.rows]),
+            "title": f"LRP heatmaps with artifact '{name}' pasted; columns: {', '.join(named(list(ah.rows)))}",
+            "explains": named(list(ah.rows)),
+            "png": grid(ah.images, ah.rows, named(list(ah.rows))),
             "data": {m: arts[name]["models"][m].get("relevance_share") for m in ah.rows}}
+    con = report.get("concepts", {})
     for concept, loc in data.localisation.items():
         fid = "cav_localisation_" + concept.replace(":", "_").replace("=", "_")
-        figs[fid] = {"title": f"CAV localisation of '{concept}' (LRP epsilon-z+-box of a.h)",
+        who = explained_name(con["model"])
+        figs[fid] = {"title": f"CAV localisation of '{concept}' (LRP epsilon-z+-box of a.h), {who}",
+                     "explains": [who],
                      "png": grid(loc.images, {"a.h": loc.heatmaps}, ["a.h"]),
                      "data": {"abs_relevance_sum": [float(np.abs(a).sum()) for a in loc.heatmaps]}}
 
-    con = report.get("concepts", {})
     if con.get("status") == "done" and con["per_class"]:
         cls = list(con["per_class"])
         concepts = list(next(iter(con["per_class"].values()))["results"])
@@ -245,8 +258,9 @@ def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[s
         series = {c: [con["per_class"][k]["results"][c]["mean"] for k in cls] for c in concepts}
         _bar_groups(ax, cls, series, None, "mean TCAV score")
         ax.axhline(0.5, color="k", ls="--", lw=0.8)
-        figs["tcav"] = {"title": "TCAV per class and concept (dashed: 0.5 = no consistent influence)",
-                        "png": _png(fig), "data": {"classes": cls, "mean": series}}
+        who = explained_name(con["model"])
+        figs["tcav"] = {"title": f"TCAV per class and concept, {who} (dashed: 0.5 = no consistent influence)",
+                        "explains": [who], "png": _png(fig), "data": {"classes": cls, "mean": series}}
 
     inf = report.get("influence", {})
     if inf.get("status") == "done":
@@ -257,8 +271,9 @@ def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[s
         _bar_groups(ax, keys, series, None, f"share of top-{inf['top_k']}")
         if inf.get("train_artifact_rate") is not None:
             ax.axhline(inf["train_artifact_rate"], color="k", ls=":", lw=0.8)
-        figs["influence"] = {"title": "Influence ranking: top-k shares (dotted: artifact rate in training data)",
-                             "png": _png(fig), "data": series}
+        who = explained_name(inf["model"])
+        figs["influence"] = {"title": f"Influence ranking, {who}: top-k shares (dotted: artifact rate in training "
+                                      "data)", "explains": [who], "png": _png(fig), "data": series}
 
     cal = report.get("calibration", {})
     if cal.get("status") == "done":
@@ -307,6 +322,7 @@ def write_report(out: str | Path, audit: AuditReport, pdf: bool = True, overwrit
     figures = render_figures(report, audit.figure_data())
     report["figures"] = {k: {"title": v["title"], "file": f"figures/{k}.png",
                              "sha256": hashlib.sha256(v["png"]).hexdigest(), "data": to_jsonable(v["data"])}
+                         | ({"explains": v["explains"]} if "explains" in v else {})
                          for k, v in figures.items()}
     report = to_jsonable(report)
     with atomic_directory(out) as tmp:

@@ -5,18 +5,20 @@ Models. The audited bundle runs through onnxruntime (``after``). The comparison 
 bundle's source model (``manifest.source_model``, weights found next to the bundle or
 given explicitly, loaded without unpickling and checked against the manifest's hash).
 
-Attributions need a torch model. The bundle is an ONNX graph, and hansgate does not
-rebuild torch modules from ONNX, so from the command line heatmaps, relevance shares,
-concept evidence and influence are computed on the **source model** (the model whose
-shortcut the audit looks for); the refined model's side is covered by its predictions
-(subgroups, fairness, flip rates, accuracy drops). Callers that hold the refined torch model
-(the demo) pass it as ``after_torch`` and get its heatmaps and relevance shares too.
+Attributions need a torch model. A bundle of schema 1.2 carries the served model's torch
+weights (``manifest.refined``): the audit rebuilds that module, checks it against ``model.onnx``
+(``audit.served``; a tampered weights file or a disagreement refuses the audit) and explains
+it -- heatmaps beside the source model's, TCAV and influence on the served model. Callers that
+hold the refined torch model (the demo) pass it as ``after_torch`` instead. Bundles without
+refined weights (schema 1.0/1.1) are audited by their predictions (subgroups, fairness, flip
+rates, accuracy drops), their explanations are of the source model, and the report says so
+(``served``). Every heatmap and TCAV figure names the model it explains.
 
 The sections, in the order they run: ``sections.predictions_section`` (accuracy),
 ``subgroups_section``, ``headline_section``, ``fairness.fairness_section``,
 ``explain.attributions_section``, ``artifacts_section``, ``concepts_section``,
 ``influence_section``, ``sections.bundle_tcav_section``, ``calibration_section`` (skipped for
-bundles that record no temperature).
+bundles that record no temperature); before them ``served.served_model`` obtains the served model.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from hansgate.audit.explain import (
 )
 from hansgate.audit.fairness import FairnessSection, fairness_section
 from hansgate.audit.roles import ModelInfo, audit_models
+from hansgate.audit.served import ServedModel, served_model
 from hansgate.audit.sections import (
     Accuracy,
     BundleTcavSection,
@@ -130,6 +133,7 @@ class AuditReport:
     bundle_tcav: BundleTcavSection | Skipped
     influence: InfluenceSection | Skipped
     calibration: CalibrationSection | Skipped
+    served: ServedModel = field(default_factory=lambda: ServedModel("absent", reason="not determined"))
     timing_seconds: dict[str, float] = field(default_factory=dict)
 
     def figure_data(self) -> FigureData:
@@ -150,7 +154,7 @@ class AuditReport:
             "fairness": self.fairness.as_dict(), "attributions": self.attributions.as_dict(),
             "artifact_tests": self.artifact_tests.as_dict(), "concepts": self.concepts.as_dict(),
             "bundle_tcav": self.bundle_tcav.as_dict(), "influence": self.influence.as_dict(),
-            "calibration": self.calibration.as_dict(), "limitations": LIMITATIONS,
+            "calibration": self.calibration.as_dict(), "served": self.served.as_dict(), "limitations": LIMITATIONS,
             "timing_seconds": self.timing_seconds}
 
 
@@ -173,8 +177,9 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
     classes, x, y = inputs.classes, inputs.x, inputs.y
     y_np, x_np = y.numpy(), x.numpy()
     thresholds = cfg.thresholds()
+    served = timed("served_model", lambda: served_model(inputs.bundle, x, inputs.source_model, inputs.after_torch))
     models = audit_models(inputs.bundle, inputs.before_bundle, inputs.source_model, inputs.source_weights,
-                          inputs.after_torch)
+                          served.module)
     artifacts = resolve_artifacts(list(cfg.artifacts), list(cfg.patches))
 
     t0 = time.perf_counter()
@@ -199,10 +204,13 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
     bundle_tcav = timed("bundle_tcav", lambda: bundle_tcav_section(inputs.bundle, x_np, classes, thresholds))
     calibration = calibration_section(inputs.bundle, predictions.logits["after"], y_np)
     timings["total"] = time.perf_counter() - t_start
-    return AuditReport(inputs=inputs.summary(), config=cfg, models=models.info, accuracy=predictions.accuracy,
+    summary = inputs.summary()
+    if served.module is None:
+        summary["notes"] = [*summary["notes"], served.reason]
+    return AuditReport(inputs=summary, config=cfg, models=models.info, accuracy=predictions.accuracy,
                        headline=headline_section(subgroups), subgroups=subgroups, fairness=fairness,
                        attributions=attributions, artifact_tests=arts, concepts=concepts, bundle_tcav=bundle_tcav,
-                       influence=influence, calibration=calibration, timing_seconds=timings)
+                       influence=influence, calibration=calibration, served=served, timing_seconds=timings)
 
 
 LIMITATIONS = [
@@ -211,8 +219,10 @@ LIMITATIONS = [
     "Artifacts that are not in the tested list, and attributes that are not declared, stay invisible here.",
     "Subgroup figures describe the audited data set only; small subgroups have wide intervals and are not flagged "
     "below the minimum sample count.",
-    "Heatmaps, relevance shares, concept evidence and influence are computed on torch models; from the command "
-    "line that is the source model only (the refined bundle is an ONNX graph and is judged by its predictions).",
+    "Heatmaps, relevance shares, concept evidence and influence are computed on torch models: the served model "
+    "rebuilt from the bundle's refined weights and checked against its graph, beside the source model; a bundle "
+    "without refined weights (schema 1.0/1.1) is judged by its predictions and its explanations are of the "
+    "source model. Each figure names the model it explains.",
     "The influence ranking uses a linear student of the network on randomly projected embeddings; its fidelity "
     "is reported and bounds how far the ranking speaks for the network itself.",
     "Demographic parity and equalized odds are measured one class against the rest on the audited data; the "

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from hansgate.errors import ConfigError, DataError
 from hansgate.nn.hooks import capture, eval_mode
 from hansgate.nn.surgery import insert_after, resolve_layers, trace_calls
+from hansgate.nn.units import ExposureScale
 from hansgate.nn.training import accuracy
 from hansgate.refinement.pca import LayerMoments, MomentKind, PcaExposure, dual_basis, pca_basis
 from hansgate.refinement.schedule import (
@@ -127,24 +128,6 @@ def _consumed_by_linear(model: nn.Module, x: torch.Tensor, layers: list[str]) ->
                 out[name] = isinstance(c.module, nn.Linear) and not pooled
                 break
     return out
-
-
-class ExposureScale(nn.Module):
-    """Eq. 5 as a module: multiplies unit ``i`` (a channel, or one element) by ``c_i``.
-
-    ``factors`` has the unit shape: ``[C]`` per channel (broadcast over the map) or
-    the activation's full per-sample shape.
-    """
-
-    factors: torch.Tensor
-
-    def __init__(self, factors: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("factors", factors.to(torch.float32))
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        extra = a.ndim - 1 - self.factors.ndim
-        return a * self.factors.view(1, *self.factors.shape, *(1,) * extra)
 
 
 class ExposureMinimizer:

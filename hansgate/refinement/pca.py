@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+
+from hansgate.nn.units import PcaExposure
 
 __all__ = ["LayerMoments", "pca_basis", "dual_basis", "PcaExposure"]
 
@@ -166,34 +167,3 @@ def dual_basis(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     evals, v = _floored(evals[order], torch.float64), v[:, order]
     scale = torch.where(evals > 0, 1 / torch.sqrt(n * evals.clamp_min(1e-300)), torch.zeros_like(evals))
     return evals, (x.T @ v) * scale
-
-
-class PcaExposure(nn.Module):
-    """Eq. 6 as a module: ``a <- U diag(c) U^T (a - mean) + mean`` (conv maps: see the module doc)."""
-
-    projection: torch.Tensor
-    mean: torch.Tensor
-
-    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, factors: torch.Tensor, spatial_size: int,
-                 conv_mode: Literal["linear", "ratio"] = "ratio", per_element: bool = False) -> None:
-        super().__init__()
-        self.per_element = per_element
-        proj = (basis * factors.to(basis.dtype)) @ basis.T
-        self.register_buffer("projection", proj.to(torch.float32))  # symmetric [D, D]
-        self.register_buffer("mean", mean.to(torch.float32))  # mean of the per-image sums
-        self.spatial_size = spatial_size
-        self.conv_mode = conv_mode
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        if a.ndim == 2 or self.per_element:
-            flat = a.flatten(1)
-            return ((flat - self.mean) @ self.projection + self.mean).view(a.shape)
-        if self.conv_mode == "ratio":
-            s = a.flatten(2).sum(2)
-            s_new = (s - self.mean) @ self.projection + self.mean
-            nonzero = s.abs() > 1e-12
-            ratio = torch.where(nonzero, s_new / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(s))
-            return a * ratio.view(*ratio.shape, *(1,) * (a.ndim - 2))
-        pixel_mean = (self.mean / self.spatial_size).view(1, -1, *(1,) * (a.ndim - 2))
-        centred = (a - pixel_mean).movedim(1, -1) @ self.projection
-        return centred.movedim(-1, 1) + pixel_mean

@@ -52,6 +52,7 @@ from hansgate.nn.export import OPSET, export_checked
 from hansgate.nn.models import load_model, source_sha256
 from hansgate.nn.normalisation import Normalised
 from hansgate.nn.training import accuracy, predict_logits
+from hansgate.nn.units import refined_weights
 from hansgate.calibration import fit_temperature
 from hansgate.refinement.clarc import ConceptData
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
@@ -231,6 +232,7 @@ def build_bundle(
     concepts: ConceptHeads | None = None,
     concept_specs: list[ConceptSpec] | None = None,
     calibration: CalibrationSpec | None = None,
+    verified_share: float | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Export ``result.model`` with ``input_spec``'s normalisation baked in, check it, write the bundle atomically.
@@ -238,7 +240,10 @@ def build_bundle(
     ``x_check`` are raw pixels as the bundle takes them. When ``input_spec``'s mean/std are
     not the identity, the graph is ``Normalised(graph, mean, std)`` and the manifest says
     ``normalization_in_graph``; the concept heads are checked against autograd on the
-    normalised samples the model itself sees.
+    normalised samples the model itself sees. The refined torch module travels too
+    (``refined.safetensors`` and ``manifest.refined``, rebuilt once here as a check), so the
+    audit can explain the served model. ``verified_share``: the share of the refinement data
+    the source model predicted correctly (``Manifest.verified_share``).
     """
     graph, names = bundle_graph(result.model, concepts)
     baked = any(m != 0 for m in input_spec.mean) or any(s != 1 for s in input_spec.std)
@@ -247,11 +252,12 @@ def build_bundle(
         graph = Normalised(graph, input_spec.mean, input_spec.std)
     input_spec = input_spec.model_copy(update={"normalization_in_graph": baked})
     onnx_bytes, diff = export_checked(graph.eval(), x_check, names)
+    with torch.no_grad():
+        x_model = norm(x_check) if norm is not None else x_check
     if concepts is not None:  # the heads' sensitivity must match autograd (refinement.concept_heads)
-        with torch.no_grad():
-            x_model = norm(x_check) if norm is not None else x_check
         concepts.check(onnx_bytes, result.model, x_check, x_model=x_model)
         concept_specs = concept_specs if concept_specs is not None else concepts.specs()
+    refined = refined_weights(result.model, x_model[:8])
     k, m = len(classes), len(concept_specs or [])
     shapes: dict[str, list[int | None]] = {"logits": [None, k], "concept_scores": [None, m],
                                            "concept_sensitivity": [None, m, k]}
@@ -266,10 +272,13 @@ def build_bundle(
         concepts=concept_specs or [],
         subgroups=subgroups or [],
         calibration=calibration,
+        verified_share=verified_share,
+        refined=refined[1] if refined is not None else None,
         graph=GraphSpec(sha256=sha256_bytes(onnx_bytes), opset=OPSET,
                         outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff),
     )
-    return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite)
+    extra = {refined[1].file: refined[0]} if refined is not None else None
+    return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite, extra_files=extra)
 
 
 def _scores(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor, train_key: str) -> dict[str, float]:

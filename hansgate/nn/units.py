@@ -1,0 +1,215 @@
+"""The refinement units a refined model carries, and how to rebuild that model from its source.
+
+What: the pruning family refines a model by inserting a unit after named layers
+(``nn.surgery.insert_after`` wraps each in ``Refined(inner, unit)``): EGEM's ``ExposureScale``
+(paper 000, Eq. 5) and PCA-EGEM's ``PcaExposure`` (Eq. 6); other methods change weights and
+insert nothing. ``inserted_units`` lists each inserted unit as ``(layer, kind, options)``,
+where ``options`` are the constructor shapes and flags (ints, bools, strings: no tensors);
+``rebuild`` takes a fresh copy of the source model, inserts empty units of those shapes and
+loads the refined model's full state dict into the result (strictly: every tensor must be
+named, shaped and present), which reproduces the refined module exactly.
+
+Why here: the bundle carries the refined weights (``refined.safetensors``) and this recipe
+(``manifest.RefinedModelSpec``) so that the audit, which may not import ``refinement``, can
+rebuild and explain the served model (DESIGN.md, layers: both are above ``nn``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hansgate.errors import ExportError, ModelLoadError
+from hansgate.manifest import InsertedUnit, RefinedModelSpec
+from hansgate.nn.hooks import eval_mode
+from hansgate.nn.surgery import Refined, insert_after
+
+__all__ = ["ExposureScale", "PcaExposure", "UNIT_KINDS", "UnitOptions", "UnsupportedUnit", "unit_options",
+           "build_unit", "inserted_units", "strip_units", "rebuild", "state_bytes", "load_state_bytes",
+           "refined_weights"]
+
+#: constructor options of a unit: shapes and flags only (the tensors travel in the state dict)
+UnitOptions = dict[str, int | bool | str | list[int]]
+
+
+class UnsupportedUnit(ModelLoadError):
+    """A refined model holds an inserted module that ``UNIT_KINDS`` cannot rebuild."""
+
+
+class ExposureScale(nn.Module):
+    """Eq. 5 as a module: multiplies unit ``i`` (a channel, or one element) by ``c_i``.
+
+    ``factors`` has the unit shape: ``[C]`` per channel (broadcast over the map) or
+    the activation's full per-sample shape.
+    """
+
+    factors: torch.Tensor
+
+    def __init__(self, factors: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("factors", factors.to(torch.float32))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        extra = a.ndim - 1 - self.factors.ndim
+        return a * self.factors.view(1, *self.factors.shape, *(1,) * extra)
+
+
+class PcaExposure(nn.Module):
+    """Eq. 6 as a module: ``a <- U diag(c) U^T (a - mean) + mean`` (conv maps: see ``refinement.pca``)."""
+
+    projection: torch.Tensor
+    mean: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, factors: torch.Tensor, spatial_size: int,
+                 conv_mode: Literal["linear", "ratio"] = "ratio", per_element: bool = False) -> None:
+        super().__init__()
+        self.per_element = per_element
+        proj = (basis * factors.to(basis.dtype)) @ basis.T
+        self.register_buffer("projection", proj.to(torch.float32))  # symmetric [D, D]
+        self.register_buffer("mean", mean.to(torch.float32))  # mean of the per-image sums
+        self.spatial_size = spatial_size
+        self.conv_mode = conv_mode
+
+    @classmethod
+    def empty(cls, dim: int, spatial_size: int, conv_mode: Literal["linear", "ratio"] = "ratio",
+              per_element: bool = False) -> "PcaExposure":
+        """A unit of ``dim`` components with zero buffers, to be filled by ``load_state_dict``."""
+        zeros = torch.zeros(dim, dtype=torch.float32)
+        return cls(zeros, torch.zeros(dim, dim, dtype=torch.float32), zeros, spatial_size, conv_mode, per_element)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.ndim == 2 or self.per_element:
+            flat = a.flatten(1)
+            return ((flat - self.mean) @ self.projection + self.mean).view(a.shape)
+        if self.conv_mode == "ratio":
+            s = a.flatten(2).sum(2)
+            s_new = (s - self.mean) @ self.projection + self.mean
+            nonzero = s.abs() > 1e-12
+            ratio = torch.where(nonzero, s_new / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(s))
+            return a * ratio.view(*ratio.shape, *(1,) * (a.ndim - 2))
+        pixel_mean = (self.mean / self.spatial_size).view(1, -1, *(1,) * (a.ndim - 2))
+        centred = (a - pixel_mean).movedim(1, -1) @ self.projection
+        return centred.movedim(-1, 1) + pixel_mean
+
+
+#: the kinds a manifest may name (``manifest.InsertedUnit.kind``) and their classes
+UNIT_KINDS: dict[str, type[nn.Module]] = {"exposure_scale": ExposureScale, "pca_exposure": PcaExposure}
+
+
+def unit_options(unit: nn.Module) -> tuple[str, UnitOptions]:
+    """``(kind, options)`` of an inserted unit; ``UnsupportedUnit`` for any other module."""
+    if type(unit) is ExposureScale:
+        return "exposure_scale", {"shape": [int(d) for d in unit.factors.shape]}
+    if type(unit) is PcaExposure:
+        return "pca_exposure", {"dim": int(unit.mean.shape[0]), "spatial_size": int(unit.spatial_size),
+                                "conv_mode": str(unit.conv_mode), "per_element": bool(unit.per_element)}
+    raise UnsupportedUnit(f"cannot record an inserted {type(unit).__name__}; rebuildable units are "
+                          f"{sorted(UNIT_KINDS)}")
+
+
+def _int(options: Mapping[str, object], key: str) -> int:
+    value = options.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"unit option {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_unit(kind: str, options: Mapping[str, object]) -> nn.Module:
+    """An empty unit of ``kind`` with the shapes in ``options`` (its buffers are loaded afterwards)."""
+    if kind == "exposure_scale":
+        shape = options.get("shape")
+        if not isinstance(shape, list) or not shape or any(isinstance(d, bool) or d < 1 for d in shape):
+            raise ModelLoadError(f"exposure_scale needs a non-empty 'shape' of positive sizes, got {shape!r}")
+        return ExposureScale(torch.zeros(*shape))
+    if kind == "pca_exposure":
+        mode = options.get("conv_mode")
+        if mode not in ("linear", "ratio") or not isinstance(options.get("per_element"), bool):
+            raise ModelLoadError(f"pca_exposure needs conv_mode 'linear'/'ratio' and a boolean per_element, got "
+                                 f"{mode!r} and {options.get('per_element')!r}")
+        return PcaExposure.empty(_int(options, "dim"), _int(options, "spatial_size"),
+                                 "linear" if mode == "linear" else "ratio", bool(options["per_element"]))
+    raise UnsupportedUnit(f"unknown refinement unit kind {kind!r}; known: {sorted(UNIT_KINDS)}")
+
+
+def inserted_units(model: nn.Module) -> list[tuple[str, str, UnitOptions]]:
+    """Every ``Refined`` wrapper of ``model`` as ``(layer, kind, options)``, outer layers first."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, Refined):
+            kind, options = unit_options(module.refiner)
+            out.append((name, kind, options))
+    return out
+
+
+def strip_units(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ``Refined(inner, unit)`` replaced by ``inner`` (the source's layout)."""
+    out = copy.deepcopy(model)
+    for name, _, _ in reversed(inserted_units(out)):  # inner wrappers first, their paths still resolve
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, getattr(parent, child).inner)
+    return out
+
+
+def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, object]]],
+            state: dict[str, torch.Tensor]) -> nn.Module:
+    """The refined module: a copy of ``source`` with ``units`` inserted and ``state`` loaded strictly (eval mode).
+
+    ``source`` is unchanged. A state dict that does not fit (a missing, extra or reshaped
+    tensor) raises ``ModelLoadError`` naming the first difference.
+    """
+    model = copy.deepcopy(source)
+    for layer, kind, options in units:  # one at a time: an inner layer's path goes through its outer wrapper
+        try:
+            insert_after(model, {layer: build_unit(kind, options)})
+        except AttributeError:
+            raise ModelLoadError(f"the source model has no layer {layer!r} to insert a {kind} unit after") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ModelLoadError(f"the refined weights do not fit the rebuilt model: "
+                             f"{(lines[1] if len(lines) > 1 else lines[0])[:300]}") from None
+    return model.eval()
+
+
+def state_bytes(model: nn.Module) -> bytes:
+    """``model``'s full state dict as safetensors bytes (each tensor copied, so tied tensors save too)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+
+
+def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors bytes (never unpickled); ``ModelLoadError`` for anything else."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise ModelLoadError(f"cannot read the refined weights as safetensors: {str(exc)[:200]}") from None
+
+
+def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, RefinedModelSpec] | None:
+    """The served model's state dict (safetensors) and its rebuild recipe, checked by rebuilding it here.
+
+    ``None`` when the model holds an inserted module that ``nn.units`` cannot rebuild (P-ClArC's
+    projection): the bundle then carries no refined weights and is audited by its predictions.
+    """
+    try:
+        units = inserted_units(model)
+    except UnsupportedUnit:
+        return None
+    data = state_bytes(model)
+    rebuilt = rebuild(strip_units(model), units, load_state_bytes(data))
+    with torch.no_grad(), eval_mode(model):
+        same = bool(torch.allclose(rebuilt(x_model), model(x_model), rtol=1e-6, atol=1e-6))
+    if not same:
+        raise ExportError("the refined model rebuilt from its recorded weights differs from it; no bundle written")
+    spec = RefinedModelSpec(sha256=hashlib.sha256(data).hexdigest(), inserted=[InsertedUnit(layer=layer, kind=kind, options=opts)
+                                                                 for layer, kind, opts in units])
+    return data, spec
