@@ -189,3 +189,21 @@ def test_a_1_1_bundle_is_audited_by_its_predictions(served, tmp_path):
     assert report["attributions"]["models"] == ["before"]
     assert report["attributions"]["explains"] == {"before": SOURCE}
     assert "after" in report["accuracy"]
+
+
+@pytest.mark.parametrize("method, refine, kinds", [
+    ("egem", {"layers": ["layer2"], "repetitions": 1, "alpha_grid": (0.5,)}, {"layer2": "exposure_scale"}),
+    ("ridge", {}, {}),  # changes the last layer's weights, inserts nothing
+])
+def test_rebuilt_module_matches_the_graph_for_each_kind_of_refinement(served, method, refine, kinds):
+    """EGEM (per-channel scale), PCA-EGEM (above) and a weights-changing method all rebuild to the graph."""
+    bundle = load_bundle(_refine(served["root"], method, **refine))
+    assert bundle.manifest.refined is not None
+    assert {u.layer: u.kind for u in bundle.manifest.refined.inserted} == kinds
+    x = torch.from_numpy(np.load(served["data"])["x"])
+    res = served_model(bundle, x, source_model=None)
+    assert res.status == "rebuilt" and res.samples == N and res.max_abs_logit_diff is not None
+    assert res.max_abs_logit_diff <= 1e-4
+    if method == "ridge":  # the rebuilt module carries the refit weights, not the source's
+        source = load_file(str(served["root"] / "source.safetensors"))
+        assert not torch.equal(res.module.state_dict()["fc.weight"], source["fc.weight"])

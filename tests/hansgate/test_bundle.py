@@ -119,3 +119,29 @@ def test_nan_literal_in_manifest_is_refused(demo_bundle, tmp_path):
     (b / "manifest.json").write_text(text.replace('"max_abs_logit_diff": ', '"max_abs_logit_diff": NaN, "x": ', 1))
     with pytest.raises(BundleError, match="NaN is not a number in strict JSON"):
         load_bundle(b)
+
+
+def test_write_bundle_refuses_extra_files_that_are_not_plain_names(demo_bundle, tmp_path):
+    from hansgate.bundle import load_bundle, write_bundle
+    from hansgate.errors import BundleError
+
+    b = load_bundle(demo_bundle)
+    onnx_bytes = b.onnx_path.read_bytes()
+    for name in ("../escape.bin", "manifest.json", b.manifest.graph.file, ".hidden"):
+        with pytest.raises(BundleError, match="plain file name"):
+            write_bundle(tmp_path / "out", onnx_bytes, b.manifest, extra_files={name: b"x"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_bundle_refuses_a_manifest_naming_refined_weights_it_does_not_write(demo_bundle, tmp_path):
+    from hansgate.bundle import load_bundle, sha256_bytes, write_bundle
+    from hansgate.errors import BundleError
+    from hansgate.manifest import RefinedModelSpec
+
+    b = load_bundle(demo_bundle)
+    manifest = b.manifest.model_copy(update={"refined": RefinedModelSpec(sha256=sha256_bytes(b"w"))})
+    with pytest.raises(BundleError, match="none are written"):
+        write_bundle(tmp_path / "out", b.onnx_path.read_bytes(), manifest)
+    written = write_bundle(tmp_path / "out", b.onnx_path.read_bytes(), manifest,
+                           extra_files={"refined.safetensors": b"w"})
+    assert written.refined_path is not None and written.refined_path.read_bytes() == b"w"

@@ -145,3 +145,64 @@ def test_calibration_needs_schema_1_1(tiny):
             Manifest.model_validate({**raw, "calibration": {**raw["calibration"], **bad}})
     with pytest.raises(ValueError, match="schema 1.1"):
         Manifest.model_validate({**raw, "schema_version": "1.0"})
+
+
+_REFINED = {"file": "refined.safetensors", "sha256": "a" * 64,
+            "inserted": [{"layer": "layer2.0", "kind": "pca_exposure",
+                          "options": {"dim": 16, "spatial_size": 4, "conv_mode": "ratio", "per_element": False}},
+                         {"layer": "fc", "kind": "exposure_scale", "options": {"shape": [3, 4]}}]}
+
+
+def test_refined_weights_round_trip(tiny):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    m = Manifest.model_validate({**raw, "refined": _REFINED})
+    again = Manifest.model_validate_json(m.model_dump_json())
+    assert again == m and again.refined is not None
+    opts = again.refined.inserted[0].options
+    assert opts["per_element"] is False and opts["dim"] == 16 and again.refined.inserted[1].options["shape"] == [3, 4]
+    assert Manifest.model_validate(raw).refined is None  # optional: bundles without it still load
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"file": "../refined.safetensors"}, "file"),
+    ({"file": "/etc/refined.safetensors"}, "file"),
+    ({"file": ".hidden.safetensors"}, "file"),
+    ({"file": "refined.pt"}, "safetensors"),
+    ({"file": "model.onnx"}, "safetensors"),
+    ({"sha256": "A" * 64}, "sha256"),
+    ({"format": "pickle"}, "format"),
+    ({"inserted": [{"layer": "../x", "kind": "pca_exposure", "options": {}}]}, "layer"),
+    ({"inserted": [{"layer": "fc", "kind": "clarc_projection", "options": {}}]}, "kind"),
+    ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {"shape": [0]}}]}, "options"),
+    ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {"shape": [1.5]}}]}, "options"),
+    ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {"Bad Key": 1}}]}, "options"),
+    ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {}}] * 2}, "at most one"),
+])
+def test_hostile_refined_specs_are_refused(tiny, change, needle):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    with pytest.raises(ValueError, match=needle):
+        Manifest.model_validate({**raw, "refined": {**_REFINED, **change}})
+
+
+def test_refined_weights_need_schema_1_2(tiny):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    for old in ("1.0", "1.1"):
+        with pytest.raises(ValueError, match="schema 1.2"):
+            Manifest.model_validate({**raw, "schema_version": old, "refined": _REFINED})
+
+
+def test_refined_file_outside_the_bundle_or_tampered_is_refused(bundle, tmp_path):
+    from hansgate.errors import BundleHashError
+
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"weights")
+    (bundle / "refined.safetensors").symlink_to(outside)
+    _edit(bundle, lambda r: r.update(refined={**_REFINED, "sha256": sha256_file(outside)}))
+    _refused(bundle, "refined.safetensors", "outside the bundle")
+    (bundle / "refined.safetensors").unlink()
+    _refused(bundle, "refined weights missing")
+    (bundle / "refined.safetensors").write_bytes(b"weights")
+    assert load_bundle(bundle).refined_path == bundle / "refined.safetensors"
+    (bundle / "refined.safetensors").write_bytes(b"weightz")
+    with pytest.raises(BundleHashError, match="refined.safetensors sha256"):
+        load_bundle(bundle)

@@ -1,0 +1,117 @@
+"""Refinement units and rebuilding a refined model from its source, its recipe and its state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hansgate.errors import ModelLoadError
+from hansgate.nn.models import build_builtin
+from hansgate.nn.surgery import insert_after
+from hansgate.nn.units import (
+    UNIT_KINDS,
+    ExposureScale,
+    PcaExposure,
+    UnsupportedUnit,
+    build_unit,
+    inserted_units,
+    load_state_bytes,
+    rebuild,
+    refined_weights,
+    state_bytes,
+    strip_units,
+    unit_options,
+)
+
+
+def _refined(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    source = build_builtin("small_resnet", num_classes=3, in_channels=3, image_size=16).eval()
+    refined = build_builtin("small_resnet", num_classes=3, in_channels=3, image_size=16).eval()
+    refined.load_state_dict(source.state_dict())
+    g = torch.Generator().manual_seed(seed + 1)
+    d = 16
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    insert_after(refined, {"layer1": PcaExposure(torch.rand(d, generator=g), basis, torch.rand(d, generator=g), 64,
+                                                 "ratio"),
+                           "layer1.inner.0": ExposureScale(torch.rand(16, generator=g)),
+                           "layer2": PcaExposure(torch.rand(32, generator=g), torch.eye(32, dtype=torch.float64),
+                                                 torch.rand(32, generator=g), 16, "linear")})
+    with torch.no_grad():
+        refined.fc.inner.weight.add_(0.1) if hasattr(refined.fc, "inner") else refined.fc.weight.add_(0.1)
+    return source, refined.eval(), torch.rand(4, 3, 16, 16, generator=g)
+
+
+def test_manifest_kinds_are_the_rebuildable_units():
+    from typing import get_args
+
+    from hansgate.manifest import UnitKind
+
+    assert set(get_args(UnitKind)) == set(UNIT_KINDS)
+
+
+def test_refinement_re_exports_the_same_classes():
+    from hansgate.refinement import egem, pca
+
+    assert egem.ExposureScale is ExposureScale and pca.PcaExposure is PcaExposure and egem.PcaExposure is PcaExposure
+
+
+def test_rebuild_from_source_recipe_and_state_is_exact():
+    source, refined, x = _refined()
+    units = inserted_units(refined)
+    assert [(n, k) for n, k, _ in units] == [("layer1", "pca_exposure"), ("layer1.inner.0", "exposure_scale"),
+                                             ("layer2", "pca_exposure")]
+    state = load_state_bytes(state_bytes(refined))
+    assert state["bn1.num_batches_tracked"].dim() == 0
+    rebuilt = rebuild(source, units, state)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), refined(x))
+    assert not any("refiner" in k for k in source.state_dict())  # the source is not changed
+    stripped = strip_units(refined)
+    assert set(stripped.state_dict()) == set(source.state_dict())
+    assert refined_weights(refined, x) is not None
+
+
+def test_state_that_does_not_fit_is_one_error():
+    source, refined, _ = _refined()
+    units = inserted_units(refined)
+    state = refined.state_dict()
+    with pytest.raises(ModelLoadError, match="Missing key"):
+        rebuild(source, units, {k: v for k, v in state.items() if k != "layer2.refiner.mean"})
+    with pytest.raises(ModelLoadError, match="size mismatch"):
+        rebuild(source, units, {**state, "layer2.refiner.mean": torch.zeros(5)})
+    with pytest.raises(ModelLoadError, match="no layer 'nope'"):
+        rebuild(source, [("nope", "exposure_scale", {"shape": [3]})], state)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_state_bytes(b"not safetensors")
+
+
+@pytest.mark.parametrize("kind, options, needle", [
+    ("pickle", {}, "unknown refinement unit kind"),
+    ("exposure_scale", {"shape": []}, "shape"),
+    ("exposure_scale", {"shape": [True]}, "shape"),
+    ("pca_exposure", {"dim": 3, "spatial_size": 1, "conv_mode": "cubic", "per_element": False}, "conv_mode"),
+    ("pca_exposure", {"dim": 0, "spatial_size": 1, "conv_mode": "ratio", "per_element": False}, "dim"),
+])
+def test_bad_unit_options_are_refused(kind, options, needle):
+    with pytest.raises(ModelLoadError, match=needle):
+        build_unit(kind, options)
+
+
+def test_an_unrecordable_inserted_module_gives_no_refined_weights():
+    _, refined, x = _refined()
+    insert_after(refined, {"fc": nn.Identity()})
+    with pytest.raises(UnsupportedUnit):
+        unit_options(nn.Identity())
+    assert refined_weights(refined, x) is None
+
+
+def test_empty_units_take_loaded_buffers():
+    unit = PcaExposure(torch.rand(4), torch.eye(4, dtype=torch.float64), torch.rand(4), 9, "ratio", True)
+    kind, options = unit_options(unit)
+    empty = build_unit(kind, options)
+    empty.load_state_dict(unit.state_dict())
+    a = torch.rand(2, 4)
+    assert torch.equal(empty(a), unit(a)) and options == {"dim": 4, "spatial_size": 9, "conv_mode": "ratio",
+                                                          "per_element": True}
