@@ -7,7 +7,9 @@ to the manifest, and ``verify_bundle`` (``load_bundle(..., public_key=...)``, th
 ``HANSGATE_PUBLIC_KEY``) refuses a bundle whose manifest or graph changed by one byte.
 
 What is signed is ``payload()``: a domain tag, the sha256 of ``manifest.json``'s exact
-bytes, the graph's file name and the sha256 of its bytes. Keys are PEM (PKCS#8 private,
+bytes, the graph's file name and the sha256 of its bytes. Other files of the bundle (the served
+model's torch weights, ``manifest.refined``) are covered through the sha256 the signed manifest
+records, which ``load_bundle`` checks. Keys are PEM (PKCS#8 private,
 SubjectPublicKeyInfo public; ``openssl genpkey -algorithm ed25519`` makes them too) or
 OpenSSH (``ssh-keygen -t ed25519``). Torch-free, like the rest of the bundle contract.
 """

@@ -170,6 +170,10 @@ def test_cli_audit_agrees_with_the_demo_report(demo_dir, report, tmp_path):
     assert main(_audit_args(demo_dir, out)) == 0
     got = json.loads((out / "report.json").read_text())
     assert got["models"]["before"]["kind"] == "torch" and got["models"]["after"]["kind"] == "onnx"
+    # from the command line the served model is rebuilt from the bundle's refined weights and explained
+    assert got["served"]["status"] == "rebuilt" and got["served"]["explains"] == "served (refined) model"
+    assert got["attributions"]["explains"] == {"before": "source model", "after": "served (refined) model"}
+    assert report["served"]["status"] == "given"  # the demo passes its refined module itself
     for model in ("before", "after"):
         assert got["subgroups"]["models"][model] == report["subgroups"]["models"][model]
     assert got["artifact_tests"]["artifacts"]["corner"]["models"]["before"]["flip_rate"] == \
@@ -177,12 +181,14 @@ def test_cli_audit_agrees_with_the_demo_report(demo_dir, report, tmp_path):
 
 
 def test_cli_audit_against_a_second_bundle(demo_dir, tmp_path):
-    """--before BUNDLE compares two ONNX bundles without torch models: same bundle, zero change."""
+    """--before BUNDLE compares two ONNX bundles: same bundle, zero change; without the source model the
+    explanations are of the served model alone (rebuilt from the bundle's weights and its architecture)."""
     out = tmp_path / "two"
     args = _audit_args(demo_dir, out, **{"--before": str(demo_dir / "bundle"), "--max-samples": "200"})
     assert main(args + ["--no-source"]) == 0
     got = json.loads((out / "report.json").read_text())
-    assert got["models"]["before"]["kind"] == "onnx" and got["attributions"]["status"] == "skipped"
+    assert got["models"]["before"]["kind"] == "onnx" and got["served"]["status"] == "rebuilt"
+    assert got["attributions"]["models"] == ["after"]
     assert got["inputs"]["n_samples"] == 200
     assert all(d["accuracy"] == 0.0 for groups in got["subgroups"]["delta"].values() for d in groups.values())
 

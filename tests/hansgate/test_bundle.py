@@ -145,3 +145,29 @@ def test_write_bundle_refuses_a_manifest_naming_refined_weights_it_does_not_writ
     written = write_bundle(tmp_path / "out", b.onnx_path.read_bytes(), manifest,
                            extra_files={"refined.safetensors": b"w"})
     assert written.refined_path is not None and written.refined_path.read_bytes() == b"w"
+
+
+def test_demo_bundle_carries_the_served_model_and_the_signature_covers_it(demo_bundle, tmp_path):
+    """The refined weights are hashed in the signed manifest: one changed byte fails the hash; a manifest
+    edited to match fails the signature."""
+    from hansgate.bundle import sha256_file
+    from hansgate.errors import SignatureError
+    from hansgate.signing import generate_key_pair, load_private_key, sign_bundle
+
+    refined = load_bundle(demo_bundle).manifest.refined
+    assert refined is not None and refined.inserted and {u.kind for u in refined.inserted} == {"pca_exposure"}
+    b = _copy(demo_bundle, tmp_path / "b")
+    generate_key_pair(tmp_path / "k.pem", tmp_path / "k.pub")
+    sign_bundle(b, load_private_key(tmp_path / "k.pem"))
+    assert load_bundle(b, public_key=tmp_path / "k.pub").signed_by
+    weights = b / refined.file
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleHashError, match="refined"):
+        load_bundle(b, public_key=tmp_path / "k.pub")
+    raw = json.loads((b / "manifest.json").read_text())
+    raw["refined"]["sha256"] = sha256_file(weights)
+    (b / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(SignatureError):
+        load_bundle(b, public_key=tmp_path / "k.pub")
