@@ -77,10 +77,16 @@ def test_write_bundle_is_atomic(demo_bundle, tmp_path):
     with pytest.raises(BundleHashError):
         write_bundle(tmp_path / "out", onnx_bytes + b"x", manifest)
     assert list(tmp_path.iterdir()) == []  # nothing half-written, no temp dir left
-    write_bundle(tmp_path / "out", onnx_bytes, manifest)
+    refined = load_bundle(demo_bundle).refined_path
+    assert refined is not None  # the demo bundle carries the served model's weights
+    extra = {refined.name: refined.read_bytes()}
+    with pytest.raises(BundleHashError, match="refined"):  # weights that are not the manifest's
+        write_bundle(tmp_path / "out", onnx_bytes, manifest, extra_files={refined.name: b"other"})
+    assert list(tmp_path.iterdir()) == []
+    write_bundle(tmp_path / "out", onnx_bytes, manifest, extra_files=extra)
     assert load_bundle(tmp_path / "out").manifest == manifest
     with pytest.raises(BundleError, match="refusing to overwrite"):
-        write_bundle(tmp_path / "out", onnx_bytes, manifest)
+        write_bundle(tmp_path / "out", onnx_bytes, manifest, extra_files=extra)
 
 
 class _ExportsDifferently(nn.Module):
