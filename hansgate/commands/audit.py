@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory to write")
     p.add_argument("--before", help="compare with this bundle instead of the source model")
     p.add_argument("--source-weights", help="weights of the source model (default: manifest's file next to the bundle)")
-    p.add_argument("--no-source", action="store_true", help="do not load the source model (no attributions)")
+    p.add_argument("--no-source", action="store_true", help="do not load the source model (explanations then cover the served model alone, "
+                   "when the bundle carries its weights)")
     p.add_argument("--train-data", help="training data .npz (x, y, optional bool 'artifact') for the influence ranking")
     p.add_argument("--artifacts", nargs="*", default=["corner", "frame", "stamp", "dot"],
                    help="built-in artifacts to test (the first is the one the influence check pastes)")
