@@ -20,7 +20,7 @@ The load generator is wrk (C, one thread, 64 connections, keep-alive): single-ro
 elsewhere on the machine hits all alike); ratios are medians of per-round ratios.
 Latency at half the gateway's saturation rate: wrk with a per-connection think time
 (``delay()``) chosen so that 16 connections offer half the measured single-row rate.
-For the 64-row runs the server's CPU time per request (the server process and all its
+For every run the server's CPU time per request (the server process and all its
 descendants, from /proc) is recorded beside bare onnxruntime's CPU time per batch-64 run: where the machine is
 CPU-bound (2 cores, 2 workers, wrk), their ratio bounds the throughput ratio.
 Every figure is measured in this run; nothing is hard-coded.
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
             r: dict = {"single_row": {}, "batch64": {}}
             for name in ("gateway", "naive", "bentoml_echo", "gateway_monitoring_off"):
-                r["single_row"][name] = wrk(servers[name].base, single, args.seconds, args.connections, script)
+                r["single_row"][name] = wrk(servers[name].base, single, args.seconds, args.connections, script,
+                                            cpu_root=servers[name].proc.pid)
             for name in ("gateway", "gateway_monitoring_off"):
                 r["batch64"][name] = wrk(servers[name].base, batch64, args.seconds, 8, script,
                                          cpu_root=servers[name].proc.pid)
@@ -379,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
                                        for n in rounds[0]["batch64"]}
         | {"bare_onnxruntime": median(per_round(lambda r: r["bare_onnxruntime_cpu_ms_per_batch64"]))},
         "batch64_cpu_bare_over_gateway": median(cpu_ratio),
+        "single_row_cpu_ms_per_request": {n: median(per_round(
+            lambda r, n=n: r["single_row"][n]["server_cpu_ms_per_request"])) for n in rounds[0]["single_row"]},
+        "monitoring_cpu_off_over_on_single_row": median(per_round(
+            lambda r: r["single_row"]["gateway_monitoring_off"]["server_cpu_ms_per_request"]
+            / r["single_row"]["gateway"]["server_cpu_ms_per_request"])),
+        "monitoring_cpu_off_over_on_batch64": median(per_round(
+            lambda r: r["batch64"]["gateway_monitoring_off"]["server_cpu_ms_per_request"]
+            / r["batch64"]["gateway"]["server_cpu_ms_per_request"])),
         **med,
     }
     result["half_saturation"] = {"gateway_saturation_requests_per_s": float(np.median(g1)), "target_rate": 0.5 * sat,
@@ -392,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch64_cpu_bare_over_gateway_ge_0.9": result_cpu_ratio >= 0.9,
         "monitoring_on_over_off_ge_0.9 (single row)": med["monitoring_on_over_off_single_row"] >= 0.9,
         "monitoring_on_over_off_ge_0.9 (batch64)": med["monitoring_on_over_off_batch64"] >= 0.9,
+        "monitoring_cpu_off_over_on_ge_0.9 (single row)": result["medians"]["monitoring_cpu_off_over_on_single_row"] >= 0.9,
+        "monitoring_cpu_off_over_on_ge_0.9 (batch64)": result["medians"]["monitoring_cpu_off_over_on_batch64"] >= 0.9,
         "no_errors": errors == 0 and half["non_2xx"] == 0,
         "half_saturation_p99_ms": half["latency_ms_p99"],
     }
