@@ -132,7 +132,8 @@ class ReceiptSigner:
         out = []
         for j, (c, s) in enumerate(zip(classes, signs)):
             a = attributes[j] if attributes else ""
-            payload = head + (f'{j}","c":{int(c)}{model}{s}"{tail}' + (f',"a":{json.dumps(a)}}}' if a else "}")).encode()
+            rest = f',"a":{json.dumps(a)}}}' if a else "}"
+            payload = head + f'{j}","c":{int(c)}{model}{s}"{tail}{rest}'.encode()
             token = b"v1." + _b64_bytes(payload)
             h = mac()
             h.update(token)
