@@ -1,9 +1,13 @@
 """Live fairness benchmark (issue 15): selection counts and calibrated label-free recall on the demo's deploy stream.
 
 The demo configuration (embedded digits, seed 0, ``small_vgg`` trained on the biased split,
-corner artifact on class 8, PCA-EGEM under the 5 % slack rule), with one addition: a clean
-calibration split of held-out test source digits (``calibration_share``), on which each
-bundle's temperature is fitted. Two bundles are served — the third party's original model
+corner artifact on class 8, PCA-EGEM under the 5 % slack rule), with one addition: a calibration
+split of held-out source digits (``calibration_share``; never in test or deploy), on which each
+bundle's temperature is fitted. ``--calibration-data deployment`` (default) gives that split the
+deployment's make-up, the artifact on a seeded ``site_b_share`` of it as at site B, so that it
+represents the stream the estimate is made on; ``clean`` keeps it artifact-free (the first
+version). ``--calibration-objective`` picks the fit (``hansgate.calibration``: ``brier`` by
+default, ``nll``). Two bundles are served — the third party's original model
 and the PCA-EGEM refinement, each watching the artifact — through the gateway's ASGI app
 in-process, and the deploy split is streamed with every row's ``site`` and ``stroke``:
 
@@ -13,6 +17,11 @@ in-process, and the deploy split is streamed with every row's ``site`` and ``str
    then feedback for every row (by receipt, attributes from the receipt) and the realized
    recall; the mean absolute difference over cells with at least ``min_positives`` labelled
    positives, for all such cells and for the cells the gateway marks trusted.
+3. ``offline``: the same estimator recomputed from each model's logits (checked against the
+   gateway's figures) for every calibration choice (clean or deployment-like split, NLL or
+   Brier fit), the noise floor (labels drawn from the calibrated probabilities themselves), and
+   a bound no temperature can beat: the best MAE over temperatures chosen *on the deploy
+   stream itself* (an oracle, not a method).
 
 Usage: python benchmarks/fairness_bench.py --out benchmarks/results/fairness.json
 """
@@ -36,20 +45,36 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hansgate.calibration import calibrated_probabilities, fit_temperature  # noqa: E402
 from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
-from hansgate.manifest import InputSpec, SourceModel, SubgroupAttribute  # noqa: E402
+from hansgate.manifest import CalibrationSpec, InputSpec, SourceModel, SubgroupAttribute  # noqa: E402
+from hansgate.nn.training import predict_logits  # noqa: E402
 from hansgate.nn.models import state_dict_sha256  # noqa: E402
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
 from hansgate.refinement.evaluation import BenchmarkConfig, train_demo_model  # noqa: E402
 from hansgate.refinement.methods import RefineConfig, RefinementResult, refine_model  # noqa: E402
-from hansgate.refinement.pipeline import build_bundle, calibration_spec, per_class_subset, verified_subset  # noqa: E402
+from hansgate.refinement.pipeline import build_bundle, per_class_subset, verified_subset  # noqa: E402
 from hansgate.refinement.selection import Candidate, select_best  # noqa: E402
 from hansgate.service.app import create_app  # noqa: E402
 from hansgate.service.config import GatewayConfig  # noqa: E402
 from hansgate.service.gateway import Gateway  # noqa: E402
 
 
-def make_bundles(seed: int, calibration_share: float, out: Path, log: Any) -> tuple[Any, dict[str, Path]]:
+def calibration_sets(data: Any, seed: int) -> dict[str, torch.Tensor]:
+    """The calibration images: ``clean`` as drawn, ``deployment`` with the artifact on a seeded
+    ``site_b_share`` of them (the deploy stream's make-up; other digits than the deploy stream's)."""
+    at_b = torch.rand(len(data.y_calib), generator=torch.Generator().manual_seed(seed + 1)) < data.config.site_b_share
+    return {"clean": data.x_calib, "deployment": data.artifact.apply_where(data.x_calib, at_b)}
+
+
+def fitted(logits: np.ndarray, y: np.ndarray, objective: Any) -> CalibrationSpec:
+    c = fit_temperature(logits, y, objective=objective)
+    return CalibrationSpec(temperature=c.temperature, ece_before=c.ece_before, ece_after=c.ece_after,
+                           nll_before=c.nll_before, nll_after=c.nll_after, samples=c.n, bins=c.bins)
+
+
+def make_bundles(seed: int, calibration_share: float, calibration_data: str, objective: str, out: Path,
+                 log: Any) -> tuple[Any, dict[str, Path], dict[str, dict[str, np.ndarray]]]:
     data = make_clever_hans(CleverHansConfig(seed=seed, calibration_share=calibration_share))
     original = train_demo_model(BenchmarkConfig(), data, seed)
     xr, yr = per_class_subset(*verified_subset(original, data.x_refine, data.y_refine), 200, seed)
@@ -60,17 +85,81 @@ def make_bundles(seed: int, calibration_share: float, out: Path, log: Any) -> tu
     subgroups = [SubgroupAttribute(name="site", values=["A", "B"]),
                  SubgroupAttribute(name="stroke", values=["thick", "thin"])]
     paths = {}
+    logits: dict[str, dict[str, np.ndarray]] = {}
+    sets = calibration_sets(data, seed)
     for name, result in (("original", identity), ("pca-egem", refined)):
         watched = watch_concept(result.model, "corner", xr, data.artifact.apply(xr), xr, yr, data.classes,
                                 pooling="none", seed=seed)
-        calibration = calibration_spec(result.model, data.x_calib, data.y_calib)
+        logits[name] = {k: predict_logits(result.model, x).double().numpy() for k, x in sets.items()}
+        logits[name]["deploy"] = predict_logits(result.model, data.x_deploy).double().numpy()
+        calibration = fitted(logits[name][calibration_data], data.y_calib.numpy(), objective)
         log(f"{name}: temperature {calibration.temperature:.3f}, ECE {calibration.ece_before:.3f} -> "
             f"{calibration.ece_after:.3f}")
         bundle = build_bundle(out / name, result, x_check=data.x_test[:256], classes=data.classes, input_spec=spec,
                               source=SourceModel(spec="builtin:small_vgg", sha256=state_dict_sha256(original)),
                               subgroups=subgroups, concepts=ConceptHeads([watched]), calibration=calibration)
         paths[name] = bundle.path
-    return data, paths
+    return data, paths, logits
+
+
+def cell_estimates(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, attrs: dict[str, np.ndarray],
+                   classes: list[str], min_positives: int) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """The gateway's estimator offline: per subgroup and class with >= ``min_positives`` positives,
+    ``(tp_hat / (tp_hat + fn_hat), realized recall)``."""
+    out = {}
+    for attr, values in attrs.items():
+        for v in np.unique(values):
+            m = values == v
+            for c in range(len(classes)):
+                pos = m & (y == c)
+                if pos.sum() < min_positives:
+                    continue
+                tp, fn = probs[m & (pred == c), c].sum(), probs[m & (pred != c), c].sum()
+                out[(attr, str(v), classes[c])] = (float(tp / (tp + fn)), float((pred[pos] == c).mean()))
+    return out
+
+
+def mae(cells: dict[tuple[str, str, str], tuple[float, float]]) -> float:
+    return statistics.fmean(abs(e - r) for e, r in cells.values())
+
+
+def offline(logits: dict[str, np.ndarray], data: Any, min_positives: int, served: dict[str, Any],
+            seed: int) -> dict[str, Any]:
+    """Calibration choices, noise floor and the oracle bound for one model (module doc, item 3)."""
+    y, yc = data.y_deploy.numpy(), data.y_calib.numpy()
+    attrs = {k: np.asarray(v) for k, v in data.attributes_deploy.items()}
+    pred = logits["deploy"].argmax(1)
+
+    def at(t: float) -> dict[tuple[str, str, str], tuple[float, float]]:
+        return cell_estimates(calibrated_probabilities(logits["deploy"], t), pred, y, attrs, data.classes,
+                              min_positives)
+
+    choices = {}
+    for split in ("clean", "deployment"):
+        for objective in ("nll", "brier"):
+            t = fit_temperature(logits[split], yc, objective=objective).temperature  # type: ignore[arg-type]
+            choices[f"{split}/{objective}"] = {"temperature": t, "mean_abs_error": mae(at(t))}
+    served_cells = at(served["temperature"])
+    gateway_gap = max(abs(served_cells[(c["attribute"], c["value"], c["class"])][0] - c["estimated"])
+                      for c in served["cells"])
+    grid = np.geomspace(0.2, 5.0, 241)
+    oracle = [mae(at(float(t))) for t in grid]
+    probs = calibrated_probabilities(logits["deploy"], served["temperature"])
+    rng = np.random.default_rng(seed)
+    floor = []
+    for _ in range(200):  # labels drawn from the calibrated probabilities: what realized recall's noise alone gives
+        drawn = (rng.random(len(probs))[:, None] > np.cumsum(probs, 1)).sum(1).clip(0, probs.shape[1] - 1)
+        floor.append(mae(cell_estimates(probs, pred, drawn, attrs, data.classes, min_positives)))
+    cells = at(served["temperature"])
+    return {
+        "calibration_choices": choices,
+        "max_difference_to_gateway_estimate": gateway_gap,
+        "noise_floor_mean_abs_error": statistics.fmean(floor),
+        "oracle_temperature_on_deploy_stream": {"temperature": float(grid[int(np.argmin(oracle))]),
+                                                "mean_abs_error": float(min(oracle))},
+        "mean_abs_error_by_class": {c: statistics.fmean(abs(e - r) for (_, _, k), (e, r) in cells.items() if k == c)
+                                    for c in data.classes if any(k == c for (_, _, k) in cells)},
+    }
 
 
 async def stream(bundle: Path, state: Path, data: Any, batch: int, min_positives: int) -> dict[str, Any]:
@@ -143,13 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-share", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--min-positives", type=int, default=30)
+    p.add_argument("--calibration-data", choices=["deployment", "clean"], default="deployment")
+    p.add_argument("--calibration-objective", choices=["brier", "nll"], default="brier")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        data, bundles = make_bundles(args.seed, args.calibration_share, Path(tmp), lambda m: print(m, flush=True))
+        data, bundles, logits = make_bundles(args.seed, args.calibration_share, args.calibration_data,
+                                             args.calibration_objective, Path(tmp), lambda m: print(m, flush=True))
         models = {name: asyncio.run(stream(path, Path(tmp) / f"state-{name}", data, args.batch, args.min_positives))
                   for name, path in bundles.items()}
+        for name, path in bundles.items():
+            served = {"temperature": json.loads((path / "manifest.json").read_text())["calibration"]["temperature"],
+                      "cells": models[name]["cells"]}
+            models[name]["temperature"] = served["temperature"]
+            models[name]["offline"] = offline(logits[name], data, args.min_positives, served, args.seed)
     refined = models["pca-egem"]
     result = {
         "config": vars(args), "seconds": time.perf_counter() - t0, "models": models,

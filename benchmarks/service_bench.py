@@ -20,6 +20,9 @@ The load generator is wrk (C, one thread, 64 connections, keep-alive): single-ro
 elsewhere on the machine hits all alike); ratios are medians of per-round ratios.
 Latency at half the gateway's saturation rate: wrk with a per-connection think time
 (``delay()``) chosen so that 16 connections offer half the measured single-row rate.
+For every run the server's CPU time per request (the server process and all its
+descendants, from /proc) is recorded beside bare onnxruntime's CPU time per batch-64 run: where the machine is
+CPU-bound (2 cores, 2 workers, wrk), their ratio bounds the throughput ratio.
 Every figure is measured in this run; nothing is hard-coded.
 """
 
@@ -196,13 +199,36 @@ def start_echo(work: Path, workers: int) -> Server:
     return Server("echo", argv, env, d, port, work / "echo.log", "/readyz")
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of process ``root`` and all its live descendants (Linux /proc; BentoML
+    starts its workers in sessions of their own, so a process group would miss them)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid ... utime stime
+        except OSError:
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def wrk(base: str, body_file: Path, seconds: float, connections: int, script: Path, think_ms: float = 0.0,
-        warmup_s: float = 1.0) -> dict:
-    """One wrk run (after a short warm-up run); requests/s, non-2xx, socket errors, latency percentiles."""
+        warmup_s: float = 1.0, cpu_root: int | None = None) -> dict:
+    """One wrk run (after a short warm-up run); requests/s, non-2xx, socket errors, latency percentiles;
+    with ``cpu_root``, also the CPU of that process and its descendants, in milliseconds per request during the run."""
     env = dict(os.environ, BODY_FILE=str(body_file), THINK_MS=f"{think_ms:.3f}")
     if warmup_s > 0:
         subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{warmup_s:.0f}s", "-s", str(script),
                         f"{base}/predict"], env=env, capture_output=True, timeout=60)
+    cpu0 = tree_cpu_s(cpu_root) if cpu_root is not None else 0.0
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "10s", "-s",
                           str(script), f"{base}/predict"], env=env, capture_output=True, text=True,
                          timeout=seconds + 60).stdout
@@ -211,10 +237,13 @@ def wrk(base: str, body_file: Path, seconds: float, connections: int, script: Pa
         raise RuntimeError(f"wrk gave no summary:\n{out}")
     r = json.loads(m.group(1))
     secs = r["duration_us"] / 1e6
-    return {"requests_per_s": r["requests"] / secs, "requests": r["requests"], "seconds": secs,
-            "non_2xx": r["non_2xx"], "socket_errors": r["socket_errors"], "connections": connections,
-            "think_ms": think_ms, "latency_ms_p50": r["p50_us"] / 1e3, "latency_ms_p90": r["p90_us"] / 1e3,
-            "latency_ms_p99": r["p99_us"] / 1e3, "latency_ms_max": r["max_us"] / 1e3}
+    run = {"requests_per_s": r["requests"] / secs, "requests": r["requests"], "seconds": secs,
+           "non_2xx": r["non_2xx"], "socket_errors": r["socket_errors"], "connections": connections,
+           "think_ms": think_ms, "latency_ms_p50": r["p50_us"] / 1e3, "latency_ms_p90": r["p90_us"] / 1e3,
+           "latency_ms_p99": r["p99_us"] / 1e3, "latency_ms_max": r["max_us"] / 1e3}
+    if cpu_root is not None:
+        run["server_cpu_ms_per_request"] = (tree_cpu_s(cpu_root) - cpu0) * 1e3 / max(1, r["requests"])
+    return run
 
 
 BARE = '''
@@ -225,18 +254,20 @@ s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).random((batch, *[d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape[1:]]),
                                     dtype=np.float32)
 s.run(None, {"input": x})
-n, t0 = 0, time.perf_counter()
+n, t0, c0 = 0, time.perf_counter(), time.process_time()
 while time.perf_counter() - t0 < seconds:
     s.run(None, {"input": x}); n += batch
-print(n / (time.perf_counter() - t0))
+print(n / (time.perf_counter() - t0), (time.process_time() - c0) / (n / batch))
 '''
 
 
-def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int) -> float:
-    """Rows/s of ``processes`` bare loops (one thread each) at ``batch``, all at once (summed)."""
+def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int) -> tuple[float, float]:
+    """Rows/s of ``processes`` bare loops (one thread each) at ``batch``, all at once (summed), and the
+    mean CPU milliseconds of one run."""
     procs = [subprocess.Popen([sys.executable, "-c", BARE, str(onnx), str(batch), str(seconds)],
                               stdout=subprocess.PIPE, text=True) for _ in range(processes)]
-    return float(sum(float(p.communicate(timeout=seconds + 120)[0].strip()) for p in procs))
+    outs = [p.communicate(timeout=seconds + 120)[0].split() for p in procs]
+    return float(sum(float(o[0]) for o in outs)), 1e3 * float(np.mean([float(o[1]) for o in outs]))
 
 
 def median(xs: list[float]) -> float:
@@ -293,11 +324,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
             r: dict = {"single_row": {}, "batch64": {}}
             for name in ("gateway", "naive", "bentoml_echo", "gateway_monitoring_off"):
-                r["single_row"][name] = wrk(servers[name].base, single, args.seconds, args.connections, script)
+                r["single_row"][name] = wrk(servers[name].base, single, args.seconds, args.connections, script,
+                                            cpu_root=servers[name].proc.pid)
             for name in ("gateway", "gateway_monitoring_off"):
-                r["batch64"][name] = wrk(servers[name].base, batch64, args.seconds, 8, script)
-            r["bare_onnxruntime_batch64_rows_per_s"] = bare_onnxruntime(bundle.onnx_path, 64, args.seconds,
-                                                                       args.workers)
+                r["batch64"][name] = wrk(servers[name].base, batch64, args.seconds, 8, script,
+                                         cpu_root=servers[name].proc.pid)
+            rows_s, cpu_ms = bare_onnxruntime(bundle.onnx_path, 64, args.seconds, args.workers)
+            r["bare_onnxruntime_batch64_rows_per_s"] = rows_s
+            r["bare_onnxruntime_cpu_ms_per_batch64"] = cpu_ms
+            r["load_average_1m"] = os.getloadavg()[0]
             rounds.append(r)
         sat = median([r["single_row"]["gateway"]["requests_per_s"] for r in rounds])
         conns = 16
@@ -327,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     / r["batch64"]["gateway_monitoring_off"]["requests_per_s"]),
     }
     med = {k: median(v) for k, v in ratios.items()}
+    cpu_ratio = per_round(lambda r: r["bare_onnxruntime_cpu_ms_per_batch64"]
+                          / r["batch64"]["gateway"]["server_cpu_ms_per_request"])
+    result_cpu_ratio = median(cpu_ratio)
     errors = sum(run["non_2xx"] + run["socket_errors"] for r in rounds for kind in ("single_row", "batch64")
                  for run in r[kind].values())
     result["rounds"] = rounds
@@ -337,16 +375,35 @@ def main(argv: list[str] | None = None) -> int:
         "batch64_rows_per_s": {n: 64 * median(per_round(lambda r, n=n: r["batch64"][n]["requests_per_s"]))
                                for n in rounds[0]["batch64"]}
         | {"bare_onnxruntime": median(per_round(lambda r: r["bare_onnxruntime_batch64_rows_per_s"]))},
+        # CPU per 64-row request: where the machine is CPU-bound, bare/gateway bounds the throughput ratio
+        "batch64_cpu_ms_per_request": {n: median(per_round(lambda r, n=n: r["batch64"][n]["server_cpu_ms_per_request"]))
+                                       for n in rounds[0]["batch64"]}
+        | {"bare_onnxruntime": median(per_round(lambda r: r["bare_onnxruntime_cpu_ms_per_batch64"]))},
+        "batch64_cpu_bare_over_gateway": median(cpu_ratio),
+        "single_row_cpu_ms_per_request": {n: median(per_round(
+            lambda r, n=n: r["single_row"][n]["server_cpu_ms_per_request"])) for n in rounds[0]["single_row"]},
+        "monitoring_cpu_off_over_on_single_row": median(per_round(
+            lambda r: r["single_row"]["gateway_monitoring_off"]["server_cpu_ms_per_request"]
+            / r["single_row"]["gateway"]["server_cpu_ms_per_request"])),
+        "monitoring_cpu_off_over_on_batch64": median(per_round(
+            lambda r: r["batch64"]["gateway_monitoring_off"]["server_cpu_ms_per_request"]
+            / r["batch64"]["gateway"]["server_cpu_ms_per_request"])),
         **med,
     }
     result["half_saturation"] = {"gateway_saturation_requests_per_s": float(np.median(g1)), "target_rate": 0.5 * sat,
                                  "gateway": half, "naive_same_offered_load": naive_half}
+    medians = result["medians"]
     result["bars"] = {
         "single_row_vs_naive_ge_1.0": med["single_row_gateway_over_naive"] >= 1.0,
         "single_row_vs_bentoml_echo_ge_0.8": med["single_row_gateway_over_bentoml_echo"] >= 0.8,
         "batch64_vs_bare_onnxruntime_ge_0.9": med["batch64_gateway_over_bare_onnxruntime"] >= 0.9,
+        # the same bar from CPU time, which load from elsewhere distorts far less than throughput: a busy
+        # machine starves 2 bare processes more than the gateway's many threads
+        "batch64_cpu_bare_over_gateway_ge_0.9": result_cpu_ratio >= 0.9,
         "monitoring_on_over_off_ge_0.9 (single row)": med["monitoring_on_over_off_single_row"] >= 0.9,
         "monitoring_on_over_off_ge_0.9 (batch64)": med["monitoring_on_over_off_batch64"] >= 0.9,
+        "monitoring_cpu_off_over_on_ge_0.9 (single row)": medians["monitoring_cpu_off_over_on_single_row"] >= 0.9,
+        "monitoring_cpu_off_over_on_ge_0.9 (batch64)": medians["monitoring_cpu_off_over_on_batch64"] >= 0.9,
         "no_errors": errors == 0 and half["non_2xx"] == 0,
         "half_saturation_p99_ms": half["latency_ms_p99"],
     }

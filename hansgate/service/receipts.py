@@ -25,7 +25,10 @@ Any gateway holding the key verifies it without shared state. Feedback rules, in
   (the first label counts; later ones are refused, not overwritten).
 
 The store is an SQLite file in the state directory (WAL mode), bounded to ``store_size``
-predictions (oldest evicted first, checked every 1,000 insertions) and to the TTL. Duplicate detection uses the same file;
+predictions (oldest evicted first, checked every 1,000 insertions) and to the TTL. The gateway
+writes one row per request (``add_requests``: the rows' classes and signs packed, row ``j`` of
+request ``R`` answering to id ``R-j``), one transaction per micro-batch: a 64-row request costs
+one insert, not 64. Duplicate detection uses the same file;
 it covers the workers of one machine. Across replicas a receipt could be replayed once per
 replica: put the replicas' ``HANSGATE_STATE_DIR`` on shared storage if that matters.
 """
@@ -33,6 +36,7 @@ replica: put the replicas' ``HANSGATE_STATE_DIR`` on shared storage if that matt
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -54,8 +58,16 @@ MAX_CLOCK_SKEW_S = 300.0
 _PLAIN_ID = re.compile(r"[0-9a-zA-Z_-]+")  # ids the gateway mints: JSON needs no escaping for them
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return _b64_bytes(data).decode()
+
+
+def _b64_bytes(data: bytes) -> bytes:
+    """base64url without padding (what ``base64.urlsafe_b64encode(...).rstrip(b"=")`` gives), in one C call each."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
 
 
 def _unb64(text: str) -> bytes:
@@ -104,6 +116,29 @@ class ReceiptSigner:
                    + (f',"a":{json.dumps(r.attributes)}}}' if r.attributes else "}")).encode()
         head = f"{_VERSION}.{_b64(payload)}"
         return f"{head}.{_b64(self._mac(head.encode()))}"
+
+    def sign_rows(self, request_id: str, classes: list[int], signs: list[str], issued_at: float,
+                  attributes: list[str] | None = None) -> list[str]:
+        """``sign`` for rows ``0..n-1`` of one request (ids ``request_id-j``), the shared parts built once:
+        the same tokens, byte for byte, for a fraction of the per-row cost."""
+        if not _PLAIN_ID.fullmatch(request_id):
+            return [self.sign(Receipt(f"{request_id}-{j}", c, self.model_sha256, s, issued_at,
+                                      attributes[j] if attributes else ""))
+                    for j, (c, s) in enumerate(zip(classes, signs))]
+        head = f'{{"r":"{request_id}-'.encode()
+        tail = f',"t":{round(issued_at, 3)!r}'
+        model = f',"m":"{self.model_sha256}","s":"'
+        mac = self._hmac.copy
+        out = []
+        for j, (c, s) in enumerate(zip(classes, signs)):
+            a = attributes[j] if attributes else ""
+            rest = f',"a":{json.dumps(a)}}}' if a else "}"
+            payload = head + f'{j}","c":{int(c)}{model}{s}"{tail}{rest}'.encode()
+            token = b"v1." + _b64_bytes(payload)
+            h = mac()
+            h.update(token)
+            out.append((token + b"." + _b64_bytes(h.digest())).decode())
+        return out
 
     def verify(self, token: str, now: float | None = None) -> Receipt:
         """The receipt's content, or a ``RequestError`` (forged, wrong model, expired)."""
@@ -175,6 +210,9 @@ class PredictionStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS predictions (id TEXT PRIMARY KEY, class INTEGER NOT NULL, "
                          "signs TEXT NOT NULL, issued REAL NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS predictions_issued ON predictions (issued)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, classes TEXT NOT NULL, "
+                         "signs TEXT NOT NULL, n INTEGER NOT NULL, issued REAL NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS requests_issued ON requests (issued)")
         self._db.execute("CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, received REAL NOT NULL)")
         self._since_prune = 0
 
@@ -193,11 +231,33 @@ class PredictionStore:
                 self._since_prune = 0
                 self._prune()
 
+    def add_requests(self, requests: list[tuple[str, list[int], list[str], float]]) -> None:
+        """Remember whole requests ``(request_id, class per row, concept signs per row, issued_at)`` in one
+        transaction; row ``j`` is looked up as ``f"{request_id}-{j}"``."""
+        rows = [(rid, ",".join(map(str, classes)), "".join(signs), len(classes), issued)
+                for rid, classes, signs, issued in requests]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._since_prune += sum(r[3] for r in rows)
+            if self._since_prune >= self._PRUNE_EVERY:
+                self._since_prune = 0
+                self._prune()
+
     def _prune(self, now: float | None = None) -> None:
         cutoff = (time.time() if now is None else now) - self.ttl_s
         self._db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
         self._db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
                          "LIMIT -1 OFFSET ?)", (self.max_size,))
+        self._db.execute("DELETE FROM requests WHERE issued < ?", (cutoff,))
+        # newest first, keep whole requests while their rows fit in max_size
+        self._db.execute("DELETE FROM requests WHERE rowid IN (SELECT rowid FROM (SELECT rowid, SUM(n) OVER "
+                         "(ORDER BY issued DESC, rowid DESC) AS kept FROM requests) WHERE kept > ?)", (self.max_size,))
         self._db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
 
     def prune(self, now: float | None = None) -> None:
@@ -211,6 +271,14 @@ class PredictionStore:
         with self._lock:
             row = self._db.execute("SELECT class, signs, issued FROM predictions WHERE id = ?",
                                    (request_id,)).fetchone()
+            head, _, index = request_id.rpartition("-")
+            if row is None and head and index.isdigit() and index.isascii():
+                packed = self._db.execute("SELECT classes, signs, n, issued FROM requests WHERE id = ?",
+                                          (head,)).fetchone()
+                j = int(index)
+                if packed is not None and j < packed[2] and str(j) == index:
+                    width = len(packed[1]) // packed[2]
+                    row = (packed[0].split(",")[j], packed[1][j * width:(j + 1) * width], packed[3])
         if row is None or now - row[2] > self.ttl_s:
             raise RequestError(f"no recent prediction with request_id {request_id[:64]!r} on this replica "
                                "(send the receipt instead)", "unknown_request")
@@ -233,7 +301,8 @@ class PredictionStore:
 
     def size(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM predictions").fetchone()[0])
+            return int(self._db.execute("SELECT (SELECT count(*) FROM predictions) + "
+                                        "(SELECT coalesce(sum(n), 0) FROM requests)").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:

@@ -13,15 +13,21 @@ What of BentoML runs, and why (``service.limits`` has the settings):
   series) and duplicate ``hansgate_request_seconds``.
 * access log and OpenTelemetry spans: off by default (``HANSGATE_ACCESS_LOG=1``,
   ``HANSGATE_TRACING=1``); per request they cost more than the rest of a single-row prediction.
-* ``traffic.timeout`` / ``max_concurrency``: not given to BentoML. Its concurrency limit counts
-  requests from their first byte (slow bodies filled it) and its timeout spawns a task and a
-  timer per request; the gateway bounds bodies, in-flight requests and run time itself.
+* ``max_concurrency``: not given to BentoML. Its concurrency limit counts requests from their
+  first byte (slow bodies filled it); the gateway bounds bodies and in-flight requests itself.
+* ``traffic.timeout``: BentoML always installs its ``TimeoutMiddleware`` (the setting must be
+  positive), which spawns a task and a timer per request. ``POST /predict`` and ``/feedback``
+  pass straight through it (``_own_deadlines``): the gateway bounds their body reads and run
+  time itself; every other route keeps BentoML's timeout.
+* new connections are spread over the workers (``protocol.spread_accepts``).
 * uvicorn's HTTP protocol gets a header deadline (``service.protocol``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import bentoml
 
@@ -40,6 +46,7 @@ _OPTIONS = service_options()
 _SERVING = serving_options(max_inflight=math.ceil(_OPTIONS.max_concurrency / _OPTIONS.workers),
                            request_timeout_s=float(_OPTIONS.timeout_s))
 _state: dict[str, _GatewayState] = {}
+log = logging.getLogger("hansgate.service")
 
 app = create_app(lambda: _state.get("gateway"), _SERVING)
 
@@ -77,11 +84,41 @@ class Gateway:
         self.gateway.close()
 
 
+#: routes whose body read and run time the gateway bounds itself (``service.app``)
+_OWN_DEADLINES = frozenset({("POST", "/predict"), ("POST", "/feedback")})
+
+
+def _own_deadlines() -> None:
+    """Let ``_OWN_DEADLINES`` bypass BentoML's ``TimeoutMiddleware`` in this process (module doc).
+
+    Leaves BentoML untouched (with a log line) when its middleware is not where BentoML 1.4 has it.
+    """
+    try:
+        from bentoml._internal.server.http import traffic
+
+        cls: Any = traffic.TimeoutMiddleware
+    except (ImportError, AttributeError):
+        log.warning("BentoML's TimeoutMiddleware not found; it stays on every route")
+        return
+    original = getattr(cls, "_hansgate_original", None) or cls.__call__
+    cls._hansgate_original = original
+
+    async def __call__(self: Any, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (scope.get("method"), scope.get("path")) in _OWN_DEADLINES:
+            await self.app(scope, receive, send)
+            return
+        await original(self, scope, receive, send)
+
+    cls.__call__ = __call__
+
+
 def _install_protocol() -> None:
-    """The header deadline, installed when a worker imports this module (before uvicorn starts)."""
+    """The header deadline and the spread of connections over workers, installed when a worker
+    imports this module (before uvicorn starts); BentoML's timeout off the gateway's own routes."""
     from hansgate.service import protocol
 
     protocol.install(_SERVING.header_timeout_s)
+    _own_deadlines()
 
 
 _install_protocol()

@@ -60,3 +60,50 @@ def test_bad_input_is_one_clear_error():
         fit_temperature(np.zeros((3, 2)), np.array([0, 1, 2]))
     with pytest.raises(DataError, match="N >= 2"):
         fit_temperature(np.zeros((1, 2)), np.array([0]))
+
+
+@pytest.mark.parametrize("z,p", [(2.0, 0.8), (5.0, 0.6), (0.5, 0.9)])
+def test_brier_binary_optimum_is_the_logit_of_the_hit_rate(z, p):
+    """Constant logits ``[z, 0]``: the Brier-optimal constant probability is the hit rate too."""
+    n = 1000
+    logits = np.tile([z, 0.0], (n, 1))
+    y = (np.arange(n) >= round(p * n)).astype(int)
+    fitted = fit_temperature(logits, y, objective="brier").temperature
+    assert fitted == pytest.approx(z / math.log(p / (1 - p)), rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["nll", "brier"])
+def test_a_calibrated_set_keeps_temperature_one(objective):
+    """Labels drawn from softmax(logits) itself: both objectives find T close to 1 (sampling noise only)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(20000, 6)) * 2
+    y = np.array([rng.choice(6, p=row) for row in calibrated_probabilities(logits)])
+    assert fit_temperature(logits, y, objective=objective).temperature == pytest.approx(1.0, abs=0.05)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.25, 4.0))
+def test_brier_temperature_scales_with_the_logits(seed, scale):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(300, 4)) * 2
+    y = np.array([rng.choice(4, p=row) for row in calibrated_probabilities(logits)])
+    t = fit_temperature(logits, y, objective="brier").temperature
+    assert fit_temperature(logits * scale, y, objective="brier").temperature == pytest.approx(scale * t, rel=1e-3)
+
+
+def test_brier_is_less_moved_by_a_few_confident_mistakes():
+    """A calibrated set plus 2 % rows confidently wrong (logit gap 12): NLL heats far more than Brier."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(5000, 5)) * 2
+    y = np.array([rng.choice(5, p=row) for row in calibrated_probabilities(logits)])
+    wrong = rng.random(len(y)) < 0.02
+    logits[wrong] = 0.0
+    logits[wrong, (y[wrong] + 1) % 5] = 12.0
+    t_nll = fit_temperature(logits, y).temperature
+    t_brier = fit_temperature(logits, y, objective="brier").temperature
+    assert t_nll > 1.2 and abs(t_brier - 1.0) < abs(t_nll - 1.0) / 2
+
+
+def test_unknown_objective_is_one_clear_error():
+    with pytest.raises(DataError, match="objective"):
+        fit_temperature(np.zeros((3, 2)), np.array([0, 1, 0]), objective="ece")  # type: ignore[arg-type]

@@ -94,3 +94,40 @@ def test_sign_writes_the_same_payload_as_json_dumps():
         raw = base64.urlsafe_b64decode(token.split(".")[1] + "==")
         assert raw == json.dumps({"r": rid, "c": 1, "m": SHA, "s": "+-", "t": round(t, 3)},
                                  separators=(",", ":")).encode()
+
+
+@given(st.from_regex(r"[0-9a-zA-Z_-]{1,40}", fullmatch=True) | st.text(min_size=1, max_size=20),
+       st.lists(st.tuples(st.integers(0, 9), st.text(alphabet="+-", min_size=2, max_size=2),
+                          st.sampled_from(["", "site=A", "site=B,stroke=thin"])), min_size=1, max_size=5),
+       st.floats(1e9, 2e9))
+def test_sign_rows_equals_sign_per_row(rid, rows, t):
+    """The batch path writes the very tokens ``sign`` writes for ids ``rid-j`` (and they verify)."""
+    s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60, n_classes=10, n_concepts=2)
+    classes, signs, attrs = (list(c) for c in zip(*rows))
+    tokens = s.sign_rows(rid, classes, signs, t, attrs if any(attrs) else None)
+    expected = [s.sign(Receipt(f"{rid}-{j}", c, SHA, g, t, a if any(attrs) else ""))
+                for j, (c, g, a) in enumerate(rows)]
+    assert tokens == expected
+    assert s.verify(tokens[-1], now=t + 1).class_index == classes[-1]
+
+
+def test_store_packs_a_request_into_one_row(tmp_path):
+    """``add_requests``: one SQLite row per request; row ``j`` answers to ``id-j``; bounds count rows."""
+    store = PredictionStore(tmp_path / "s.sqlite", max_size=5, ttl_s=100)
+    store.add_requests([("a", [1, 2, 3], ["+-", "--", "++"], 1000.0), ("b", [4, 5], ["-+", "+-"], 1001.0)])
+    assert store.size() == 5
+    r = store.lookup("a-2", SHA, now=1002)
+    assert (r.request_id, r.class_index, r.concept_signs, r.issued_at) == ("a-2", 3, "++", 1000.0)
+    assert store.lookup("b-0", SHA, now=1002).concept_signs == "-+"
+    for missing in ("a-3", "a-02", "a", "c-0", "a--1", "b-1x"):
+        assert reason(store.lookup, missing, SHA, now=1002) == "unknown_request"
+    assert reason(store.lookup, "a-0", SHA, now=1101) == "unknown_request"  # older than the TTL
+    store.add_requests([("c", [7, 7], ["++", "++"], 1003.0)])
+    store.prune(now=1004)  # 7 rows > 5: the oldest whole request goes
+    assert store.size() == 4
+    assert reason(store.lookup, "a-0", SHA, now=1004) == "unknown_request"
+    assert store.lookup("c-1", SHA, now=1004).class_index == 7
+    other = PredictionStore(tmp_path / "s.sqlite", max_size=5, ttl_s=100)  # another worker sees them
+    assert other.lookup("b-1", SHA, now=1004).class_index == 5
+    store.close()
+    other.close()
