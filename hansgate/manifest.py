@@ -152,7 +152,9 @@ class Evaluation(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    """Temperature scaling (Guo et al. 2017) fitted at refine time on held-out labelled data (held out before verification).
+    """Temperature scaling (Guo et al. 2017) fitted at refine time on held-out labelled data.
+
+    The hold-out is taken before verification, so it holds the model's mistakes too.
 
     The gateway's label-free recall estimate uses ``softmax(logits / temperature)``; the
     expected calibration error (``bins`` equal-width bins) and the negative log-likelihood
