@@ -215,7 +215,7 @@ class ExposureMinimizer:
             elif mom.kind == "data":
                 variances[name], bases[name] = dual_basis(mom.centred())
             elif cfg.solver == "resolvent" and self._dtype == torch.float64:
-                variances[name] = pca_spectrum(mom.covariance)
+                variances[name] = pca_spectrum(mom.covariance_lower())
             else:
                 variances[name], bases[name] = pca_basis(mom.covariance, self._dtype)
         self.layers_, self.per_element_, self.moments_ = layers, per_element, moments

@@ -134,6 +134,14 @@ class LayerMoments:
         lower = self.sum_sq.tril()  # float64 batches fill only the lower triangle (``_add_gram``)
         return (lower + lower.tril(-1).T) / self.n - torch.outer(d, d)
 
+    def covariance_lower(self) -> torch.Tensor:
+        """``Cov[s]`` in the lower triangle only (``kind="full"``; the upper is not the covariance's).
+
+        Two passes over ``D x D`` instead of ``covariance``'s symmetrisation: for ``pca_spectrum``.
+        """
+        d = self.sum / self.n
+        return (self.sum_sq / self.n).sub_(torch.outer(d, d))
+
     @property
     def second(self) -> torch.Tensor:
         """``E[s^2]`` per unit ``[D]`` (``diag``) or ``E[s s^T]`` ``[D, D]`` (PCA kinds)."""
@@ -182,15 +190,18 @@ def pca_spectrum(cov: torch.Tensor) -> torch.Tensor:
     """Eigenvalues ``[D]`` of a float64 covariance, as ``pca_basis`` returns them, without eigenvectors.
 
     The lambda search needs only the spectrum; the reduction to tridiagonal form is the
-    whole cost here, the back-transformation of eigenvectors is skipped.
+    whole cost here, the back-transformation of eigenvectors is skipped. Only the lower
+    triangle of ``cov`` is read (``LayerMoments.covariance_lower`` suffices).
     """
     active = cov.diagonal() > 0
-    block = cov[active][:, active] if not bool(active.all()) else cov
-    if len(block) == 0:
+    idx = active.nonzero().flatten()
+    if len(idx) == 0:
         return torch.zeros(len(cov), dtype=torch.float64)
-    evals = torch.from_numpy(eigh(block.numpy(), eigvals_only=True, driver="evr", check_finite=False)).flip(0)
-    dead = torch.zeros(len(cov) - len(block), dtype=torch.float64)
-    return torch.cat([_floored(evals.double().contiguous(), torch.float64), dead])
+    block = cov[idx[:, None], idx] if len(idx) < len(cov) else cov.clone()  # the one copy LAPACK overwrites
+    # block.T is Fortran-ordered: its upper triangle is block's lower one, passed without another copy
+    evals = eigh(block.numpy().T, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False, driver="evr")
+    dead = torch.zeros(len(cov) - len(idx), dtype=torch.float64)
+    return torch.cat([_floored(torch.from_numpy(evals).flip(0).double().contiguous(), torch.float64), dead])
 
 
 def resolvent_projection(cov: torch.Tensor, lam: float, top: float) -> torch.Tensor | None:
@@ -225,10 +236,12 @@ def resolvent_projection(cov: torch.Tensor, lam: float, top: float) -> torch.Ten
 
 def dual_spectrum(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``dual_basis``'s eigenvalues ``[N]`` without eigenvectors, and the Gram matrix ``X X^T / N`` they come from."""
-    x = centred.double()
-    gram = x @ x.T / len(x)
+    x = centred.double().contiguous()
     if len(x) == 0:
-        return torch.zeros(0, dtype=torch.float64), gram
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64)
+    # X X^T by BLAS syrk (one triangle: half a matmul's products), then mirrored
+    upper = torch.from_numpy(blas.dsyrk(1.0, x.numpy().T, trans=1, lower=0)).triu()
+    gram = (upper + upper.triu(1).T) / len(x)
     evals = torch.from_numpy(eigh(gram.numpy(), eigvals_only=True, driver="evr", check_finite=False)).flip(0)
     return _floored(evals.double().contiguous(), torch.float64), gram
 

@@ -299,3 +299,21 @@ def test_default_resolvent_route_matches_the_eigenbasis_route():
     tiny = {name: 1e-14 for name in em.layers_}
     em.refine(net, lambdas=tiny)
     assert set(em._eigenbases) == set(em.layers_)
+
+
+def test_spectrum_reads_the_lower_triangle_of_the_streamed_moments():
+    torch.manual_seed(9)
+    x = torch.randn(90, 7, dtype=torch.float64) @ torch.randn(7, 7, dtype=torch.float64) + 3.0
+    x[:, 2] = 0.0  # a dead unit
+    from hansgate.refinement.pca import LayerMoments
+
+    mom = LayerMoments.empty(7, (7,), "full")
+    for start in range(0, 90, 32):
+        mom.update(x[start : start + 32])
+    centred = x - x.mean(0)
+    want = centred.T @ centred / 90
+    assert torch.allclose(mom.covariance, want, atol=1e-10)
+    assert torch.allclose(mom.covariance_lower().tril(), want.tril(), atol=1e-10)
+    lower = mom.covariance_lower()
+    assert torch.allclose(pca_spectrum(lower), pca_basis(want)[0], atol=1e-10)
+    assert torch.equal(lower, mom.covariance_lower())  # the caller's matrix is not overwritten
