@@ -15,7 +15,9 @@ Writes one JSON file with everything it measured:
   together; with the demo bars evaluated on the default rows;
 - ``cost``: seconds for statistics + lambda search over all layers vs one plain forward
   pass over the same refinement set, measured side by side (interleaved, median of
-  repeats), for the default (exact) and the float32 statistics, at three sample counts;
+  repeats), for the default (spectrum + resolvent), the float64 eigenbasis and the float32
+  statistics, at three sample counts, with and without building the refined model; and
+  ``exactness``: the default route against the float64 eigenbasis at every grid alpha;
 - ``memory``: peak resident memory added by ``fit`` for two refinement-set sizes, each in
   a fresh subprocess sampling its own RSS.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import threading
@@ -39,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import wall_and_cpu_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
 from hansgate.nn.training import TrainConfig, accuracy  # noqa: E402
@@ -94,15 +97,50 @@ def schedule_comparison(model_name: str, artifact: str, seeds: list[int], epochs
             "rows": {k: {m: statistics.fmean(v) for m, v in r.items()} | {"per_seed": r} for k, r in rows.items()}}
 
 
+def exactness(model: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor) -> dict:
+    """The default (spectrum + resolvent) route against the float64 eigenbasis route, at every grid alpha."""
+    fits = {s: ExposureMinimizer(EgemConfig(pca=True, solver=s)).fit(model, x) for s in ("resolvent", "eigh")}
+    out: dict = {"alphas": {}, "note": "max |difference| between solver='resolvent' (default) and solver='eigh' "
+                                      "(float64 eigenbasis, the previous exact route) on the same fit; logits "
+                                      "relative to the largest |logit| of the eigh route on the probe images"}
+    for alpha in EgemConfig().alpha_grid:
+        plans = {s: em.plan(alpha) for s, em in fits.items()}
+        refined = {s: em.refine(model, alpha) for s, em in fits.items()}
+        with torch.no_grad():
+            la, lb = refined["resolvent"](probe), refined["eigh"](probe)
+        out["alphas"][str(alpha)] = {
+            "same_lambdas": plans["resolvent"] == plans["eigh"],
+            "projection_max_abs_diff": {n: float((refined["resolvent"].get_submodule(n).refiner.projection
+                                                  - refined["eigh"].get_submodule(n).refiner.projection).abs().max())
+                                        for n in fits["eigh"].layers_},
+            "logits_max_rel_diff": float((la - lb).abs().max() / lb.abs().max()),
+            "same_predictions": float((la.argmax(1) == lb.argmax(1)).float().mean()),
+        }
+    vals = out["alphas"].values()
+    out["max_projection_diff"] = max(max(v["projection_max_abs_diff"].values()) for v in vals)
+    out["max_logits_rel_diff"] = max(v["logits_max_rel_diff"] for v in vals)
+    out["min_same_predictions"] = min(v["same_predictions"] for v in vals)
+    out["all_lambdas_equal"] = all(v["same_lambdas"] for v in vals)
+    out["eigenbasis_fallbacks"] = sorted(fits["resolvent"]._eigenbases)
+    return out
+
+
 def cost(repeats: int = 5, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     data = make_clever_hans(CleverHansConfig(seed=0))
     model = train_demo_model(BenchmarkConfig(), data, seed=0)
     x_all, _ = per_class_subset(*verified_subset(model, data.x_refine, data.y_refine), 200, 0)
     out: dict = {"batch_size": 256, "repeats": repeats, "torch_threads": threads,
+                 "load_average_1min_at_start": os.getloadavg()[0],
                  "note": "interleaved medians; the first rows use the whole verified set, 'split' the 80 % "
                          "the selection protocol fits on, 'n300' 300 samples (fewer than the 1568 units of "
-                         "the flattened layer: the dual route)"}
+                         "the flattened layer: the dual route). 'pca-egem' is the default (float64 moments, "
+                         "spectrum only at fit, projection by Cholesky at refine), 'pca-egem/eigh' the float64 "
+                         "eigenbasis at fit (the previous exact route), 'pca-egem/float32' the float32 option. "
+                         "ratio: fit + plan(0.1) over one forward pass (the bar); ratio_with_refine adds "
+                         "building the refined model at alpha 0.1, which the resolvent route moves there; cpu_*: the same "
+                         "with this process's CPU seconds (time.process_time), which waiting for a core on a "
+                         "shared machine does not inflate"}
     for tag, n in (("", len(x_all)), ("split/", int(0.8 * len(x_all))), ("n300/", 300)):
         xr = x_all[:n]
 
@@ -112,22 +150,39 @@ def cost(repeats: int = 5, threads: int = 1) -> dict:
                 model(xr[i : i + 256])
 
         for name, cfg in (("egem", EgemConfig()), ("pca-egem", EgemConfig(pca=True)),
+                          ("pca-egem/eigh", EgemConfig(pca=True, solver="eigh")),
                           ("pca-egem/float32", EgemConfig(pca=True, precision="float32"))):
-            def stats_and_search() -> None:
+            def stats_and_search() -> ExposureMinimizer:
                 em = ExposureMinimizer(cfg).fit(model, xr)
                 em.plan(0.1)
+                return em
 
-            forward_pass()  # warm-up both
-            stats_and_search()
-            fwd, ref = [], []
-            for _ in range(repeats):  # interleaved so machine noise hits both alike
-                fwd.append(seconds(forward_pass))
-                ref.append(seconds(stats_and_search))
-            ratio = statistics.median(ref) / statistics.median(fwd)
-            out[tag + name] = {"n_samples": n, "forward_s": statistics.median(fwd),
-                               "stats_and_search_s": statistics.median(ref), "ratio": ratio,
-                               "bar_at_most_2x": ratio <= 2.0}
+            def with_refine() -> None:
+                stats_and_search().refine(model, 0.1)
+
+            forward_pass()  # warm-up all
+            with_refine()
+            fwd, ref, full = [], [], []
+            for _ in range(repeats):  # interleaved so machine noise hits all alike
+                fwd.append(wall_and_cpu_seconds(forward_pass))
+                ref.append(wall_and_cpu_seconds(stats_and_search))
+                full.append(wall_and_cpu_seconds(with_refine))
+            med = {k: [statistics.median(t[i] for t in v) for i in (0, 1)]
+                   for k, v in (("fwd", fwd), ("ref", ref), ("full", full))}
+            ratio = med["ref"][0] / med["fwd"][0]
+            out[tag + name] = {"n_samples": n, "forward_s": med["fwd"][0],
+                               "stats_and_search_s": med["ref"][0], "ratio": ratio,
+                               "bar_at_most_2x": ratio <= 2.0,
+                               "with_refine_s": med["full"][0],
+                               "ratio_with_refine": med["full"][0] / med["fwd"][0],
+                               "cpu_forward_s": med["fwd"][1], "cpu_stats_and_search_s": med["ref"][1],
+                               "cpu_ratio": med["ref"][1] / med["fwd"][1],
+                               "cpu_ratio_with_refine": med["full"][1] / med["fwd"][1]}
             print(tag + name, out[tag + name], flush=True)
+    out["load_average_1min_at_end"] = os.getloadavg()[0]
+    out["cpu_count"] = os.cpu_count()
+    out["exactness"] = exactness(model, x_all, data.x_test[:1000])
+    print(json.dumps({k: v for k, v in out["exactness"].items() if k != "alphas"}), flush=True)
     return out
 
 

@@ -6,7 +6,10 @@ with a column of ones for the bias, which is not penalised (``I'`` has a zero th
 RGEM regresses the original model's logits, Ridge (DFR) the one-hot true labels.
 Moments are accumulated in streamed batches (float64), in eval mode with the caller's
 train/eval flags restored afterwards. Retrain (Supp. F.3) fine-tunes a copy with Adam,
-batch-norm frozen and the gradient norm clipped.
+batch-norm frozen (running statistics *and* affine parameters: "frozen batch-norm
+parameters") and the gradient norm clipped. The learning rate is the caller's: Supp. F.3
+sets it per model, from 1e-3 (the MNIST net) down to 5e-6 (ResNet50); a rate fit for a
+small net can wreck a deep batch-norm network in its first epoch.
 """
 
 from __future__ import annotations
@@ -92,7 +95,11 @@ def retrain_checkpoints(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_va
     """
     cfg = config or TrainConfig()
     work = copy.deepcopy(model)
-    opt = torch.optim.Adam(work.parameters(), lr=cfg.lr)
+    # Supp. F.3: "frozen batch-norm parameters": running statistics (eval mode) and the affine weights
+    norm_params = {id(p) for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for p in m.parameters()}
+    trained = [p for p in work.parameters() if id(p) not in norm_params]
+    opt = torch.optim.Adam(trained, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     out: dict[int, tuple[float, dict]] = {}
     done = 0
@@ -102,7 +109,7 @@ def retrain_checkpoints(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_va
                 for idx in batches(len(y), cfg.batch_size, gen):
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(work(x[idx]), y[idx]).backward()
-                    nn.utils.clip_grad_norm_(work.parameters(), clip)
+                    nn.utils.clip_grad_norm_(trained, clip)
                     opt.step()
         done = target
         out[target] = (accuracy(work, x_val, y_val), copy.deepcopy(work.state_dict()))

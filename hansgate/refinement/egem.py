@@ -21,6 +21,9 @@ Choices where the paper leaves room (each tested in tests/refinement/):
   Sec. 3.1); a map that is flattened into a linear layer is refined per element, as the
   authors' hooks do for the MNIST net (the flattened input of fc1). Element units are used
   up to ``max_element_units``; above that, channels.
+- PCA layers with more samples than units decompose only the spectrum at fit time and
+  build each refinement's projection by Cholesky (``solver="resolvent"``, default; the same
+  matrix, see ``pca``); ``solver="eigh"`` keeps the float64 eigenbasis from fit.
 - The mean pruning factor of a PCA layer is averaged over ``min(N, D)`` components (the
   authors' ``k``).
 - lambda per layer: ``hansgate.refinement.schedule`` (the authors' doubling grid by
@@ -50,7 +53,18 @@ from hansgate.nn.hooks import capture, eval_mode
 from hansgate.nn.surgery import insert_after, resolve_layers, trace_calls
 from hansgate.nn.units import ExposureScale
 from hansgate.nn.training import accuracy
-from hansgate.refinement.pca import LayerMoments, MomentKind, PcaExposure, dual_basis, pca_basis
+from hansgate.refinement.pca import (
+    LayerMoments,
+    MomentKind,
+    PcaExposure,
+    dual_basis,
+    dual_resolvent_projection,
+    dual_spectrum,
+    exposure_from_projection,
+    pca_basis,
+    pca_spectrum,
+    resolvent_projection,
+)
 from hansgate.refinement.schedule import (
     ALPHA_GRID,
     LAMBDA_START,
@@ -99,6 +113,7 @@ class EgemConfig(BaseModel):
     batch_size: int = Field(256, ge=1)
     max_element_units: int = Field(4096, ge=1)
     precision: Literal["float64", "float32"] = "float64"
+    solver: Literal["resolvent", "eigh"] = "resolvent"
     seed: int = 0
 
 
@@ -173,11 +188,17 @@ class ExposureMinimizer:
                         moments[name].update(s, self._dtype)
         variances: dict[str, torch.Tensor] = {}
         bases: dict[str, torch.Tensor] = {}
+        self._grams: dict[str, torch.Tensor] = {}
+        self._eigenbases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, mom in moments.items():
             if not cfg.pca:
                 variances[name] = mom.second
+            elif cfg.solver == "resolvent" and mom.kind == "data":
+                variances[name], self._grams[name] = dual_spectrum(mom.centred())  # the basis only if needed
             elif mom.kind == "data":
                 variances[name], bases[name] = dual_basis(mom.centred())
+            elif cfg.solver == "resolvent" and self._dtype == torch.float64:
+                variances[name] = pca_spectrum(mom.covariance_lower())
             else:
                 variances[name], bases[name] = pca_basis(mom.covariance, self._dtype)
         self.layers_, self.per_element_, self.moments_ = layers, per_element, moments
@@ -191,7 +212,19 @@ class ExposureMinimizer:
         if not self.config.pca:
             return ExposureScale(c.view(mom.spatial) if per_element else c)
         spatial = 1 if per_element else math.prod(mom.spatial)
-        return PcaExposure(mom.mean, self.bases_[name], c, spatial, self.config.conv_mode, per_element)
+        if name in self.bases_:
+            return PcaExposure(mom.mean, self.bases_[name], c, spatial, self.config.conv_mode, per_element)
+        top = float(self.variances_[name][0]) if len(self.variances_[name]) else 0.0
+        if mom.kind == "data":
+            proj = dual_resolvent_projection(mom.centred(), self._grams[name], lam, top)
+        else:
+            proj = resolvent_projection(mom.covariance, lam, top)
+        if proj is not None:
+            return exposure_from_projection(mom.mean, proj, spatial, self.config.conv_mode, per_element)
+        if name not in self._eigenbases:  # lambda too close to the rank floor: the eigenbasis, once per fit
+            self._eigenbases[name] = dual_basis(mom.centred()) if mom.kind == "data" else pca_basis(mom.covariance)
+        evals, basis = self._eigenbases[name]
+        return PcaExposure(mom.mean, basis, egem_factors(evals, lam), spatial, self.config.conv_mode, per_element)
 
     def _search(self, name: str, tau: float) -> float:
         var = self.variances_[name]

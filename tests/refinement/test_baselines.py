@@ -7,12 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from hansgate.nn.training import TrainConfig, accuracy, train_classifier
 from hansgate.refinement.baselines import (
     last_linear,
+    retrain_checkpoints,
     ridge_moments,
     ridge_solve,
     with_last_layer,
 )
+from hansgate.refinement.methods import RefineConfig, refine_model
 from hansgate.refinement.selection import Candidate, select_by_slack, validation_split
 
 
@@ -79,3 +82,44 @@ def test_ridge_moments_read_eval_mode_and_restore_the_callers_flags():
     feats = torch.cat([net[2](net[1](net[0](x))), torch.ones(50, 1)], 1).double()
     assert torch.allclose(gram, feats.T @ feats / 50, atol=1e-10)
     assert torch.allclose(cross, feats.T @ net(x).double() / 50, atol=1e-6)
+
+
+def _bn_task() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small batch-norm CNN trained to tell bright-left from bright-right 8x8 images (eval mode)."""
+    torch.manual_seed(0)
+    x = torch.rand(240, 1, 8, 8)
+    y = torch.randint(0, 2, (240,))
+    x[y == 0, :, :, :4] += 0.5
+    x[y == 1, :, :, 4:] += 0.5
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 2))
+    train_classifier(net, x, y, TrainConfig(epochs=15, lr=1e-2, batch_size=32))
+    return net, x, y
+
+
+def test_retrain_freezes_batchnorm_and_never_returns_a_model_validation_rejected(monkeypatch):
+    """Regression (issue 12): resnet18 collapsed to chance (eval mode) and that checkpoint was returned."""
+    net, x, y = _bn_task()
+    orig_acc = accuracy(net, x, y)
+    assert orig_acc > 0.9
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fit, val = validation_split(len(y), 0.2, 0)
+    ckpts = retrain_checkpoints(net, x[fit], y[fit], x[val], y[val], (1, 2), TrainConfig(lr=1e-2, batch_size=32))
+    bn_keys = [k for k in before if k.startswith(("1.", "4."))]  # the BatchNorm layers
+    assert bn_keys and all(torch.equal(ckpts[2][1][k], before[k]) for k in bn_keys)  # statistics and affine
+    assert any(not torch.equal(ckpts[2][1][k], before[k]) for k in before if k not in bn_keys)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the caller's model untouched
+    # fine-tuned briefly at a sane rate, the batch-norm net stays far from chance in eval mode
+    sane = refine_model(net, x, y, RefineConfig(method="retrain", retrain_epochs=(1, 2), retrain_lr=1e-3))
+    assert accuracy(sane.model, x, y) > 0.85 and not sane.hyperparameters["kept_original"]
+
+    # every checkpoint wrecked (as resnet18's at Adam 1e-3): validation rejects them all, the original comes back
+    def wrecked(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        bad = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        return {e: (0.5, bad) for e in (1, 2)}
+
+    monkeypatch.setattr("hansgate.refinement.methods.retrain_checkpoints", wrecked)
+    wild = refine_model(net, x, y, RefineConfig(method="retrain", retrain_epochs=(1, 2)))
+    assert wild.hyperparameters["kept_original"] and wild.hyperparameters["epochs"] == 0
+    assert accuracy(wild.model, x, y) == orig_acc

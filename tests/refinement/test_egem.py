@@ -17,7 +17,7 @@ from hansgate.refinement.egem import (
     PcaExposure,
     select_alpha,
 )
-from hansgate.refinement.pca import dual_basis, pca_basis
+from hansgate.refinement.pca import dual_basis, pca_basis, pca_spectrum, resolvent_projection
 
 
 def _linear_net(d: int = 5) -> nn.Module:
@@ -210,7 +210,9 @@ def test_dual_route_for_fewer_samples_than_units_matches_the_covariance_route():
     torch.manual_seed(6)
     net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 3)).eval()
     x = torch.randn(15, 4)
-    em = ExposureMinimizer(EgemConfig(pca=True)).fit(net, x)
+    em = ExposureMinimizer(EgemConfig(pca=True, solver="eigh")).fit(net, x)
+    default = ExposureMinimizer(EgemConfig(pca=True)).fit(net, x)  # spectrum at fit, resolvent at refine
+    assert default.bases_ == {} and torch.allclose(default.variances_["1"], em.variances_["1"], atol=1e-12)
     mom = em.moments_["1"]
     assert mom.kind == "data" and mom.n == 15 and em.variances_["1"].shape == (15,)
     evals, evecs = pca_basis(mom.covariance)
@@ -221,6 +223,8 @@ def test_dual_route_for_fewer_samples_than_units_matches_the_covariance_route():
         want = (evecs * (evals / (evals + lam))) @ evecs.T
         got = (basis * (em.variances_["1"] / (em.variances_["1"] + lam))) @ basis.T
         assert torch.allclose(got, want, atol=1e-10)
+        refined = default.refine(net, lambdas={"1": lam})[1].refiner.projection.double()
+        assert torch.allclose(refined, want, atol=1e-6)  # float32 buffer
     d_evals, d_vecs = dual_basis(torch.zeros(3, 5))  # no variance at all: nothing kept, no NaN
     assert torch.equal(d_evals, torch.zeros(3)) and torch.equal(d_vecs, torch.zeros(5, 3, dtype=torch.float64))
 
@@ -258,3 +262,58 @@ def test_select_alpha_final_fit_all_refits_on_every_sample():
     full = select_alpha(net, x, y, EgemConfig(pca=True, repetitions=1, alpha=0.5, final_fit="all"))
     assert split.alpha == full.alpha == 0.5
     assert split.minimizer.moments_["1"].n == 24 and full.minimizer.moments_["1"].n == 30
+
+
+def test_resolvent_projection_is_the_eigenbasis_projection_and_steps_aside_near_the_floor():
+    torch.manual_seed(8)
+    q = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64)).Q
+    cov = (q * torch.logspace(2, -8, 40, dtype=torch.float64)) @ q.T
+    cov = torch.block_diag(cov, torch.zeros(3, 3, dtype=torch.float64))[[*range(20), 40, *range(20, 40), 41, 42]]
+    cov = cov[:, [*range(20), 40, *range(20, 40), 41, 42]]  # dead units inside and at the end
+    evals, evecs = pca_basis(cov)
+    assert torch.allclose(pca_spectrum(cov), evals, rtol=1e-10, atol=1e-12)  # to max * eps
+    for lam in (1e-6, 1e-2, 10.0):
+        got = resolvent_projection(cov, lam, float(evals[0]))
+        assert got is not None
+        want = (evecs * (evals / (evals + lam))) @ evecs.T
+        assert torch.allclose(got, want, atol=1e-9)
+        assert torch.equal(got[20], torch.zeros(43, dtype=torch.float64))  # dead unit: exactly removed
+    # lambda near the rank floor: the bound on the floored components' factor fails, the basis is used
+    assert resolvent_projection(cov, 1e-13, float(evals[0])) is None
+
+
+def test_default_resolvent_route_matches_the_eigenbasis_route():
+    x = torch.rand(200, 1, 8, 8)
+    net = _conv_net()
+    fits = {s: ExposureMinimizer(EgemConfig(pca=True, solver=s)).fit(net, x) for s in ("resolvent", "eigh")}
+    assert fits["resolvent"].bases_ == {} and set(fits["eigh"].bases_) == set(fits["eigh"].layers_)
+    for alpha in (0.01, 0.5, 1.0):
+        assert fits["resolvent"].plan(alpha) == fits["eigh"].plan(alpha)
+        a, b = (fits[s].refine(net, alpha) for s in fits)
+        for name in fits["eigh"].layers_:
+            assert torch.allclose(a.get_submodule(name).refiner.projection, b.get_submodule(name).refiner.projection,
+                                  atol=1e-6)
+        assert torch.allclose(a(x[:8]), b(x[:8]), atol=1e-5)
+    # a lambda close to the rank floor falls back to the eigenbasis (computed once, kept)
+    em = fits["resolvent"]
+    tiny = {name: 1e-14 for name in em.layers_}
+    em.refine(net, lambdas=tiny)
+    assert set(em._eigenbases) == set(em.layers_)
+
+
+def test_spectrum_reads_the_lower_triangle_of_the_streamed_moments():
+    torch.manual_seed(9)
+    x = torch.randn(90, 7, dtype=torch.float64) @ torch.randn(7, 7, dtype=torch.float64) + 3.0
+    x[:, 2] = 0.0  # a dead unit
+    from hansgate.refinement.pca import LayerMoments
+
+    mom = LayerMoments.empty(7, (7,), "full")
+    for start in range(0, 90, 32):
+        mom.update(x[start : start + 32])
+    centred = x - x.mean(0)
+    want = centred.T @ centred / 90
+    assert torch.allclose(mom.covariance, want, atol=1e-10)
+    assert torch.allclose(mom.covariance_lower().tril(), want.tril(), atol=1e-10)
+    lower = mom.covariance_lower()
+    assert torch.allclose(pca_spectrum(lower), pca_basis(want)[0], atol=1e-10)
+    assert torch.equal(lower, mom.covariance_lower())  # the caller's matrix is not overwritten
