@@ -20,7 +20,7 @@ Choices:
 - ``.npz`` members are read with ``os.pread`` at the member's offset, never memory-mapped: the
   pages of a mapped file count in the reader's resident memory once touched, so a pass over
   the data would grow it. A compressed member cannot be read at an offset; it is unpacked once
-  to a temporary ``.npy`` file (removed with the object; ``np.savez`` avoids the step).
+  to a temporary ``.npy`` file (removed with the source; ``np.savez`` avoids the step).
 - Transforms (``normalised``, ``scaled``) are per-channel and applied to each batch after
   reading, in the same arithmetic as ``nn.normalisation.Normalised``.
 """
@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -113,13 +114,11 @@ class FolderSource(ImageSource):
 class ArraySource(ImageSource):
     """A C-ordered ``[N, C, H, W]`` float array stored at ``offset`` in a file, read with ``os.pread``."""
 
-    def __init__(self, path: str | Path, offset: int, dtype: np.dtype, shape: tuple[int, ...],
-                 keep_alive: Any = None) -> None:
+    def __init__(self, path: str | Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         self.path, self.offset, self.dtype = str(path), int(offset), np.dtype(dtype)
         self.n = int(shape[0])
         self.shape = (int(shape[1]), int(shape[2]), int(shape[3]))
         self.item_bytes = self.dtype.itemsize * int(np.prod(self.shape))
-        self._keep_alive = keep_alive  # a temporary directory that must outlive the reads
 
     def read(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, np.int64)
@@ -185,11 +184,17 @@ def npz_array_source(path: str | Path, name: str = "x", log: Callable[[str], Non
         if log is not None:
             log(f"{path} is compressed: unpacking '{name}' once to a temporary file to read it in batches "
                 "(np.savez instead of np.savez_compressed skips this)")
-        tmp = tempfile.TemporaryDirectory(prefix="hansgate-npz-")
-        target = Path(tmp.name) / f"{name}.npy"
-        with zf.open(info) as member, open(target, "wb") as out:
-            shutil.copyfileobj(member, out, 16 << 20)
-    return ArraySource(target, header, dtype, shape, keep_alive=tmp)
+        tmp = tempfile.mkdtemp(prefix="hansgate-npz-")
+        target = Path(tmp) / f"{name}.npy"
+        try:
+            with zf.open(info) as member, open(target, "wb") as out:
+                shutil.copyfileobj(member, out, 16 << 20)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    source = ArraySource(target, header, dtype, shape)
+    weakref.finalize(source, shutil.rmtree, tmp, True)  # the unpacked copy goes with the source
+    return source
 
 
 class _Chunks(Dataset):  # type: ignore[type-arg]
