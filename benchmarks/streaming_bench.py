@@ -34,6 +34,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "streaming.json"
 SIZE = 224
 CLASSES = 4
+#: the audit runner holds the audited images (and copies of them) in memory: larger data sets are audited
+#: as a seeded subset of this many images (--max-samples), which the loader draws before reading any image
+AUDIT_LIMIT = 500
 
 
 def tiny_cnn() -> nn.Module:
@@ -109,9 +112,11 @@ def child_audit(args: argparse.Namespace) -> dict[str, object]:
     csv = Path(args.out).with_suffix(".csv")
     csv.write_text("index,site\n" + "".join(f"{i},{'AB'[i % 2]}\n" for i in range(n)))
     t0 = time.perf_counter()
+    limit = [] if args.audit_all or n <= AUDIT_LIMIT else ["--max-samples", str(AUDIT_LIMIT)]
     rc = main(["audit", args.bundle, "--data", args.data, "--attributes", str(csv), "--out", args.out, "--no-source",
-               "--no-pdf", "--no-concepts", "--no-influence", "--overwrite", "--quiet"])
-    return {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1), **_peak_mb()}
+               "--no-pdf", "--no-concepts", "--no-influence", "--overwrite", "--quiet", *limit])
+    return {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1), "images": n,
+            "audited": n if not limit else AUDIT_LIMIT, **_peak_mb()}
 
 
 def run_child(kind: str, *extra: str) -> dict[str, object]:
@@ -139,10 +144,15 @@ def main() -> None:
     p.add_argument("--model-spec", default="streaming_bench:tiny_cnn")
     p.add_argument("--work", default="/tmp/hansgate-streaming-bench")
     p.add_argument("--skip-eager", action="store_true")
+    p.add_argument("--audit-all", action="store_true", help=f"audit every image, not a subset of {AUDIT_LIMIT}")
+    p.add_argument("--summarise", action="store_true", help="rewrite the summary of an existing results file")
     args = p.parse_args()
     if args.child:
         fn = child_refine if args.child == "refine" else child_audit
         print(json.dumps(fn(args)))
+        return
+    if args.summarise:
+        write_summary(args, json.loads(RESULTS.read_text())["runs"])
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -160,9 +170,14 @@ def main() -> None:
             runs[f"refine_{mode}_{n}"] = r
             print(f"refine {mode} {n}: {r}", flush=True)
         a = run_child("audit", "--data", str(folder), "--bundle", str(work / f"bundle{n}_streamed"),
-                      "--out", str(work / f"audit{n}"))
+                      "--out", str(work / f"audit{n}"), *(["--audit-all"] if args.audit_all else []))
         runs[f"audit_{n}"] = a
         print(f"audit {n}: {a}", flush=True)
+    write_summary(args, runs)
+
+
+def write_summary(args: argparse.Namespace, runs: dict[str, dict[str, object]]) -> None:
+    """``streaming.json``: the runs, the differences between the smallest and largest data, the bar."""
     lo, hi = min(args.sizes), max(args.sizes)
 
     def diff(key: str) -> float | None:
@@ -182,9 +197,16 @@ def main() -> None:
         if args.model_spec == "streaming_bench:tiny_cnn" else "",
         "image_size": SIZE, "data": "ImageFolder of PNGs, labelled by the model's own prediction (all verified)",
         "refine": "pca-egem, automatic layers, 1 repetition, alpha grid (0.1, 0.5, 1.0), calibration share 0.2",
-        "audit": "hansgate audit --no-source --no-concepts --no-influence --no-pdf (ONNX predictions only)",
+        "audit": ("hansgate audit --no-source --no-concepts --no-influence --no-pdf (ONNX predictions only); "
+                  + ("every image audited" if args.audit_all else
+                     f"data sets larger than {AUDIT_LIMIT} images audited as a seeded subset of {AUDIT_LIMIT} "
+                     "(--max-samples): the audit runner (audit/runner.py) still takes the audited images as one "
+                     "tensor and its sections copy it, so a full 4,000-image audit was not run on this 23 GB "
+                     "machine shared with other jobs; the audit difference below is NOT the bar's full audit")),
         "peak_rss_difference_mb": differences,
-        "bar_met": {k: (v is not None and v <= 300) for k, v in differences.items() if k != "refine_eager"},
+        "bar_met": {"refine": differences["refine_streamed"] is not None and differences["refine_streamed"] <= 300,
+                    "audit": (differences["audit"] is not None and differences["audit"] <= 300) if args.audit_all
+                    else f"not measured: the {hi}-image audit ran on a seeded subset of {AUDIT_LIMIT} images"},
         "workers": os.environ.get("HANSGATE_DATA_WORKERS", "default (2)"),
         "cpu_cores": os.cpu_count(),
         "runs": runs,
