@@ -358,8 +358,8 @@ def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weig
     c, h, _ = inputs.shape
     torch.manual_seed(refiner.seed(cfg))  # the initialisation of a built-in without weights
     model = load_model(model_spec, weights, num_classes=len(inputs.classes), in_channels=c, image_size=h)
-    if (k_out := stream_logits(model, select(inputs.to_model(inputs.x), torch.arange(2))).shape[1]) != len(
-            inputs.classes):
+    head = inputs.to_model(inputs.x)[:2]
+    if (k_out := predict_logits(model, torch.as_tensor(head)).shape[1]) != len(inputs.classes):
         raise DataError(f"the model has {k_out} outputs but the data have {len(inputs.classes)} classes")
     (x_all, y_all), held_out = calibration_split(inputs.to_model(inputs.x), inputs.y, calibration_share,
                                                  refiner.seed(cfg))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hansgate.data.streaming import LazyImages
-from hansgate.errors import DataError
+from hansgate.errors import DataError, ModelRunError
 from hansgate.nn.hooks import eval_mode
 from hansgate.nn.training import predict_logits
 
@@ -35,8 +35,12 @@ def stream_logits(model: nn.Module, x: Images, *, progress: bool = False, desc: 
     """Logits ``[N, K]`` of ``model`` (eval mode, restored after); lazy images stream in batches."""
     if not isinstance(x, LazyImages):
         return predict_logits(model, x)
-    with eval_mode(model), torch.no_grad():
-        out = [model(b) for b in x.iter_batches(STREAM_BATCH, progress=progress, desc=desc)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = [model(b) for b in x.iter_batches(STREAM_BATCH, progress=progress, desc=desc)]
+    except RuntimeError as exc:
+        raise ModelRunError(f"the model does not run on inputs of shape {tuple(x.shape[1:])}: "
+                            f"{str(exc).splitlines()[0]}") from exc
     if not out:
         raise DataError("no samples to run the model on")
     return torch.cat(out)
