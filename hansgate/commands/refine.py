@@ -84,13 +84,17 @@ def run(args: argparse.Namespace) -> int:
                                                seed=args.seed), clarc=clarc)
     options = DataOptions(channels=args.channels, image_size=tuple(args.image_size), classes=args.classes,
                           mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+    def say(msg: str, quiet: bool) -> None:  # warnings always; notes (e.g. data held in memory) unless --quiet
+        if not quiet or msg.startswith("warning"):
+            print(f"hansgate: {msg}", file=sys.stderr)
+
     bundle, summary = refine_from_files(
         model_spec=args.model, weights=args.weights, data=args.data, out=args.out, method=args.method,
         config=config, options=options, test_data=args.test_data, poisoned_data=args.poisoned_data,
         concepts=parse_concept_args(args.concept), overwrite=args.overwrite, progress=not args.quiet,
         calibration_share=args.calibration_share,
         guards=GuardConfig(min_verified_share=args.min_verified_share, force=args.force),
-        signing_key=args.sign_key, log=lambda msg: print(f"hansgate: {msg}", file=sys.stderr))
+        signing_key=args.sign_key, log=lambda msg: say(msg, args.quiet))
     print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0

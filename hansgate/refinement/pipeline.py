@@ -353,14 +353,14 @@ def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weig
         from hansgate.signing import load_private_key
 
         key = load_private_key(signing_key)  # a bad key fails before any work
-    for warning in _pixel_check(inputs, guard_cfg):
-        say(warning)
     c, h, _ = inputs.shape
     torch.manual_seed(refiner.seed(cfg))  # the initialisation of a built-in without weights
     model = load_model(model_spec, weights, num_classes=len(inputs.classes), in_channels=c, image_size=h)
     head = inputs.to_model(inputs.x)[:2]
     if (k_out := predict_logits(model, torch.as_tensor(head)).shape[1]) != len(inputs.classes):
         raise DataError(f"the model has {k_out} outputs but the data have {len(inputs.classes)} classes")
+    for warning in _pixel_check(inputs, guard_cfg):
+        say(warning)
     (x_all, y_all), held_out = calibration_split(inputs.to_model(inputs.x), inputs.y, calibration_share,
                                                  refiner.seed(cfg))
     verified_share = None
