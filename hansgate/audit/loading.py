@@ -5,6 +5,11 @@ flags: images are read in the manifest's colour mode (``L`` or ``RGB``), resized
 manifest's height and width without cropping (the policy of ``data.datasets``, which the refine side
 read them with), scaled from [0, 1] to the manifest's value range. An ``.npz`` must already hold
 samples of the bundle's shape.
+
+The data are opened without reading the images (``data.streaming.LazyImages``); a seeded subset
+(``max_samples``) is drawn before anything is read, so only the audited images are ever decoded.
+The report's sections (``audit.runner``) take the audited samples as one tensor; a note in the
+report says how much memory they hold.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from hansgate.audit.inputs import (
 )
 from hansgate.audit.runner import AuditInputs
 from hansgate.bundle import load_bundle
-from hansgate.data.datasets import LabelledImages, load_labelled
+from hansgate.data.datasets import LazyLabelled, open_labelled
+from hansgate.data.streaming import LazyImages
 from hansgate.errors import DataError
 from hansgate.manifest import InputSpec
 
@@ -50,19 +56,25 @@ class AuditSources:
     seed: int = 0
 
 
-def load_audit_data(path: str | Path, spec: InputSpec) -> tuple[LabelledImages, str]:
-    """Labelled data at the bundle's input spec, and a note saying how it was read."""
+def load_audit_data(path: str | Path, spec: InputSpec) -> tuple[LazyLabelled, str]:
+    """Labelled data at the bundle's input spec (images still on disk), and a note saying how it was read."""
     lo, hi = spec.value_range
-    data = load_labelled(path, channels=spec.channels, size=(spec.height, spec.width))
+    data = open_labelled(path, channels=spec.channels, size=(spec.height, spec.width))
     if Path(path).is_dir():
         if (lo, hi) != (0.0, 1.0):
-            data = LabelledImages(data.x * (hi - lo) + lo, data.y, data.classes)
+            data = LazyLabelled(data.x.scaled(hi - lo, lo), data.y, data.classes)
         note = (f"ImageFolder read at the manifest's input spec: {spec.color_mode}, "
                 f"{spec.channels}x{spec.height}x{spec.width}, values in [{lo:g}, {hi:g}], {RESIZE_POLICY}")
         return data, note
     if tuple(data.x.shape[1:]) != spec.shape:
         raise DataError(f"{path}: samples have shape {tuple(data.x.shape[1:])}, the bundle expects {spec.shape}")
     return data, ""
+
+
+def _held(x: LazyImages, what: str) -> tuple[torch.Tensor, str]:
+    """``x`` read into one tensor, and the note that says so."""
+    mb = len(x) * int(np.prod(tuple(x.shape[1:]))) * 4 / 2**20
+    return x.take(slice(None)), f"{what}: {len(x)} images held in memory for the report's sections ({mb:.0f} MB)"
 
 
 def _train_artifact_flags(path: str | Path, x: torch.Tensor, n: int, artifact: str | None) -> np.ndarray | None:
@@ -102,13 +114,15 @@ def load_inputs(src: AuditSources) -> AuditInputs:
     if len(data.classes) != len(m.classes) or int(data.y.max()) >= len(m.classes):
         raise DataError(f"{src.data}: {len(data.classes)} classes, the bundle has {len(m.classes)}")
     attributes = read_attributes(src.attributes, len(data.y), m)
-    x, y = data.x, data.y
+    lazy, y = data.x, data.y
     notes = [note] if note else []
     if src.max_samples is not None and src.max_samples < len(y):
         idx = sample_indices(len(y), src.max_samples, src.seed)
-        x, y = x[torch.as_tensor(idx)], y[torch.as_tensor(idx)]
+        lazy, y = lazy.subset(idx), y[torch.as_tensor(idx)]
         attributes = {a: v[idx] for a, v in attributes.items()}
         notes.append(f"seeded subset of {len(idx)} samples")
+    x, held = _held(lazy, "audited data")
+    notes.append(held)
     before_bundle = load_bundle(src.before) if src.before else None
     source_model, weights = None, None
     if not src.no_source:
@@ -120,7 +134,8 @@ def load_inputs(src: AuditSources) -> AuditInputs:
     train_x = train_y = train_art = None
     if src.train_data:
         tr, _ = load_audit_data(src.train_data, m.input)
-        train_x, train_y = tr.x, tr.y
+        (train_x, held), train_y = _held(tr.x, "training data"), tr.y
+        notes.append(held)
         train_art = _train_artifact_flags(src.train_data, train_x, len(train_y), src.train_artifact)
     region = _region_mask(src.region_mask, m.input) if src.region_mask else None
     return AuditInputs(bundle=bundle, x=x, y=y, classes=list(m.classes), attributes=attributes,

@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-share", type=float, default=0.2,
                    help="share of the labelled data held out to fit temperature scaling, recorded in the manifest "
                         "for the gateway's label-free recall estimate (default 0.2; 0 fits none)")
+    p.add_argument("--min-verified-share", type=float, default=0.5,
+                   help="refuse when the model predicts fewer than this share of --data correctly (default 0.5)")
+    p.add_argument("--force", action="store_true",
+                   help="refine even when the guards refuse (low verified share, accuracy near chance); "
+                        "they are then warnings")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="Ed25519 private key file: sign the bundle as it is written (see `hansgate keygen`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
@@ -55,16 +62,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from hansgate.errors import ConfigError
     from hansgate.refinement.clarc import ClarcConfig
     from hansgate.refinement.concept_refine import parse_concept_args
+    from hansgate.refinement.guards import GuardConfig
     from hansgate.refinement.methods import RefineConfig
     from hansgate.refinement.pipeline import DataOptions, refine_from_files
     from hansgate.refinement.refiners import RefinerConfig
 
     if not 0.0 <= args.calibration_share < 0.9:
         raise ConfigError(f"--calibration-share must lie in [0, 0.9), got {args.calibration_share}")
+    if not 0.0 <= args.min_verified_share <= 1.0:
+        raise ConfigError(f"--min-verified-share must lie in [0, 1], got {args.min_verified_share}")
     clarc = ClarcConfig(layer=args.concept_layer, cav_kind=args.cav_kind, mode=args.rr_mode,
                         **({"pooling": args.pooling} if args.pooling else {}),
                         target_class=args.target_class, epochs=args.epochs, seed=args.seed,
@@ -73,11 +84,17 @@ def run(args: argparse.Namespace) -> int:
                                                seed=args.seed), clarc=clarc)
     options = DataOptions(channels=args.channels, image_size=tuple(args.image_size), classes=args.classes,
                           mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+    def say(msg: str, quiet: bool) -> None:  # warnings always; notes (e.g. data held in memory) unless --quiet
+        if not quiet or msg.startswith("warning"):
+            print(f"hansgate: {msg}", file=sys.stderr)
+
     bundle, summary = refine_from_files(
         model_spec=args.model, weights=args.weights, data=args.data, out=args.out, method=args.method,
         config=config, options=options, test_data=args.test_data, poisoned_data=args.poisoned_data,
         concepts=parse_concept_args(args.concept), overwrite=args.overwrite, progress=not args.quiet,
-        calibration_share=args.calibration_share)
+        calibration_share=args.calibration_share,
+        guards=GuardConfig(min_verified_share=args.min_verified_share, force=args.force),
+        signing_key=args.sign_key, log=lambda msg: say(msg, args.quiet))
     print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0

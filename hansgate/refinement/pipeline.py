@@ -5,9 +5,13 @@
 1. **load** (``load_inputs``): the data, evaluation splits and concepts, read with one set
    of ``DataOptions`` (``--channels``, ``--image-size``, ``--mean/--std``; ImageFolder or
    ``.npz``; concepts from ``.npz`` or two ImageFolders). Every image is a raw pixel in
-   [0, 1] of one shape; the model sees ``(x - mean) / std``.
+   [0, 1] of one shape; the model sees ``(x - mean) / std``. The data and evaluation splits
+   stay on disk (``data.streaming.LazyImages``, ``stream=True``): every pass below reads
+   them in batches, and subsets (calibration hold-out, verified set) are index sets.
 2. **verify**: pruning and concept methods keep the samples the model predicts correctly
-   (paper 000, Supp. F.1); XS methods train on all (``Refiner.verifies``).
+   (paper 000, Supp. F.1); XS methods train on all (``Refiner.verifies``). The guards
+   (``refinement.guards``) refuse data with a low verified share or near-chance accuracy
+   and warn when the pixels contradict the declared normalisation.
 3. **fit**: the method from ``refinement.registry``; watched concepts are fitted on the
    refined model (``refinement.concept_heads``).
 4. **evaluate**: accuracy before and after on every split given; temperature scaling
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,7 +37,8 @@ from torch import nn
 
 import hansgate
 from hansgate.bundle import Bundle, sha256_bytes, write_bundle
-from hansgate.data.datasets import LabelledImages, load_labelled
+from hansgate.data.datasets import LabelledImages, LazyLabelled, load_labelled, open_labelled
+from hansgate.data.streaming import LazyImages
 from hansgate.errors import ConfigError, DataError
 from hansgate.files import to_jsonable
 from hansgate.manifest import (
@@ -57,12 +62,14 @@ from hansgate.calibration import fit_temperature
 from hansgate.refinement.clarc import ConceptData
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
 from hansgate.refinement.concept_refine import load_concept
+from hansgate.refinement.guards import GuardConfig, check_verified, pixel_warnings
+from hansgate.refinement.streamed import Images, Log, in_memory, select, stream_accuracy, stream_logits
 from hansgate.refinement.methods import RefinementResult
 from hansgate.refinement.refiners import RefineData, Refiner, RefinerConfig
 from hansgate.refinement.registry import get_refiner
 
-__all__ = ["DataOptions", "Inputs", "verified_subset", "per_class_subset", "calibration_split", "load_inputs",
-           "bundle_graph", "build_bundle", "refine", "refine_from_files"]
+__all__ = ["DataOptions", "Inputs", "Images", "verified_subset", "per_class_subset", "calibration_split",
+           "load_inputs", "stream_logits", "bundle_graph", "build_bundle", "refine", "refine_from_files"]
 
 #: The pixel range every bundle declares (``InputSpec.value_range``): raw pixels scaled to [0, 1].
 VALUE_RANGE = (0.0, 1.0)
@@ -84,9 +91,17 @@ class DataOptions(BaseModel):
     def load(self, path: str | Path) -> LabelledImages:
         return load_labelled(path, channels=self.channels, size=self.image_size)
 
+    def open(self, path: str | Path, log: Log | None = None) -> LazyLabelled:
+        """Like ``load``, with the images left on disk and read in batches."""
+        return open_labelled(path, channels=self.channels, size=self.image_size, log=log)
+
+
+#: ``Inputs`` over tensors (``stream=False``, ``hansgate train``) or over lazy images
+X = TypeVar("X", torch.Tensor, LazyImages, Images)
+
 
 @dataclass
-class Inputs:
+class Inputs(Generic[X]):
     """Everything read from files, in raw pixels: the pipeline's step 1.
 
     ``x``, ``y``: the refinement (or training) data; ``evaluation``: further labelled
@@ -94,13 +109,13 @@ class Inputs:
     ``masks``/``mask_info``/``val``. ``mean``/``std``: the model's normalisation.
     """
 
-    x: torch.Tensor
+    x: X
     y: torch.Tensor
     classes: list[str]
     mean: list[float]
     std: list[float]
     description: str
-    evaluation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    evaluation: dict[str, tuple[X, torch.Tensor]] = field(default_factory=dict)
     concepts: dict[str, ConceptData] = field(default_factory=dict)
     masks: torch.Tensor | None = None
     mask_info: dict[str, Any] = field(default_factory=dict)
@@ -116,10 +131,18 @@ class Inputs:
         """Whether the exported graph normalises (anything but mean 0, std 1)."""
         return any(m != 0 for m in self.mean) or any(s != 1 for s in self.std)
 
-    def to_model(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pixels -> the model's input space, ``(x - mean) / std`` per channel."""
+    @overload
+    def to_model(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def to_model(self, x: LazyImages) -> LazyImages: ...
+
+    def to_model(self, x: Images) -> Images:
+        """Raw pixels -> the model's input space, ``(x - mean) / std`` per channel (lazily for lazy images)."""
         if not self.baked:
             return x
+        if isinstance(x, LazyImages):
+            return x.normalised(self.mean, self.std)
         with torch.no_grad():
             return Normalised(nn.Identity(), self.mean, self.std)(x)
 
@@ -135,7 +158,8 @@ class Inputs:
             raise DataError(f"need at least 2 classes, got {len(self.classes)}")
         if len(self.mean) != c or len(self.std) != c or any(not s > 0 for s in self.std):
             raise DataError(f"--mean/--std need {c} value(s) each (std > 0), got {len(self.mean)} and {len(self.std)}")
-        parts = {"the data": (self.x, self.y)} | {f"{k} data": v for k, v in self.evaluation.items()}
+        parts: dict[str, tuple[Images, torch.Tensor]] = {"the data": (self.x, self.y)}
+        parts |= {f"{k} data": v for k, v in self.evaluation.items()}
         parts |= {f"concept {n!r}": (cd.x, cd.y) for n, cd in self.concepts.items()}
         if self.val is not None:
             parts["validation data"] = self.val
@@ -145,24 +169,29 @@ class Inputs:
             if len(y) and int(y.max()) >= len(self.classes):
                 raise DataError(f"{what}: labels go up to {int(y.max())} but {len(self.classes)} class name(s) "
                                 "were given")
-            if len(x) and (float(x.min()) < VALUE_RANGE[0] - 1e-6 or float(x.max()) > VALUE_RANGE[1] + 1e-6):
-                raise DataError(f"{what}: pixel values span [{float(x.min()):.3g}, {float(x.max()):.3g}], outside "
+            lo, hi = (x.bounds() if isinstance(x, LazyImages) else (float(x.min()), float(x.max()))) if len(x) else (0, 1)
+            if lo < VALUE_RANGE[0] - 1e-6 or hi > VALUE_RANGE[1] + 1e-6:
+                raise DataError(f"{what}: pixel values span [{lo:.3g}, {hi:.3g}], outside "
                                 f"[0, 1]; bundles take raw pixels in [0, 1]: pass unnormalised images and the "
                                 "model's --mean/--std")
 
 
 def load_inputs(data: str, options: DataOptions | None = None, *, test_data: str | None = None,
-                poisoned_data: str | None = None, concepts: dict[str, str] | None = None) -> Inputs:
-    """Step 1 for ``hansgate refine``: the data, optional test/poisoned splits and concepts (``NAME: DATA``)."""
+                poisoned_data: str | None = None, concepts: dict[str, str] | None = None, stream: bool = True,
+                log: Log | None = None) -> Inputs[Images]:
+    """Step 1 for ``hansgate refine``: the data, optional test/poisoned splits and concepts (``NAME: DATA``).
+
+    ``stream``: the data and the test/poisoned splits stay on disk (``LazyImages``); concepts are read whole.
+    """
     opts = options or DataOptions()
-    ds = opts.load(data)
+    ds: LabelledImages | LazyLabelled = opts.open(data, log) if stream else opts.load(data)
     names = list(opts.classes or ds.classes)
     c = int(ds.x.shape[1])
     size = (int(ds.x.shape[2]), int(ds.x.shape[3]))
     evaluation = {}
     for key, path in (("clean_acc", test_data), ("poisoned_acc", poisoned_data)):
         if path:
-            extra = opts.load(path)
+            extra: LabelledImages | LazyLabelled = opts.open(path, log) if stream else opts.load(path)
             evaluation[key] = (extra.x, extra.y)
     inputs = Inputs(ds.x, ds.y, names, list(opts.mean or [0.0] * c), list(opts.std or [1.0] * c),
                     f"verified: {data}; test: {test_data}; poisoned: {poisoned_data}", evaluation,
@@ -171,13 +200,20 @@ def load_inputs(data: str, options: DataOptions | None = None, *, test_data: str
     return inputs
 
 
-def verified_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples the model predicts correctly (paper 000, Supp. F.1: the user-verified set)."""
-    keep = predict_logits(model, x).argmax(1) == y
+def _verified(x: Images, y: torch.Tensor, keep: torch.Tensor) -> tuple[Images, torch.Tensor]:
     if int(keep.sum()) < 5:
         raise DataError(f"only {int(keep.sum())} of {len(y)} refinement samples are predicted correctly; "
                         "refinement needs verified samples the model gets right")
-    return x[keep], y[keep]
+    idx = keep.nonzero().flatten()
+    return select(x, idx), y[idx]
+
+
+def verified_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples the model predicts correctly (paper 000, Supp. F.1: the user-verified set)."""
+    keep = predict_logits(model, x).argmax(1) == y
+    vx, vy = _verified(x, y, keep)
+    assert isinstance(vx, torch.Tensor)
+    return vx, vy
 
 
 def per_class_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,23 +227,24 @@ def per_class_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int
     return x[order], y[order]
 
 
-def calibration_split(x: torch.Tensor, y: torch.Tensor, share: float, seed: int
-                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+def calibration_split(x: Images, y: torch.Tensor, share: float, seed: int
+                      ) -> tuple[tuple[Images, torch.Tensor], tuple[Images, torch.Tensor] | None]:
     """``(kept, held_out)``: a seeded share of the labelled samples held out for temperature scaling.
 
-    ``held_out`` is ``None`` when the share would hold fewer than ``MIN_CALIBRATION_SAMPLES``.
+    ``held_out`` is ``None`` when the share would hold fewer than ``MIN_CALIBRATION_SAMPLES``;
+    lazy images give index sets into the same files.
     """
     n_cal = int(round(share * len(y)))
     if n_cal < MIN_CALIBRATION_SAMPLES or len(y) - n_cal < MIN_CALIBRATION_SAMPLES:
         return (x, y), None
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     held, kept = order[:n_cal].sort().values, order[n_cal:].sort().values
-    return (x[kept], y[kept]), (x[held], y[held])
+    return (select(x, kept), y[kept]), (select(x, held), y[held])
 
 
-def calibration_spec(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CalibrationSpec:
+def calibration_spec(model: nn.Module, x: Images, y: torch.Tensor) -> CalibrationSpec:
     """The NLL-optimal temperature of ``model`` on held-out ``x`` (model space), ``y``, as the manifest records it."""
-    c = fit_temperature(predict_logits(model, x).double().numpy(), y.numpy())
+    c = fit_temperature(stream_logits(model, x).double().numpy(), y.numpy())
     return CalibrationSpec(temperature=c.temperature, ece_before=c.ece_before, ece_after=c.ece_after,
                            nll_before=c.nll_before, nll_after=c.nll_after, samples=c.n, bins=c.bins)
 
@@ -281,60 +318,105 @@ def build_bundle(
     return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite, extra_files=extra)
 
 
-def _scores(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor, train_key: str) -> dict[str, float]:
-    out = {train_key: accuracy(model, x, y)}
+def _scores(model: nn.Module, inputs: Inputs[Any], x: Images, y: torch.Tensor, train_key: str) -> dict[str, float]:
+    out = {train_key: stream_accuracy(model, x, y)}
     for key, (ex, ey) in inputs.evaluation.items():
-        out[key] = accuracy(model, inputs.to_model(ex), ey)
+        out[key] = stream_accuracy(model, inputs.to_model(ex), ey)
     if "acc_contaminated" in out and "acc_permuted" in out:
         out["delta"] = out["acc_contaminated"] - out["acc_permuted"]
     return out
 
 
-def refine(refiner: Refiner | str, inputs: Inputs, *, model_spec: str, weights: str | None, out: str | Path,
+def _pixel_check(inputs: Inputs[Any], guards: GuardConfig) -> list[str]:
+    """``guards.pixel_warnings`` on a seeded sample of at most 256 refinement images."""
+    x = inputs.x
+    raw = x.sample(256) if isinstance(x, LazyImages) else x[torch.randperm(len(x), generator=torch.Generator()
+                                                                           .manual_seed(0))[:256]]
+    model_space = inputs.to_model(raw)
+    assert isinstance(model_space, torch.Tensor)
+    return pixel_warnings(raw, model_space, inputs.baked, guards)
+
+
+def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weights: str | None, out: str | Path,
            config: RefinerConfig | None = None, overwrite: bool = False, progress: bool = False,
-           log: Callable[[str], None] | None = None, calibration_share: float = 0.2) -> tuple[Bundle, dict[str, Any]]:
+           log: Log | None = None, calibration_share: float = 0.2, guards: GuardConfig | None = None,
+           signing_key: str | Path | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Steps 2-6 (module docstring) for any registered method; returns the bundle and a JSON-able summary.
 
     ``calibration_share`` of the labelled data is held out for temperature scaling (0 fits none).
+    ``guards``: the refusals and warnings of ``refinement.guards`` (warnings go to ``log``).
+    ``signing_key``: an Ed25519 private key file; the bundle is signed right after it is written
+    and checked against the key's public half.
     """
     refiner = get_refiner(refiner) if isinstance(refiner, str) else refiner
     cfg = config or RefinerConfig()
+    say = log or (lambda msg: None)
+    guard_cfg = guards or GuardConfig()
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"output {out} exists; pass --overwrite to replace it")
     if refiner.needs_concept and not inputs.concepts:
         raise ConfigError(f"--method {refiner.name} needs at least one --concept NAME=DATA")
+    key = None
+    if signing_key is not None:
+        from hansgate.signing import load_private_key
+
+        key = load_private_key(signing_key)  # a bad key fails before any work
     c, h, _ = inputs.shape
     torch.manual_seed(refiner.seed(cfg))  # the initialisation of a built-in without weights
     model = load_model(model_spec, weights, num_classes=len(inputs.classes), in_channels=c, image_size=h)
+    head = inputs.to_model(inputs.x)[:2]
+    if (k_out := predict_logits(model, torch.as_tensor(head)).shape[1]) != len(inputs.classes):
+        raise DataError(f"the model has {k_out} outputs but the data have {len(inputs.classes)} classes")
+    for warning in _pixel_check(inputs, guard_cfg):
+        say(warning)
     (x_all, y_all), held_out = calibration_split(inputs.to_model(inputs.x), inputs.y, calibration_share,
                                                  refiner.seed(cfg))
+    verified_share = None
     if refiner.verifies:
-        x, y = verified_subset(model, x_all, y_all)
+        keep = stream_logits(model, x_all, progress=progress, desc="verify").argmax(1) == y_all
+        verified_share = float(keep.float().mean())
+        for warning in check_verified(int(keep.sum()), len(keep), len(inputs.classes), guard_cfg):
+            say(warning)
+        x, y = _verified(x_all, y_all, keep)
     else:
         x, y = x_all, y_all
-    if (k_out := predict_logits(model, x[:2]).shape[1]) != len(inputs.classes):
-        raise DataError(f"the model has {k_out} outputs but the data have {len(inputs.classes)} classes")
-    concepts = {n: ConceptData(inputs.to_model(cd.x), cd.y, cd.concept) for n, cd in inputs.concepts.items()}
+    if isinstance(x, LazyImages):
+        x.batch_limit = max(x.batch_limit, cfg.refine.batch_size)  # batches drawn by index stay tensors
+    concepts = {n: ConceptData(inputs.to_model(torch.as_tensor(cd.x)), cd.y, cd.concept) for n, cd in inputs.concepts.items()}
     val = (inputs.to_model(inputs.val[0]), inputs.val[1]) if inputs.val is not None else None
-    data = RefineData(x, y, inputs.classes, concepts, inputs.masks, inputs.mask_info, val)
-    result = refiner.fit(model, data, cfg, progress=progress, log=log)
+    data = RefineData(x, y, inputs.classes, concepts, inputs.masks, inputs.mask_info, val)  # type: ignore[arg-type]
+    result = refiner.fit(model, data, cfg, progress=progress, log=say)
     layer = result.layers[0] if refiner.family == "concept" else cfg.clarc.layer
-    watched = [watch_concept(result.model, n, cd.x[~cd.concept], cd.x[cd.concept], x, y, inputs.classes,
-                             layer=layer, kind=cfg.clarc.cav_kind, pooling=cfg.clarc.pooling, seed=cfg.clarc.seed)
-               for n, cd in concepts.items()]
+    watched = []
+    if concepts:
+        x_watch = in_memory(x, say, "watched concepts read every verified sample")
+        watched = [watch_concept(result.model, n, cd.x[~cd.concept], cd.x[cd.concept], x_watch, y, inputs.classes,
+                                 layer=layer, kind=cfg.clarc.cav_kind, pooling=cfg.clarc.pooling,
+                                 seed=cfg.clarc.seed) for n, cd in concepts.items()]
     train_key = "verified_acc" if refiner.verifies else "train_acc"
     evaluation = Evaluation(data=inputs.description, before=_scores(model, inputs, x, y, train_key),
                             after=_scores(result.model, inputs, x, y, train_key))
     source = SourceModel(spec=model_spec, sha256=source_sha256(model_spec, weights, model),
                          weights=str(weights) if weights else None)
     calibration = calibration_spec(result.model, *held_out) if held_out is not None else None
-    bundle = build_bundle(out, result, x_check=inputs.x[:256], classes=inputs.classes,
+    # build_bundle (schema 1.2) records the verified share it finds on the result
+    setattr(result, "verified_share", verified_share)
+    x_check = inputs.x[:256]
+    assert isinstance(x_check, torch.Tensor)
+    bundle = build_bundle(out, result, x_check=x_check, classes=inputs.classes,
                           input_spec=inputs.input_spec(), source=source, evaluation=evaluation,
                           concepts=ConceptHeads(watched) if watched else None, calibration=calibration,
                           overwrite=overwrite)
+    if key is not None:
+        from hansgate.bundle import load_bundle
+        from hansgate.signing import sign_bundle
+
+        sign_bundle(bundle.path, key, bundle.manifest.graph.file)
+        bundle = load_bundle(bundle.path, public_key=key.public_key())
     summary = {"method": result.method, "layers": result.layers, "before": evaluation.before,
                "after": evaluation.after, "n_data": len(inputs.y), ("n_verified" if refiner.verifies else "n_train"): len(y),
+               "verified_share": verified_share, "signed_by": bundle.signed_by,
                "concepts": [w.name for w in watched], "hyperparameters": to_jsonable(result.hyperparameters),
                "selection": to_jsonable(result.selection.as_dict()), "timings": result.timings,
                "calibration": calibration.model_dump() if calibration is not None else None}
@@ -346,9 +428,13 @@ def refine_from_files(*, model_spec: str, weights: str | None, data: str, out: s
                       options: DataOptions | None = None, test_data: str | None = None,
                       poisoned_data: str | None = None, concepts: dict[str, str] | None = None,
                       overwrite: bool = False, progress: bool = False,
-                      calibration_share: float = 0.2) -> tuple[Bundle, dict[str, Any]]:
+                      calibration_share: float = 0.2, guards: GuardConfig | None = None,
+                      signing_key: str | Path | None = None, stream: bool = True,
+                      log: Log | None = None) -> tuple[Bundle, dict[str, Any]]:
     """``hansgate refine``: every step from files to the bundle, for any pruning or concept method."""
     refiner = get_refiner(method, "pruning", "concept")
-    inputs = load_inputs(data, options, test_data=test_data, poisoned_data=poisoned_data, concepts=concepts)
+    inputs = load_inputs(data, options, test_data=test_data, poisoned_data=poisoned_data, concepts=concepts,
+                         stream=stream, log=log)
     return refine(refiner, inputs, model_spec=model_spec, weights=weights, out=out, config=config,
-                  overwrite=overwrite, progress=progress, calibration_share=calibration_share)
+                  overwrite=overwrite, progress=progress, calibration_share=calibration_share, guards=guards,
+                  signing_key=signing_key, log=log)

@@ -13,6 +13,9 @@ Three families share the protocol (``Refiner``):
 
 Pruning and concept methods run on verified samples (what the model gets right,
 paper 000 Supp. F.1); XS methods train on all of their training data (``verifies``).
+EGEM, PCA-EGEM, RGEM and ridge read images in batches and take ``data.streaming.LazyImages``
+as they come (``streams``); the other methods train on every sample in every epoch and read
+lazy images into memory first, saying so through ``log``.
 ``refinement.registry`` maps every name to one of these classes.
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from hansgate.data.streaming import LazyImages
 from hansgate.errors import ConfigError, DataError
 from hansgate.nn.hooks import eval_mode
 from hansgate.nn.training import accuracy, predict_logits
@@ -36,12 +40,15 @@ from hansgate.refinement.clarc import ClarcConfig, ClarcResult, ConceptData, ref
 from hansgate.refinement.methods import RefineConfig, RefinementResult, refine_model
 from hansgate.refinement.registry import Entry, Family
 from hansgate.refinement.selection import Candidate, RuleSelection, select_best
+from hansgate.refinement.streamed import Images, in_memory
 from hansgate.refinement.xs import XSConfig, tap_layers, train_xs
 
 __all__ = ["RefineData", "TrainXSConfig", "RefinerConfig", "Refiner", "PruningRefiner", "ClarcRefiner", "XSRefiner",
            "clarc_result"]
 
 Log = Callable[[str], None]
+#: pruning methods that read their data in batches (everything else holds it in memory)
+STREAMING = frozenset({"egem", "pca-egem", "rgem", "ridge"})
 
 
 class TrainXSConfig(BaseModel):
@@ -78,7 +85,7 @@ class RefineData:
     XS validation data with the spurious signal permuted, for tuning lambda.
     """
 
-    x: torch.Tensor
+    x: Images
     y: torch.Tensor
     classes: list[str]
     concepts: dict[str, ConceptData] = field(default_factory=dict)
@@ -91,12 +98,13 @@ class Refiner(ABC):
     """A refinement method by name. ``fit`` never changes the caller's model or its train/eval mode.
 
     ``verifies``: runs on the verified samples (else on all training data);
-    ``needs_concept``: refuses data without concepts.
+    ``needs_concept``: refuses data without concepts; ``streams``: takes lazy images as they are.
     """
 
     family: Family
     verifies: bool = True
     needs_concept: bool = False
+    streams: bool = False
 
     def __init__(self, entry: Entry) -> None:
         if entry.family != self.family:
@@ -111,8 +119,11 @@ class Refiner(ABC):
             raise DataError(f"need labelled samples, got {len(data.x)} images and {len(data.y)} labels")
         if self.needs_concept and not data.concepts:
             raise ConfigError(f"--method {self.name} needs at least one --concept NAME=DATA")
+        say = log or (lambda msg: None)
+        if isinstance(data.x, LazyImages) and not self.streams:
+            data = replace(data, x=in_memory(data.x, say, f"--method {self.name} trains on every sample"))
         with eval_mode(model):
-            return self._fit(model, data, config or RefinerConfig(), progress, log or (lambda msg: None))
+            return self._fit(model, data, config or RefinerConfig(), progress, say)
 
     def seed(self, config: RefinerConfig) -> int:
         """The seed this method's options carry (also seeds a built-in model's initialisation)."""
@@ -131,9 +142,15 @@ class PruningRefiner(Refiner):
 
     family: Family = "pruning"
 
+    def __init__(self, entry: Entry) -> None:
+        super().__init__(entry)
+        self.streams = self.name in STREAMING
+
     def _fit(self, model: nn.Module, data: RefineData, config: RefinerConfig, progress: bool,
              log: Log) -> RefinementResult:
-        return refine_model(model, data.x, data.y, config.refine.model_copy(update={"method": self.name}), progress)
+        # LazyImages index like a tensor: slices and batch-sized index sets read images, larger sets stay lazy
+        return refine_model(model, data.x, data.y,  # type: ignore[arg-type]
+                            config.refine.model_copy(update={"method": self.name}), progress)
 
 
 class ClarcRefiner(Refiner):
@@ -148,6 +165,7 @@ class ClarcRefiner(Refiner):
     def _fit(self, model: nn.Module, data: RefineData, config: RefinerConfig, progress: bool,
              log: Log) -> RefinementResult:
         concept = next(iter(data.concepts.values()))
+        assert isinstance(data.x, torch.Tensor)  # read into memory by fit()
         res = refine_clarc(model, data.x, data.y, concept, config.clarc.model_copy(update={"method": self.name}))
         return clarc_result(res)
 
@@ -188,9 +206,11 @@ class XSRefiner(Refiner):
     def _fit(self, model: nn.Module, data: RefineData, config: RefinerConfig, progress: bool,
              log: Log) -> RefinementResult:
         cfg = config.xs
+        x = data.x
+        assert isinstance(x, torch.Tensor)  # read into memory by fit()
         if cfg.lambdas and data.val is None:
             raise ConfigError("tuning lambda needs --val-data: validation images whose spurious signal is permuted")
-        masks = data.masks if data.masks is not None else torch.zeros(len(data.y), 1, *data.x.shape[2:])
+        masks = data.masks if data.masks is not None else torch.zeros(len(data.y), 1, *x.shape[2:])
         xs_cfg = cfg.xs.model_copy(update={"method": self.name})
         lams = list(cfg.lambdas) if cfg.lambdas else [xs_cfg.lam]
         cands: list[Candidate] = []
@@ -199,7 +219,7 @@ class XSRefiner(Refiner):
         for lam in lams:
             candidate = copy.deepcopy(model)
             t0 = time.perf_counter()
-            train_xs(candidate, data.x, data.y, masks, xs_cfg.model_copy(update={"lam": lam}),
+            train_xs(candidate, x, data.y, masks, xs_cfg.model_copy(update={"lam": lam}),
                      callback=_epoch_log(log, lam))
             trained.append((candidate, time.perf_counter() - t0))
             if data.val is not None:
@@ -208,7 +228,7 @@ class XSRefiner(Refiner):
                 cands.append(Candidate({"lam": lam}, accuracy(candidate, vx, vy)))
             else:
                 losses.append(None)
-                cands.append(Candidate({"lam": lam}, accuracy(candidate, data.x, data.y)))
+                cands.append(Candidate({"lam": lam}, accuracy(candidate, x, data.y)))
         rule = "min cross-entropy on permuted validation data (paper 002)" if cfg.lambdas else "fixed"
         selection = select_best(cands, losses, rule, best="min", score_name="val_loss")
         refined, secs = trained[next(i for i, c in enumerate(cands) if c is selection.chosen)]

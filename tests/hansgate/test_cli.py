@@ -91,3 +91,101 @@ def test_demo_option_errors(argv, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("hansgate: error:")
     assert not (tmp_path / "x").exists()
+
+
+# --- hansgate refine: guards that speak, signing as it writes (issue 12 item 4, issue 13 item 7) ----------------
+
+GUARD_MEAN, GUARD_STD = 0.3, 0.2
+
+
+@pytest.fixture(scope="module")
+def guard_files(tmp_path_factory):
+    """Random grey images and a random mnist_cnn; labels the model's own (normalised) predictions."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hansgate.nn.models import load_model
+    from hansgate.nn.normalisation import Normalised
+
+    root = tmp_path_factory.mktemp("guards")
+    torch.manual_seed(0)
+    model = load_model("mnist_cnn", num_classes=3)
+    with torch.no_grad():
+        model.fc2.weight *= 20
+        x = torch.rand(60, 1, 28, 28)
+        y = Normalised(model, [GUARD_MEAN], [GUARD_STD])(x).argmax(1)
+        y_bad_norm = Normalised(model, [0.5], [0.01])(x).argmax(1)
+        y_dim = Normalised(model, [GUARD_MEAN], [GUARD_STD])(x * 0.05).argmax(1)
+    save_file(model.state_dict(), str(root / "w.safetensors"))
+    classes = np.array(["a", "b", "c"])
+    np.savez(root / "right.npz", x=x.numpy(), y=y.numpy(), classes=classes)
+    wrong = y.clone()
+    wrong[: 2 * len(y) // 3] = (wrong[: 2 * len(y) // 3] + 1) % 3  # a third right: below 0.5, near chance
+    np.savez(root / "wrong.npz", x=x.numpy(), y=wrong.numpy(), classes=classes)
+    np.savez(root / "bad_norm.npz", x=x.numpy(), y=y_bad_norm.numpy(), classes=classes)
+    np.savez(root / "dim.npz", x=(x * 0.05).numpy(), y=y_dim.numpy(), classes=classes)
+    return root
+
+
+def _refine(root, data, out, *extra, norm=(GUARD_MEAN, GUARD_STD)):
+    return main(["refine", "--model", "mnist_cnn", "--weights", str(root / "w.safetensors"), "--data",
+                 str(root / data), "--method", "rgem", "--mean", str(norm[0]), "--std", str(norm[1]),
+                 "--calibration-share", "0", "--out", str(out), "--quiet", *extra])
+
+
+def test_low_verified_share_is_refused_in_one_line_unless_forced(guard_files, tmp_path, capsys):
+    assert _refine(guard_files, "wrong.npz", tmp_path / "b") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predicted correctly" in err[0] and "--force" in err[0] and "--image-size" in err[0]
+    assert not (tmp_path / "b").exists()
+    assert _refine(guard_files, "wrong.npz", tmp_path / "b", "--force") == 0
+    captured = capsys.readouterr()
+    assert "refining anyway (--force)" in captured.err
+    summary = json.loads(captured.out[:captured.out.rindex("}") + 1])
+    assert summary["verified_share"] == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_near_chance_accuracy_is_refused_even_below_the_share_threshold(guard_files, tmp_path, capsys):
+    assert _refine(guard_files, "wrong.npz", tmp_path / "b", "--min-verified-share", "0.2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "near chance for 3 classes" in err[0] and "--force" in err[0]
+
+
+def test_verified_share_is_reported_and_recorded(guard_files, tmp_path, capsys):
+    assert _refine(guard_files, "right.npz", tmp_path / "b") == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out[:captured.out.rindex("}") + 1])
+    assert summary["verified_share"] == 1.0 and "warning" not in captured.err
+    manifest = load_bundle(tmp_path / "b").manifest
+    assert manifest.verified_share in (None, 1.0)  # recorded once build_bundle passes it on (see pipeline.refine)
+
+
+def test_pixels_that_contradict_the_normalisation_are_warned_about(guard_files, tmp_path, capsys):
+    assert _refine(guard_files, "bad_norm.npz", tmp_path / "b", norm=(0.5, 0.01)) == 0
+    err = capsys.readouterr().err
+    assert "contradict the declared --mean/--std" in err and "channel 0" in err
+    assert _refine(guard_files, "dim.npz", tmp_path / "c") == 0
+    assert "scaled twice" in capsys.readouterr().err
+
+
+def test_refine_signs_as_it_writes(guard_files, tmp_path, capsys):
+    from hansgate.errors import BundleError
+    from hansgate.signing import generate_key_pair
+
+    generate_key_pair(tmp_path / "k.key", tmp_path / "k.pub")
+    out = tmp_path / "signed"
+    assert _refine(guard_files, "right.npz", out, "--sign-key", str(tmp_path / "k.key")) == 0
+    assert (out / "signature.json").is_file()
+    capsys.readouterr()
+    assert main(["verify", str(out), "--public-key", str(tmp_path / "k.pub")]) == 0
+    assert "signature of key" in capsys.readouterr().out
+    assert load_bundle(out, public_key=tmp_path / "k.pub").signed_by
+    manifest = out / "manifest.json"
+    text = manifest.read_bytes()
+    manifest.write_bytes(text.replace(b'"rgem"', b'"rgeM"', 1))  # one byte
+    assert main(["verify", str(out), "--public-key", str(tmp_path / "k.pub")]) == 2
+    assert "hansgate: error:" in capsys.readouterr().err
+    with pytest.raises(BundleError):
+        load_bundle(out, public_key=tmp_path / "k.pub")
+    assert _refine(guard_files, "right.npz", tmp_path / "never", "--sign-key", str(tmp_path / "missing.key")) == 2
+    assert not (tmp_path / "never").exists()

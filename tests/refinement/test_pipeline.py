@@ -171,3 +171,52 @@ def test_refine_records_the_temperature_of_the_refined_model(grey_files, tmp_pat
     assert cal is not None and cal.samples == 27 and summary["n_verified"] == 63
     assert cal.nll_after <= cal.nll_before + 1e-9 and cal.temperature > 0
     assert bundle.manifest.schema_version == "1.2" and summary["calibration"]["temperature"] == cal.temperature
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory):
+    """Embedded digits (raw [0, 1] pixels) labelled by a random mnist_cnn's own normalised predictions, as .npz."""
+    from hansgate.data.digits import CleverHansConfig, make_clever_hans
+
+    root = tmp_path_factory.mktemp("digits")
+    data = make_clever_hans(CleverHansConfig(seed=0))
+    torch.manual_seed(1)
+    model = load_model("mnist_cnn", num_classes=10)
+    with torch.no_grad():
+        model.fc2.weight *= 20
+        x = data.x_refine[:300]
+        y = Normalised(model, MEAN, STD)(x).argmax(1)
+        y[::10] = (y[::10] + 1) % 10  # a tenth is wrong: the verified set is a real subset
+    save_file(model.state_dict(), str(root / "w.safetensors"))
+    np.savez(root / "digits.npz", x=x.numpy(), y=y.numpy(), classes=np.array([str(i) for i in range(10)]))
+    return root
+
+
+@pytest.mark.parametrize("method", ["pca-egem", "rgem"])
+def test_streamed_and_eager_refinement_give_the_same_bundle(digit_files, tmp_path, method):
+    from hansgate.refinement.methods import RefineConfig
+    from hansgate.refinement.refiners import RefinerConfig
+
+    cfg = RefinerConfig(refine=RefineConfig(repetitions=2, alpha_grid=(0.1, 0.5, 1.0)))
+    runs = {}
+    for stream in (True, False):
+        bundle, summary = refine_from_files(model_spec="mnist_cnn", weights=str(digit_files / "w.safetensors"),
+                                            data=str(digit_files / "digits.npz"), out=tmp_path / str(stream),
+                                            method=method, config=cfg, stream=stream,
+                                            options=DataOptions(mean=tuple(MEAN), std=tuple(STD)))
+        runs[stream] = bundle.manifest, summary
+    (ms, ss), (me, se) = runs[True], runs[False]
+    assert ss["n_verified"] == se["n_verified"] < 0.8 * 300 and ss["verified_share"] == se["verified_share"]
+    assert ms.evaluation == me.evaluation and ms.method == me.method and ms.calibration == me.calibration
+    assert ms.graph.sha256 == me.graph.sha256  # the same refined model, byte for byte
+
+
+def test_streamed_inputs_hold_no_images(digit_files):
+    from hansgate.data.streaming import LazyImages
+
+    inputs = load_inputs(str(digit_files / "digits.npz"), DataOptions(mean=tuple(MEAN), std=tuple(STD)),
+                         test_data=str(digit_files / "digits.npz"))
+    assert isinstance(inputs.x, LazyImages) and isinstance(inputs.evaluation["clean_acc"][0], LazyImages)
+    (kept, _), held = calibration_split(inputs.to_model(inputs.x), inputs.y, 0.2, seed=0)
+    assert isinstance(kept, LazyImages) and held is not None and isinstance(held[0], LazyImages)
+    assert len(kept) + len(held[0]) == 300
