@@ -271,6 +271,7 @@ def build_bundle(
     calibration: CalibrationSpec | None = None,
     verified_share: float | None = None,
     overwrite: bool = False,
+    signing_key: Any = None,
 ) -> Bundle:
     """Export ``result.model`` with ``input_spec``'s normalisation baked in, check it, write the bundle atomically.
 
@@ -280,7 +281,8 @@ def build_bundle(
     normalised samples the model itself sees. The refined torch module travels too
     (``refined.safetensors`` and ``manifest.refined``, rebuilt once here as a check), so the
     audit can explain the served model. ``verified_share``: the share of the refinement data
-    the source model predicted correctly (``Manifest.verified_share``).
+    the source model predicted correctly (``Manifest.verified_share``). ``signing_key``: an
+    Ed25519 private key (or its file) that signs the bundle inside the same atomic write.
     """
     graph, names = bundle_graph(result.model, concepts)
     baked = any(m != 0 for m in input_spec.mean) or any(s != 1 for s in input_spec.std)
@@ -315,7 +317,7 @@ def build_bundle(
                         outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff),
     )
     extra = {refined[1].file: refined[0]} if refined is not None else None
-    return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite, extra_files=extra)
+    return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite, extra_files=extra, signing_key=signing_key)
 
 
 def _scores(model: nn.Module, inputs: Inputs[Any], x: Images, y: torch.Tensor, train_key: str) -> dict[str, float]:
@@ -400,20 +402,12 @@ def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weig
     source = SourceModel(spec=model_spec, sha256=source_sha256(model_spec, weights, model),
                          weights=str(weights) if weights else None)
     calibration = calibration_spec(result.model, *held_out) if held_out is not None else None
-    # build_bundle (schema 1.2) records the verified share it finds on the result
-    setattr(result, "verified_share", verified_share)
     x_check = inputs.x[:256]
     assert isinstance(x_check, torch.Tensor)
     bundle = build_bundle(out, result, x_check=x_check, classes=inputs.classes,
                           input_spec=inputs.input_spec(), source=source, evaluation=evaluation,
                           concepts=ConceptHeads(watched) if watched else None, calibration=calibration,
-                          overwrite=overwrite)
-    if key is not None:
-        from hansgate.bundle import load_bundle
-        from hansgate.signing import sign_bundle
-
-        sign_bundle(bundle.path, key, bundle.manifest.graph.file)
-        bundle = load_bundle(bundle.path, public_key=key.public_key())
+                          verified_share=verified_share, overwrite=overwrite, signing_key=key)
     summary = {"method": result.method, "layers": result.layers, "before": evaluation.before,
                "after": evaluation.after, "n_data": len(inputs.y), ("n_verified" if refiner.verifies else "n_train"): len(y),
                "verified_share": verified_share, "signed_by": bundle.signed_by,

@@ -157,7 +157,7 @@ def test_verified_share_is_reported_and_recorded(guard_files, tmp_path, capsys):
     summary = json.loads(captured.out[:captured.out.rindex("}") + 1])
     assert summary["verified_share"] == 1.0 and "warning" not in captured.err
     manifest = load_bundle(tmp_path / "b").manifest
-    assert manifest.verified_share in (None, 1.0)  # recorded once build_bundle passes it on (see pipeline.refine)
+    assert manifest.verified_share == 1.0
 
 
 def test_pixels_that_contradict_the_normalisation_are_warned_about(guard_files, tmp_path, capsys):
