@@ -50,8 +50,14 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits ``[N, K]`` in eval mode, batched; a model that fails raises ``ModelRunError``."""
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits ``[N, K]`` in eval mode, batched; a model that fails raises ``ModelRunError``.
+
+    The default batch holds about 4M input values (512 digits, a few dozen 224 px images), so
+    activation memory stays bounded at large image sizes.
+    """
+    if batch_size is None:
+        batch_size = max(8, min(512, (1 << 22) // max(1, int(x[0].numel()) if len(x) else 1)))
     was_training = model.training
     model.eval()
     try:
