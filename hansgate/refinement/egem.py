@@ -102,9 +102,16 @@ class EgemConfig(BaseModel):
 
 
 def _units(a: torch.Tensor, per_element: bool) -> torch.Tensor:
-    """Per-image unit activations ``[N, D]``: every element, or spatial sums per channel."""
+    """Per-image unit activations ``[N, D]``: every element, or spatial sums per channel.
+
+    A 3-D activation is a transformer's token sequence ``[N, T, D]`` (``nn.surgery``'s
+    token blocks): its units are the ``D`` embedding dimensions, summed over the tokens
+    as a conv map's channels are over space.
+    """
     if per_element or a.ndim == 2:
         return a.flatten(1)
+    if a.ndim == 3:
+        return a.sum(1)
     return a.flatten(2).sum(2)
 
 
@@ -143,6 +150,8 @@ class ExposureScale(nn.Module):
         self.register_buffer("factors", factors.to(torch.float32))
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.ndim == 3 and self.factors.ndim == 1:  # tokens [N, T, D]: units on the last axis (see _units)
+            return a * self.factors
         extra = a.ndim - 1 - self.factors.ndim
         return a * self.factors.view(1, *self.factors.shape, *(1,) * extra)
 

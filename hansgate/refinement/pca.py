@@ -188,12 +188,18 @@ class PcaExposure(nn.Module):
         if a.ndim == 2 or self.per_element:
             flat = a.flatten(1)
             return ((flat - self.mean) @ self.projection + self.mean).view(a.shape)
+        if a.ndim == 3:  # tokens [N, T, D]: units on the last axis, the T tokens as positions
+            return self._maps(a.transpose(1, 2), a.shape[1]).transpose(1, 2)
+        return self._maps(a, self.spatial_size)
+
+    def _maps(self, a: torch.Tensor, spatial_size: int) -> torch.Tensor:
+        """Channel-first maps ``[N, C, ...]`` over ``spatial_size`` positions (module doc)."""
         if self.conv_mode == "ratio":
             s = a.flatten(2).sum(2)
             s_new = (s - self.mean) @ self.projection + self.mean
             nonzero = s.abs() > 1e-12
             ratio = torch.where(nonzero, s_new / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(s))
             return a * ratio.view(*ratio.shape, *(1,) * (a.ndim - 2))
-        pixel_mean = (self.mean / self.spatial_size).view(1, -1, *(1,) * (a.ndim - 2))
+        pixel_mean = (self.mean / spatial_size).view(1, -1, *(1,) * (a.ndim - 2))
         centred = (a - pixel_mean).movedim(1, -1) @ self.projection
         return centred.movedim(-1, 1) + pixel_mean
