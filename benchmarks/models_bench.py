@@ -102,15 +102,18 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` niced; wall seconds, the child's own peak RSS (MiB), return code, stderr tail."""
+    """Run ``cmd``; wall seconds, the child's own peak RSS (MiB), return code, output tail, load averages."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    load_before = os.getloadavg()
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # inherits our nice
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     text = log.read_text(errors="replace")
-    return {"wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "returncode": os.waitstatus_to_exitcode(status),
             "output_tail": text.strip().splitlines()[-3:] if text.strip() else []}
 
