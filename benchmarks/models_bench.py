@@ -19,7 +19,8 @@ the real command line in subprocesses:
   time and peak RSS.
 
 Batch-norm statistics are recalibrated on the refinement images before anything else (a
-random init's default statistics make the logits tie).
+random init's default statistics make the logits tie), and a linear layer initialised to
+zero (torchvision's ViT head) is redrawn, so that no comparison is vacuous.
 
 Every architecture's failure is recorded with its error text; the run goes on. The JSON
 is rewritten after each architecture, so a partial run leaves what it measured.
@@ -84,6 +85,16 @@ def recalibrate(model: torch.nn.Module, images: np.ndarray) -> bool:
                 model(normalised(images[i : i + 16]))
     model.eval()
     return bool(bns)
+
+
+def zero_head(model: torch.nn.Module) -> str | None:
+    """torchvision's ViT initialises its linear head to zero (all logits 0, every comparison vacuous):
+    redraw it (normal, std 0.02, seeded). Returns the head's name when it did."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
+            torch.nn.init.normal_(mod.weight, std=0.02)
+            return name
+    return None
 
 
 def predict(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -155,6 +166,7 @@ def bench_arch(arch: str, work: Path, n_images: int, n_audit: int, threads: int)
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    head = zero_head(model)
     images = smooth_images(n_images + n_audit, seed=1)
     bn = recalibrate(model, images[:n_images])
     weights = work / "weights.safetensors"
@@ -166,7 +178,7 @@ def bench_arch(arch: str, work: Path, n_images: int, n_audit: int, threads: int)
     with open(work / "attributes.csv", "w") as fh:
         fh.write("index,site\n" + "".join(f"{i},{'AB'[int(j) % 2]}\n" for i, j in enumerate(order)))
     rec: dict = {"classes_predicted": int(len(np.unique(labels[:n_images]))), "n_images": n_images,
-                 "batchnorm_recalibrated_on_the_refinement_images": bn}
+                 "batchnorm_recalibrated_on_the_refinement_images": bn, "zero_head_reinitialised": head}
     del model
     bundle = work / "bundle"
     cli = [sys.executable, "-m", "hansgate.cli"]

@@ -191,6 +191,7 @@ def test_lrp_on_attention_falls_back_to_the_gradient_and_says_so():
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
                             num_classes=3).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision inits the head to zero (all gradients 0)
     x = torch.rand(2, 3, 32, 32)
     target = torch.tensor([0, 2])
     sound, note = lrp_note(vit)
@@ -201,6 +202,7 @@ def test_lrp_on_attention_falls_back_to_the_gradient_and_says_so():
     assert (out.requested, out.method) == ("lrp-epsilon-zplus-box", "gradient") and out.note == method_for(
         vit, "lrp-epsilon-zplus-box")[1]
     torch.testing.assert_close(out.relevance, attribute(vit, x, target, "gradient"))
+    assert out.relevance.abs().sum() > 0
     ig = AttributionConfig(lrp_fallback="integrated-gradients", ig_steps=4)
     assert explain(vit, x, target, "lrp-epsilon-plus-flat", ig).method == "integrated-gradients"
     assert method_for(vit, "smoothgrad") == ("smoothgrad", None)  # gradient methods are asked as they are

@@ -33,8 +33,12 @@ EXPECTED = {
 def tiny_vit(num_layers: int = 2, hidden: int = 32, classes: int = 4) -> VisionTransformer:
     """torchvision's ViT layout at 32 px, patch 8: 17 tokens of ``hidden`` dims."""
     torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=num_layers, num_heads=2, hidden_dim=hidden,
-                             mlp_dim=2 * hidden, num_classes=classes).eval()
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=num_layers, num_heads=2, hidden_dim=hidden,
+                              mlp_dim=2 * hidden, num_classes=classes).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision inits the head to zero: logits all 0
+    with torch.no_grad():  # centre the logits on random images, so that the predicted classes vary
+        model.heads.head.bias -= model(torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))).mean(0)
+    return model
 
 
 def recalibrated(model: torch.nn.Module, size: int = 32) -> torch.nn.Module:
@@ -122,6 +126,7 @@ def test_egem_and_pca_egem_refine_each_family_and_export(arch, pca):
         torch.manual_seed(0)
         model = recalibrated(torchvision.models.get_model(arch, weights=None, num_classes=10))
     x, y = own_labels(model, 30)
+    assert len(set(y.tolist())) > 1  # the model separates the samples: no comparison below is vacuous
     sel = select_alpha(model, x, y, EgemConfig(pca=pca, repetitions=1, alpha_grid=(0.2, 1.0)))
     assert sel.minimizer.layers_ == auto_layers(model, x[:1])
     assert [c.params["alpha"] for c in sel.selection.candidates] == [0.2, 1.0]
