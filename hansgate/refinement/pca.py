@@ -31,6 +31,9 @@ Why and the choices made (tested in tests/refinement/test_egem.py, test_egem_ora
   the affine map ``P = U diag(c) U^T`` at every pixel with the mean spread over the
   ``H x W`` positions: it reproduces the projected channel sums exactly and is smooth,
   but changes every entry of the map, zeros included.
+- Transformer tokens ``[N, T, D]`` (units on the last axis, summed over the tokens) always
+  take the ``linear`` rule at every token: their sums are signed and can lie near zero, where
+  the ratio ``s'_c / s_c`` amplifies rounding without bound.
 """
 
 from __future__ import annotations
@@ -189,12 +192,12 @@ class PcaExposure(nn.Module):
             flat = a.flatten(1)
             return ((flat - self.mean) @ self.projection + self.mean).view(a.shape)
         if a.ndim == 3:  # tokens [N, T, D]: units on the last axis, the T tokens as positions
-            return self._maps(a.transpose(1, 2), a.shape[1]).transpose(1, 2)
-        return self._maps(a, self.spatial_size)
+            return self._maps(a.transpose(1, 2), a.shape[1], "linear").transpose(1, 2)
+        return self._maps(a, self.spatial_size, self.conv_mode)
 
-    def _maps(self, a: torch.Tensor, spatial_size: int) -> torch.Tensor:
+    def _maps(self, a: torch.Tensor, spatial_size: int, mode: str) -> torch.Tensor:
         """Channel-first maps ``[N, C, ...]`` over ``spatial_size`` positions (module doc)."""
-        if self.conv_mode == "ratio":
+        if mode == "ratio":
             s = a.flatten(2).sum(2)
             s_new = (s - self.mean) @ self.projection + self.mean
             nonzero = s.abs() > 1e-12
