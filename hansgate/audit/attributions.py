@@ -14,8 +14,17 @@ Methods, chosen by name (``ATTRIBUTION_METHODS``):
 Canonizers (chosen from the model, ``canonizers_for``): torchvision-layout ResNets get
 zennit's ``ResNetCanonizer`` (merges batch-norm into the preceding convolution and makes
 the skip connection's sum a module so LRP splits relevance between both branches);
-VGG-like ``Sequential`` models with batch-norm get ``SequentialMergeBatchNorm``. The model
-is put in eval mode first (canonizers merge running statistics) and restored afterwards.
+torchvision VGGs ``VGGCanonizer``; every other model with batch-norm (MobileNet,
+EfficientNet, VGG-like ``Sequential`` nets) ``SequentialMergeBatchNorm``. The model is put
+in eval mode first (canonizers merge running statistics) and restored afterwards.
+
+Where LRP has no sound rule (``lrp_note``): zennit passes relevance through
+``nn.MultiheadAttention`` unchanged (it files attention under activations) and has no rule
+for layer normalisation's division by a data-dependent scale (ViT, ConvNeXt). An LRP
+method asked of such a model is replaced by ``AttributionConfig.lrp_fallback`` (default
+``gradient``); ``explain`` returns the method used and the note saying why, for the
+report. Skip sums outside ResNet blocks and squeeze-excitation gates (MobileNet,
+EfficientNet) keep LRP, with a note that relevance there flows by the gradient.
 
 ``relevance_share_in_mask`` is paper 000, Supp. F.1's simulated user verification:
 the share of absolute relevance (for the true class) inside a region mask; a sample is
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -43,7 +53,13 @@ from zennit.composites import (
 )
 from zennit.core import Composite
 from zennit.rules import Epsilon, ZBox, ZPlus
-from zennit.torchvision import ResNetCanonizer
+from torchvision.models.convnext import CNBlock
+from torchvision.models.efficientnet import FusedMBConv, MBConv
+from torchvision.models.mobilenetv2 import InvertedResidual as InvertedResidualV2
+from torchvision.models.mobilenetv3 import InvertedResidual as InvertedResidualV3
+from torchvision.models.vgg import VGG
+from torchvision.ops.misc import SqueezeExcitation
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
 
 from hansgate.errors import ConfigError
@@ -54,6 +70,10 @@ __all__ = [
     "AttributionConfig",
     "EpsilonZPlusBox",
     "canonizers_for",
+    "lrp_note",
+    "method_for",
+    "Attribution",
+    "explain",
     "attribute",
     "relevance_share_in_mask",
     "verify_by_relevance",
@@ -75,6 +95,8 @@ class AttributionConfig(BaseModel):
     value_range: tuple[float, float] = (0.0, 1.0)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+    #: what an LRP method becomes on a model LRP has no sound rule for (``lrp_note``)
+    lrp_fallback: str = "gradient"
 
 
 class EpsilonZPlusBox(SpecialFirstLayerMapComposite):
@@ -95,13 +117,70 @@ class EpsilonZPlusBox(SpecialFirstLayerMapComposite):
 
 
 def canonizers_for(model: nn.Module) -> list[Canonizer]:
-    """The canonizers a model needs: ResNet skips + batch-norm, or batch-norm after convolutions."""
+    """The canonizers a model needs: ResNet skips + batch-norm, VGG, or batch-norm after convolutions."""
     mods = list(model.modules())
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in mods):
         return [ResNetCanonizer()]
+    if any(isinstance(m, VGG) for m in mods):
+        return [VGGCanonizer()]
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods):
         return [SequentialMergeBatchNorm()]
     return []
+
+
+_UNSOUND: tuple[tuple[type, str], ...] = (
+    (nn.MultiheadAttention, "attention (zennit passes relevance through nn.MultiheadAttention unchanged)"),
+    (nn.LayerNorm, "layer normalisation (no LRP rule for its division by a data-dependent scale)"),
+)
+_APPROXIMATE: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    ((InvertedResidualV2, InvertedResidualV3, MBConv, FusedMBConv, CNBlock), "skip sums outside ResNet blocks"),
+    (SqueezeExcitation, "squeeze-excitation gates"),
+)
+
+
+def lrp_note(model: nn.Module) -> tuple[bool, str | None]:
+    """``(sound, note)``: whether zennit's LRP rules cover ``model``, and what the report must say.
+
+    ``sound=False`` for attention and layer normalisation (module doc): LRP is then replaced.
+    ``sound=True`` with a note for approximations LRP keeps (relevance through skip sums
+    outside ResNet blocks and multiplicative gates flows by the gradient); ``(True, None)``
+    when every op has a rule.
+    """
+    mods = list(model.modules())
+    unsound = [why for kind, why in _UNSOUND if any(isinstance(m, kind) for m in mods)]
+    if unsound:
+        return False, "LRP has no sound rule for " + " and ".join(unsound)
+    approx = [why for kind, why in _APPROXIMATE if any(isinstance(m, kind) for m in mods)]
+    if approx:
+        return True, "LRP is approximate here: relevance through " + " and ".join(approx) + " follows the gradient"
+    return True, None
+
+
+def method_for(model: nn.Module, method: str, config: AttributionConfig | None = None) -> tuple[str, str | None]:
+    """``(method used, note)`` when ``method`` is asked of ``model``: an LRP method on a model LRP
+    has no sound rule for becomes ``config.lrp_fallback``, and the note says so."""
+    if method not in ATTRIBUTION_METHODS:
+        raise ConfigError(f"unknown attribution method {method!r}; choose from {list(ATTRIBUTION_METHODS)}")
+    if not method.startswith("lrp"):
+        return method, None
+    cfg = config or AttributionConfig()
+    sound, note = lrp_note(model)
+    if sound:
+        return method, note
+    if cfg.lrp_fallback not in ATTRIBUTION_METHODS or cfg.lrp_fallback.startswith("lrp"):
+        raise ConfigError(f"lrp_fallback must be a gradient method, got {cfg.lrp_fallback!r}")
+    return cfg.lrp_fallback, f"{note}; {method} replaced by {cfg.lrp_fallback}"
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """An attribution and how it was made: ``relevance`` ``[N, C, H, W]``, the method asked for,
+    the method used, and the note the report must carry (``None`` when there is nothing to say)."""
+
+    relevance: torch.Tensor
+    requested: str
+    method: str
+    note: str | None
 
 
 def _composite(method: str, model: nn.Module, x: torch.Tensor, cfg: AttributionConfig) -> Composite | None:
@@ -132,6 +211,14 @@ ATTRIBUTION_METHODS: tuple[str, ...] = ("lrp-epsilon-plus-flat", "lrp-epsilon-zp
                                         "integrated-gradients", "guided-backprop")
 
 
+def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
+            method: str = "lrp-epsilon-plus-flat", config: AttributionConfig | None = None,
+            output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Attribution:
+    """``attribute`` with the method actually used and the report's note (``method_for``)."""
+    used, note = method_for(model, method, config)
+    return Attribution(attribute(model, x, target, method, config, output_fn), method, used, note)
+
+
 def attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
               method: str = "lrp-epsilon-plus-flat", config: AttributionConfig | None = None,
               output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -141,11 +228,12 @@ def attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
     its value (one-hot times logit, so the map sums to about the logit), the gradient methods
     from the one-hot (so ``gradient`` is the plain input gradient of the logit). With
     ``output_fn(logits)`` that function's value is the start instead (e.g. a CAV projection).
-    Every hook, canonizer and mode change is undone on return.
+    An LRP method on a model LRP has no sound rule for runs ``config.lrp_fallback`` instead
+    (``method_for``; ``explain`` also returns the note). Every hook, canonizer and mode
+    change is undone on return.
     """
-    if method not in ATTRIBUTION_METHODS:
-        raise ConfigError(f"unknown attribution method {method!r}; choose from {list(ATTRIBUTION_METHODS)}")
     cfg = config or AttributionConfig()
+    method, _ = method_for(model, method, cfg)
     if target is None and output_fn is None:
         raise ConfigError("attribute() needs a target class per sample or an output function")
     out = []

@@ -31,6 +31,7 @@ from hansgate.audit.attributions import (
     ATTRIBUTION_METHODS,
     AttributionConfig,
     attribute,
+    method_for,
     relevance_share_in_mask,
 )
 from hansgate.audit.concepts import ConceptEvidence, concept_evidence, concept_sets
@@ -93,6 +94,9 @@ class AttributionSection:
     heatmaps: HeatmapFigure
     methods: HeatmapFigure
     explained: str = "logit of the class the model predicts"
+    #: per model: the method actually used and why it differs (LRP has no sound rule for attention)
+    methods_used: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def verified_share(self) -> dict[str, float]:
         return {m: float(np.mean([s.verified[m] for s in self.samples])) for m in self.models}
@@ -110,6 +114,7 @@ class AttributionSection:
             out["verified_share"], out["mean_region_share"] = self.verified_share(), self.mean_region_share()
         out["methods_model"], out["methods"] = self.methods_model, list(ATTRIBUTION_METHODS)
         out["methods_explains"] = explained_name(self.methods_model)
+        out["methods_used"], out["notes"] = self.methods_used, self.notes
         return out
 
 
@@ -130,9 +135,14 @@ def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], p
                                                               for m, p in predictions.predicted.items()})
                for i in idx]
     heat: dict[str, np.ndarray] = {}
+    used: dict[str, str] = {}
+    notes: dict[str, str] = {}
     for m, net in torch_models.items():
         with torch.no_grad():
             target = net(xs).argmax(1)
+        used[m], note = method_for(net, cfg.lrp_method, attr_cfg)
+        if note:
+            notes[m] = note
         rel = attribute(net, xs, target, cfg.lrp_method, attr_cfg)
         heat[m] = rel.sum(1).numpy()
         if region_mask is not None:
@@ -151,7 +161,7 @@ def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], p
         accept_share=cfg.accept_share, region_mask=region_mask_name if region_mask is not None else None,
         methods_model=first,
         heatmaps=HeatmapFigure(x[torch.as_tensor(idx[:8])][:, 0].numpy(), {m: h[:8] for m, h in heat.items()}),
-        methods=HeatmapFigure(x[torch.as_tensor(idx[:4])][:, 0].numpy(), maps))
+        methods=HeatmapFigure(x[torch.as_tensor(idx[:4])][:, 0].numpy(), maps), methods_used=used, notes=notes)
 
 
 def artifacts_section(predictors: Mapping[str, PredictFn], torch_models: Mapping[str, nn.Module],

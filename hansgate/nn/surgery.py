@@ -1,14 +1,23 @@
 """Which activations to refine, and how refined modules are inserted into a model.
 
-Automatic choice (paper 000, Sec. 4.4): the output of every ResNet/VGG block, plus
-every ReLU that follows a conv or linear layer outside such blocks. Concretely, in
-the order the modules run on one forward pass:
+Automatic choice (paper 000, Sec. 4.4): the output of every block, plus every
+activation (ReLU, ReLU6, Hardswish, SiLU, GELU) that follows a conv or linear layer
+outside blocks. Concretely, in the order the modules run on one forward pass:
 
-- a residual stage (a container whose children are all torchvision ``BasicBlock``/
-  ``Bottleneck``) counts as one block; its output is refined. This follows the
-  authors' ResNet code (the input of each stage and of the classifier); a residual
-  block outside such a stage is refined on its own;
-- a ReLU that follows a conv or linear layer (norm and dropout layers in between are
+- a stage (a container whose children are all residual blocks of one torchvision
+  family) counts as one block; its output is refined. This follows the authors' ResNet
+  code (the input of each stage and of the classifier); a block outside such a stage is
+  refined on its own. Per torchvision family: ResNet ``layer1..4`` (``BasicBlock``/
+  ``Bottleneck`` stages); EfficientNet ``features.1..7`` (``MBConv`` stages) plus the
+  stem's and head's SiLU; ConvNeXt ``features.1,3,5,7`` (``CNBlock`` stages; the
+  down-sampling layers between them have no activation); MobileNet ``features.N``, each
+  ``InvertedResidual`` block on its own (torchvision lists them flat), plus the stem's
+  and the classifier's Hardswish;
+- transformer encoder blocks (torchvision ViT ``encoder.layers.encoder_layer_N``,
+  ``nn.TransformerEncoderLayer``) are refined one by one, never merged into a stage:
+  their output ``[N, T, D]`` has the ``D`` embedding dimensions as units, shared over the
+  ``T`` tokens as a conv map's channels are over space (``refinement.egem``);
+- VGG: an activation that follows a conv or linear layer (norm and dropout layers in between are
   transparent) is refined; if a max-pool follows it, the pool's output is refined
   instead, which makes a VGG block (conv-ReLU-...-pool) one refined activation and
   reproduces the authors' choice for the MNIST net (inputs of conv2, fc1, fc2).
@@ -33,14 +42,24 @@ from typing import Callable, Iterator
 import torch
 import torch.fx
 from torch import nn
+from torchvision.models.convnext import CNBlock
+from torchvision.models.efficientnet import FusedMBConv, MBConv
+from torchvision.models.mobilenetv2 import InvertedResidual as InvertedResidualV2
+from torchvision.models.mobilenetv3 import InvertedResidual as InvertedResidualV3
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.vision_transformer import EncoderBlock
 
 from hansgate.errors import ConfigError, ModelRunError
 
 __all__ = ["LayerCall", "run_hooked", "trace_calls", "auto_layers", "resolve_layers", "capture_outputs", "get_module",
-           "insert_after", "Refined", "split_at", "explicit_batchnorm"]
+           "insert_after", "Refined", "split_at", "nonlinear_after", "is_block", "explicit_batchnorm", "TOKEN_BLOCKS"]
 
-_RESIDUAL = (BasicBlock, Bottleneck)
+#: conv blocks with a skip connection, refined per stage (all children such blocks) or alone
+_CONV_BLOCKS = (BasicBlock, Bottleneck, InvertedResidualV2, InvertedResidualV3, MBConv, FusedMBConv, CNBlock)
+#: transformer encoder blocks, refined one by one (output [N, T, D], units on the last axis)
+TOKEN_BLOCKS = (EncoderBlock, nn.TransformerEncoderLayer)
+_RESIDUAL = (*_CONV_BLOCKS, *TOKEN_BLOCKS)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU)
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _TRANSPARENT = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Dropout, nn.Dropout2d, nn.Identity)
 _POOLS = (nn.MaxPool2d, nn.MaxPool1d)
@@ -57,7 +76,12 @@ class LayerCall:
 
 def _is_stage(module: nn.Module) -> bool:
     children = list(module.children())
-    return bool(children) and all(isinstance(c, _RESIDUAL) for c in children)
+    return bool(children) and all(isinstance(c, _CONV_BLOCKS) for c in children)
+
+
+def is_block(module: nn.Module) -> bool:
+    """A residual block of a known torchvision family or a transformer encoder block (module doc)."""
+    return isinstance(module, _RESIDUAL)
 
 
 def _units(model: nn.Module) -> dict[str, nn.Module]:
@@ -121,7 +145,7 @@ def _block_end(calls: list[LayerCall], i: int) -> int | None:
         mod = calls[j].module
         if isinstance(mod, _POOLS):
             return j
-        if not isinstance(mod, (*_TRANSPARENT, nn.ReLU, nn.Conv2d)):
+        if not isinstance(mod, (*_TRANSPARENT, *_ACTIVATIONS, nn.Conv2d)):
             return None
     return None
 
@@ -138,11 +162,11 @@ def auto_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
             continue
         if _is_stage(mod) or isinstance(mod, _RESIDUAL):
             chosen.append(call.name)
-        elif isinstance(mod, nn.ReLU) and isinstance(previous, _WEIGHTED):
+        elif isinstance(mod, _ACTIVATIONS) and isinstance(previous, _WEIGHTED):
             end = _block_end(calls, i)
             if end is None:
                 chosen.append(call.name)
-            elif all(not isinstance(c.module, nn.ReLU) for c in calls[i + 1 : end]):
+            elif all(not isinstance(c.module, _ACTIVATIONS) for c in calls[i + 1 : end]):
                 chosen.append(calls[end].name)  # the last ReLU of a VGG-style block: refine the pool
         previous = mod
     out: list[str] = []
@@ -273,6 +297,42 @@ def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.
     features.graph.eliminate_dead_code()
     features.recompile()
     return features, torch.fx.GraphModule(model, hg)
+
+
+_NONLINEAR_MODULES = (*_ACTIVATIONS, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax, nn.MultiheadAttention,
+                      nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.LayerNorm, nn.GroupNorm)
+_NONLINEAR_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
+                        torch.nn.functional.hardswish, torch.sigmoid, torch.tanh, torch.nn.functional.max_pool2d,
+                        torch.nn.functional.softmax, torch.softmax, torch.nn.functional.layer_norm, torch.max,
+                        torch.nn.functional.relu6, torch.nn.functional.adaptive_max_pool2d}
+_NONLINEAR_METHODS = {"relu", "relu_", "sigmoid", "tanh", "softmax", "max", "clamp", "clamp_min"}
+
+
+def nonlinear_after(model: nn.Module, layer: str) -> bool:
+    """Whether a nonlinearity lies between ``layer``'s output and the logits (on the traced head).
+
+    With only linear ops after it (pooling by averages, flattening, linear layers, sums),
+    the logits are affine in the activation: the directional derivative along any CAV is
+    the same for every input, so TCAV there is constant (0 or 1 per class). A head module
+    counts as nonlinear when it or any submodule is an activation, max-pool, softmax,
+    attention or layer/group norm; a product of two computed values counts too.
+    """
+    _, head = split_at(model, layer)
+    modules = dict(head.named_modules())
+    for node in head.graph.nodes:
+        if node.op == "call_module":
+            mod = modules.get(str(node.target))
+            if mod is not None and any(isinstance(m, _NONLINEAR_MODULES) for m in mod.modules()):
+                return True
+        elif node.op == "call_function":
+            if node.target in _NONLINEAR_FUNCTIONS:
+                return True
+            if getattr(node.target, "__name__", "") in ("mul", "truediv", "matmul") and \
+                    sum(isinstance(a, torch.fx.Node) for a in node.args) == 2:
+                return True
+        elif node.op == "call_method" and node.target in _NONLINEAR_METHODS:
+            return True
+    return False
 
 
 class _ExplicitBatchNorm(nn.Module):

@@ -54,6 +54,8 @@ class ExposureScale(nn.Module):
         self.register_buffer("factors", factors.to(torch.float32))
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.ndim == 3 and self.factors.ndim == 1:  # tokens [N, T, D]: units on the last axis
+            return a * self.factors
         extra = a.ndim - 1 - self.factors.ndim
         return a * self.factors.view(1, *self.factors.shape, *(1,) * extra)
 
@@ -85,13 +87,19 @@ class PcaExposure(nn.Module):
         if a.ndim == 2 or self.per_element:
             flat = a.flatten(1)
             return ((flat - self.mean) @ self.projection + self.mean).view(a.shape)
-        if self.conv_mode == "ratio":
+        if a.ndim == 3:  # tokens [N, T, D]: units on the last axis, the linear rule at every token
+            return self._maps(a.transpose(1, 2), a.shape[1], "linear").transpose(1, 2)
+        return self._maps(a, self.spatial_size, self.conv_mode)
+
+    def _maps(self, a: torch.Tensor, spatial_size: int, mode: str) -> torch.Tensor:
+        """Channel-first maps ``[N, C, ...]`` over ``spatial_size`` positions (``refinement.pca``)."""
+        if mode == "ratio":
             s = a.flatten(2).sum(2)
             s_new = (s - self.mean) @ self.projection + self.mean
             nonzero = s.abs() > 1e-12
             ratio = torch.where(nonzero, s_new / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(s))
             return a * ratio.view(*ratio.shape, *(1,) * (a.ndim - 2))
-        pixel_mean = (self.mean / self.spatial_size).view(1, -1, *(1,) * (a.ndim - 2))
+        pixel_mean = (self.mean / spatial_size).view(1, -1, *(1,) * (a.ndim - 2))
         centred = (a - pixel_mean).movedim(1, -1) @ self.projection
         return centred.movedim(-1, 1) + pixel_mean
 

@@ -29,7 +29,9 @@ and the scheme used as ``sensitivity_method``.
 
 ``watch_concept`` fits a watched concept from clean samples and the same samples with
 the concept (for the demo: the artifact pasted), by default at ``default_watch_layer``
-(the last conv layer; for full-map CAVs the max-pool closing its block): its signal-CAV, the centre, the
+(the last conv layer with a nonlinearity between it and the logits, so that TCAV can move;
+for full-map CAVs the max-pool closing its block; a named layer followed only by linear ops
+gets a ``ConstantTcavWarning``; ``layer_reason`` records why): its signal-CAV, the centre, the
 presence threshold (the score threshold with the best balanced accuracy between clean
 and concept samples) and the baseline TCAV per class on the refinement data (per class
 of the samples, the share whose sensitivity of that class's logit is positive —
@@ -39,8 +41,9 @@ what the service counts for predicted classes).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -59,9 +62,10 @@ from hansgate.errors import ConfigError, DataError, ExportError
 from hansgate.manifest import ConceptSpec
 from hansgate.nn.hooks import eval_mode
 from hansgate.nn.jvp import Linearized, linearizable
-from hansgate.nn.surgery import Refined, split_at, trace_calls
+from hansgate.nn.surgery import Refined, is_block, nonlinear_after, run_hooked, split_at, trace_calls
 
-__all__ = ["ConceptGraph", "WatchedConcept", "ConceptHeads", "watch_concept", "default_watch_layer",
+__all__ = ["ConceptGraph", "WatchedConcept", "ConceptHeads", "watch_concept", "default_watch_layer", "watch_layer",
+           "ConstantTcavWarning",
            "presence_threshold", "SENSITIVITY_TOLERANCE", "Scheme"]
 
 Scheme = Literal["jvp", "central", "forward"]
@@ -127,6 +131,8 @@ class WatchedConcept:
     presence_threshold: float = 0.0
     activation_rms: float = 1.0
     evidence: dict[str, Any] = field(default_factory=dict)
+    #: why this layer (``watch_layer``'s rule, or the caller's choice and any warning); the manifest records it
+    layer_reason: str | None = None
 
 
 class ConceptHeads:
@@ -174,7 +180,8 @@ class ConceptHeads:
     def specs(self) -> list[ConceptSpec]:
         return [ConceptSpec(name=c.name, layer=c.layer, cav_kind=c.cav_kind, pooling=c.pooling,
                             baseline_tcav=c.baseline_tcav, presence_threshold=c.presence_threshold,
-                            sensitivity_tolerance=self.tolerance, sensitivity_method=self.scheme_)
+                            sensitivity_tolerance=self.tolerance, sensitivity_method=self.scheme_,
+                            layer_reason=c.layer_reason)
                 for c in self.concepts]
 
     def reference_sensitivity(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -238,19 +245,13 @@ def presence_threshold(clean_scores: torch.Tensor, concept_scores: torch.Tensor)
     return float(mid) if lo <= mid < hi else float(lo)
 
 
-def default_watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -> str:
-    """The layer a watched concept reads unless one is named: the last conv layer (paper 001,
-    Sec. 4.1), or, for a full-map CAV (``pooling="none"``), the max-pool that closes that
-    layer's block (through its ReLU), i.e. what the classifier reads (a pool wrapped by
-    ``insert_after``, e.g. by EGEM, is read after its refinement module).
+class ConstantTcavWarning(UserWarning):
+    """A watched concept sits at a layer followed only by linear ops: its TCAV cannot move."""
 
-    Why: through a max-pool, the full-map JVP must pick the CAV at every window's maximum
-    per sample and concept; after the pool the tangent is a constant, so the heads cost
-    less (``benchmarks/concepts_bench.py`` measures both layers).
-    """
-    layer = default_concept_layer(model, example)
-    if pooling != "none":
-        return layer
+
+def _past_pool(model: nn.Module, example: torch.Tensor, layer: str) -> str:
+    """The max-pool closing ``layer``'s block (through its ReLU), else ``layer`` (a pool wrapped by
+    ``insert_after``, e.g. by EGEM, is read after its refinement module)."""
     calls = trace_calls(model, example)
     at = [i for i, c in enumerate(calls) if c.name == layer]
     for call in calls[at[-1] + 1:] if at else []:
@@ -261,6 +262,84 @@ def default_watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -
         if not isinstance(call.module, nn.ReLU):
             break
     return layer
+
+
+def _conv_candidates(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Conv layers from the last that runs backwards, each as its outermost enclosing block (``TOKEN_BLOCKS``
+    and the residual blocks ``nn.surgery`` knows), without repeats; the first is ``default_concept_layer``."""
+    first = default_concept_layer(model, example)
+    named = dict(model.named_modules())
+    order: list[str] = []
+
+    def record(name: str) -> Callable[[nn.Module, object, object], None]:
+        return lambda mod, inp, out: order.append(name)
+
+    run_hooked(model, example[:1], [(m, record(n)) for n, m in named.items() if n and isinstance(m, nn.Conv2d)])
+    out = [first]
+    for name in reversed(order):
+        parts = name.split(".")
+        blocks = [".".join(parts[:i]) for i in range(1, len(parts)) if is_block(named[".".join(parts[:i])])]
+        cand = blocks[0] if blocks else name
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def _is_cut(model: nn.Module, layer: str) -> bool:
+    try:
+        split_at(model, layer)
+    except ConfigError:
+        return False
+    return True
+
+
+def default_watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -> str:
+    """The layer a watched concept reads unless one is named (``watch_layer`` gives the reason too)."""
+    return watch_layer(model, example, pooling)[0]
+
+
+def watch_layer(model: nn.Module, example: torch.Tensor, pooling: str) -> tuple[str, str]:
+    """``(layer, reason)``: the last conv layer (paper 001, Sec. 4.1; its enclosing residual block if
+    any) that has a nonlinearity between it and the logits (``nn.surgery.nonlinear_after``), or,
+    for a full-map CAV (``pooling="none"``), the max-pool that closes that layer's block.
+
+    Why a nonlinearity: with only linear ops after the layer (e.g. a ResNet's last block,
+    followed by average pooling and the linear head) the directional derivative along a CAV
+    is the same for every input, so TCAV is 0 or 1 per class whatever is served. Why past the
+    pool for full-map CAVs: through a max-pool, the full-map JVP must pick the CAV at every
+    window's maximum per sample and concept; after the pool the tangent is a constant, so the
+    heads cost less (``benchmarks/concepts_bench.py`` measures both layers).
+    """
+    skipped: list[str] = []
+    for cand in _conv_candidates(model, example):
+        layer = _past_pool(model, example, cand) if pooling == "none" else cand
+        if not _is_cut(model, layer):
+            continue
+        if not nonlinear_after(model, layer):
+            skipped.append(layer)
+            continue
+        reason = "automatic: the last conv layer (or its enclosing block) with a nonlinearity between it and the logits"
+        if layer != cand:
+            reason += f"; read after the max-pool closing {cand}'s block (full-map CAV)"
+        if skipped:
+            reason += f"; skipped {', '.join(skipped)}: only linear ops follow, so TCAV there would be constant"
+        return layer, reason
+    raise ConfigError("found no conv layer with a nonlinearity between it and the logits to watch; name the layer")
+
+
+def _named_layer_reason(model: nn.Module, layer: str) -> str:
+    """The reason for a layer the caller named, with a ``ConstantTcavWarning`` when only linear ops follow it."""
+    try:
+        constant = not nonlinear_after(model, layer)
+    except ConfigError:
+        return "named by the caller (not checked for a nonlinearity: the model cannot be split there)"
+    if not constant:
+        return "named by the caller; a nonlinearity lies between it and the logits"
+    msg = (f"watched layer {layer!r} is followed only by linear ops up to the logits: the concept's directional "
+           "derivative is the same for every input, so its TCAV is constant (0 or 1 per class); "
+           "choose an earlier layer")
+    warnings.warn(msg, ConstantTcavWarning, stacklevel=4)
+    return f"named by the caller; warning: {msg}"
 
 
 def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.Tensor,
@@ -279,7 +358,10 @@ def watch_concept(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept:
 def _watch(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.Tensor, x_reference: torch.Tensor,
            y_reference: torch.Tensor, classes: list[str], layer: str | None, kind: str, pooling: str,
            seed: int) -> WatchedConcept:
-    layer = layer or default_watch_layer(model, x_reference[:1], pooling)
+    if layer is None:
+        layer, reason = watch_layer(model, x_reference[:1], pooling)
+    else:
+        reason = _named_layer_reason(model, layer)
     a_clean = pool_channels(layer_activations(model, layer, x_clean), pooling)
     a_concept = pool_channels(layer_activations(model, layer, x_concept), pooling)
     cav = ConceptActivationVector(kind, seed=seed).fit(torch.cat([a_clean, a_concept]),
@@ -299,4 +381,4 @@ def _watch(model: nn.Module, name: str, x_clean: torch.Tensor, x_concept: torch.
                 "n_reference": len(x_reference)}
     return WatchedConcept(name=name, layer=layer, cav=cav.cav_, center=center, cav_kind=kind, pooling=pooling,
                           baseline_tcav=baseline, presence_threshold=threshold, activation_rms=rms or 1.0,
-                          evidence=evidence)
+                          evidence=evidence, layer_reason=reason)

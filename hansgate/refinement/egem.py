@@ -118,9 +118,16 @@ class EgemConfig(BaseModel):
 
 
 def _units(a: torch.Tensor, per_element: bool) -> torch.Tensor:
-    """Per-image unit activations ``[N, D]``: every element, or spatial sums per channel."""
+    """Per-image unit activations ``[N, D]``: every element, or spatial sums per channel.
+
+    A 3-D activation is a transformer's token sequence ``[N, T, D]`` (``nn.surgery``'s
+    token blocks): its units are the ``D`` embedding dimensions, summed over the tokens
+    as a conv map's channels are over space.
+    """
     if per_element or a.ndim == 2:
         return a.flatten(1)
+    if a.ndim == 3:
+        return a.sum(1)
     return a.flatten(2).sum(2)
 
 
@@ -170,6 +177,7 @@ class ExposureMinimizer:
             layers = resolve_layers(model, x[:2], cfg.layers)
             linear_next = _consumed_by_linear(model, x[:2], layers)
             per_element: dict[str, bool] = {}
+            signed: dict[str, bool] = {}
             moments: dict[str, LayerMoments] = {}
             with capture(model, layers, copy=False) as store:
                 for start in tqdm(range(0, len(x), cfg.batch_size), desc="statistics", disable=not progress,
@@ -180,6 +188,7 @@ class ExposureMinimizer:
                         store[name].clear()
                         if name not in per_element:
                             per_element[name] = linear_next[name] and a[0].numel() <= cfg.max_element_units
+                        signed[name] = signed.get(name, False) or bool((a < 0).any())
                         s = _units(a, per_element[name])
                         if name not in moments:
                             shape = tuple(a.shape[1:]) if per_element[name] else tuple(a.shape[2:])
@@ -202,6 +211,9 @@ class ExposureMinimizer:
             else:
                 variances[name], bases[name] = pca_basis(mom.covariance, self._dtype)
         self.layers_, self.per_element_, self.moments_ = layers, per_element, moments
+        # the ratio rule divides by channel sums: sound on non-negative (post-ReLU) maps only
+        self.conv_modes_: dict[str, Literal["ratio", "linear"]] = {
+            n: "linear" if signed[n] else cfg.conv_mode for n in layers}
         self.variances_, self.bases_ = variances, bases
         return self
 
@@ -212,19 +224,20 @@ class ExposureMinimizer:
         if not self.config.pca:
             return ExposureScale(c.view(mom.spatial) if per_element else c)
         spatial = 1 if per_element else math.prod(mom.spatial)
+        mode = self.conv_modes_[name]
         if name in self.bases_:
-            return PcaExposure(mom.mean, self.bases_[name], c, spatial, self.config.conv_mode, per_element)
+            return PcaExposure(mom.mean, self.bases_[name], c, spatial, mode, per_element)
         top = float(self.variances_[name][0]) if len(self.variances_[name]) else 0.0
         if mom.kind == "data":
             proj = dual_resolvent_projection(mom.centred(), self._grams[name], lam, top)
         else:
             proj = resolvent_projection(mom.covariance, lam, top)
         if proj is not None:
-            return exposure_from_projection(mom.mean, proj, spatial, self.config.conv_mode, per_element)
+            return exposure_from_projection(mom.mean, proj, spatial, mode, per_element)
         if name not in self._eigenbases:  # lambda too close to the rank floor: the eigenbasis, once per fit
             self._eigenbases[name] = dual_basis(mom.centred()) if mom.kind == "data" else pca_basis(mom.covariance)
         evals, basis = self._eigenbases[name]
-        return PcaExposure(mom.mean, basis, egem_factors(evals, lam), spatial, self.config.conv_mode, per_element)
+        return PcaExposure(mom.mean, basis, egem_factors(evals, lam), spatial, mode, per_element)
 
     def _search(self, name: str, tau: float) -> float:
         var = self.variances_[name]

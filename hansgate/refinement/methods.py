@@ -108,7 +108,7 @@ def _egem(pca: bool) -> Callable[..., RefinementResult]:
             "lambda_rule": cfg.lambda_rule,
         }
         if pca:
-            hp |= {"conv_mode": cfg.conv_mode, "precision": cfg.precision}
+            hp |= {"conv_mode": cfg.conv_mode, "conv_modes": res.minimizer.conv_modes_, "precision": cfg.precision}
         return RefinementResult(res.model, "pca-egem" if pca else "egem", res.minimizer.layers_, hp, res.selection,
                                 {"selection_s": time.perf_counter() - t0})
 

@@ -40,6 +40,14 @@ Why and the choices made (tested in tests/refinement/test_egem.py, test_egem_ora
   the affine map ``P = U diag(c) U^T`` at every pixel with the mean spread over the
   ``H x W`` positions: it reproduces the projected channel sums exactly and is smooth,
   but changes every entry of the map, zeros included.
+- A map that takes negative values (linear bottlenecks, Hardswish, SiLU, GELU: MobileNet,
+  EfficientNet, ConvNeXt blocks) gets the ``linear`` rule whatever ``conv_mode`` says
+  (``ExposureMinimizer.conv_modes_``, the manifest's ``conv_modes``): its signed channel sums
+  can lie near zero, where the ratio amplifies without bound; the authors' networks refine
+  post-ReLU maps only.
+- Transformer tokens ``[N, T, D]`` (units on the last axis, summed over the tokens) always
+  take the ``linear`` rule at every token: their sums are signed and can lie near zero, where
+  the ratio ``s'_c / s_c`` amplifies rounding without bound.
 """
 
 from __future__ import annotations

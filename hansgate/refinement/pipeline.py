@@ -389,7 +389,7 @@ def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weig
     val = (inputs.to_model(inputs.val[0]), inputs.val[1]) if inputs.val is not None else None
     data = RefineData(x, y, inputs.classes, concepts, inputs.masks, inputs.mask_info, val)  # type: ignore[arg-type]
     result = refiner.fit(model, data, cfg, progress=progress, log=say)
-    layer = result.layers[0] if refiner.family == "concept" else cfg.clarc.layer
+    layer = cfg.clarc.layer  # None: the automatic watch layer (a nonlinearity before the logits)
     watched = []
     if concepts:
         x_watch = in_memory(x, say, "watched concepts read every verified sample")

@@ -15,6 +15,7 @@ from hansgate.audit.attributions import (
     AttributionConfig,
     attribute,
     canonizers_for,
+    explain,
     heatmap_grid_png,
     relevance_share_in_mask,
     verify_by_relevance,
@@ -164,3 +165,64 @@ def test_verified_indices_select_correct_samples_with_relevance_in_the_region():
     idx = verified_indices(model, x, y, left)
     assert idx.tolist() == list(range(6))
     assert verified_indices(model, x, y, 1 - left).tolist() == []
+
+
+def test_canonizers_per_torchvision_family():
+    """ResNet canonizer, VGG canonizer, merged batch-norm for the rest (issue 12)."""
+    import torchvision
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import VGGCanonizer
+
+    torch.manual_seed(0)
+    build = lambda arch: torchvision.models.get_model(arch, weights=None, num_classes=10)  # noqa: E731
+    assert [type(c) for c in canonizers_for(build("resnet18"))] == [ResNetCanonizer]
+    assert [type(c) for c in canonizers_for(build("vgg11_bn"))] == [VGGCanonizer]
+    for arch in ("mobilenet_v3_small", "efficientnet_b0"):
+        assert [type(c) for c in canonizers_for(build(arch))] == [SequentialMergeBatchNorm]
+
+
+def test_lrp_on_attention_falls_back_to_the_gradient_and_says_so():
+    """zennit passes relevance through attention unchanged: an LRP method on a ViT runs the fallback, the
+    note says why, and the relevance is exactly the fallback's."""
+    from torchvision.models import VisionTransformer
+
+    from hansgate.audit.attributions import lrp_note, method_for
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=3).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision inits the head to zero (all gradients 0)
+    x = torch.rand(2, 3, 32, 32)
+    target = torch.tensor([0, 2])
+    sound, note = lrp_note(vit)
+    assert not sound and "attention" in note and "layer normalisation" in note
+    used, why = method_for(vit, "lrp-epsilon-plus-flat")
+    assert used == "gradient" and "replaced by gradient" in why
+    out = explain(vit, x, target, "lrp-epsilon-zplus-box")
+    assert (out.requested, out.method) == ("lrp-epsilon-zplus-box", "gradient") and out.note == method_for(
+        vit, "lrp-epsilon-zplus-box")[1]
+    torch.testing.assert_close(out.relevance, attribute(vit, x, target, "gradient"))
+    assert out.relevance.abs().sum() > 0
+    ig = AttributionConfig(lrp_fallback="integrated-gradients", ig_steps=4)
+    assert explain(vit, x, target, "lrp-epsilon-plus-flat", ig).method == "integrated-gradients"
+    assert method_for(vit, "smoothgrad") == ("smoothgrad", None)  # gradient methods are asked as they are
+    with pytest.raises(ConfigError, match="gradient method"):
+        method_for(vit, "lrp-epsilon-plus-flat", AttributionConfig(lrp_fallback="lrp-epsilon-plus-flat"))
+
+
+def test_lrp_notes_per_family():
+    torch.manual_seed(0)
+    assert lrp_note_of("resnet18") == (True, None) and lrp_note_of("vgg11_bn") == (True, None)
+    sound, note = lrp_note_of("mobilenet_v3_small")
+    assert sound and "skip sums" in note and "squeeze-excitation" in note
+    assert not lrp_note_of("convnext_tiny")[0]  # layer normalisation
+    # an LRP run on a plain CNN is LRP (no note, nothing replaced)
+    assert explain(build_builtin("small_vgg"), torch.rand(1, 1, 28, 28), torch.tensor([1])).note is None
+
+
+def lrp_note_of(arch: str) -> tuple[bool, str | None]:
+    import torchvision
+
+    from hansgate.audit.attributions import lrp_note
+
+    return lrp_note(torchvision.models.get_model(arch, weights=None, num_classes=10))

@@ -56,12 +56,41 @@ def test_split_reproduces_the_model_and_shares_its_parameters(name, layer):
 
 @pytest.mark.parametrize("name,pooled,full_map", [("small_vgg", "features.7", "features.9"),
                                                   ("mnist_cnn", "conv2", "pool2"),
-                                                  ("small_resnet", "layer2.1", "layer2.1")])
+                                                  ("small_resnet", "layer2.0", "layer2.0")])
 def test_default_watch_layer_moves_full_map_concepts_past_the_closing_max_pool(name, pooled, full_map):
     model = build_builtin(name)
     x = torch.rand(1, 1, 28, 28)
-    assert default_watch_layer(model, x, "mean") == pooled == default_concept_layer(model, x)
+    assert default_watch_layer(model, x, "mean") == pooled
     assert default_watch_layer(model, x, "none") == full_map
+    # the last block of a ResNet is followed only by average pooling and the linear head: skipped
+    assert (pooled == default_concept_layer(model, x)) == (name != "small_resnet")
+
+
+def test_watch_layer_has_a_nonlinearity_before_the_logits_and_says_why(digits_data):
+    """Issue 12: at a layer followed only by linear ops TCAV is constant; the automatic choice avoids it,
+    a named one warns, and the manifest's layer_reason records either."""
+    from hansgate.data.artifacts import get_artifact
+    from hansgate.refinement.concept_heads import ConstantTcavWarning, watch_layer
+
+    torch.manual_seed(0)
+    model = build_builtin("small_resnet").eval()
+    x, y = digits_data.x_refine[:40], digits_data.y_refine[:40]
+    layer, reason = watch_layer(model, x[:1], "mean")
+    assert layer == "layer2.0" and reason.startswith("automatic") and "layer2.1" in reason
+    auto = watch_concept(model, "corner", x, get_artifact("corner").apply(x), x, y, digits_data.classes)
+    assert auto.layer == "layer2.0" and auto.layer_reason == reason
+    assert ConceptHeads([auto]).specs()[0].layer_reason == reason
+    with pytest.warns(ConstantTcavWarning, match="TCAV is constant"):
+        named = watch_concept(model, "corner", x, get_artifact("corner").apply(x), x, y, digits_data.classes,
+                              layer="layer2.1")
+    assert "warning" in named.layer_reason and named.layer == "layer2.1"
+    # the warning is true: the directional derivative along the CAV has one sign per class
+    heads = ConceptHeads([named])
+    sens = heads.reference_sensitivity(model, x)[:, 0]
+    assert bool(((sens > 0).all(0) | (sens <= 0).all(0)).all())
+    fine = watch_concept(model, "corner", x, get_artifact("corner").apply(x), x, y, digits_data.classes,
+                         layer="layer2.0")
+    assert fine.layer_reason.startswith("named by the caller") and "warning" not in fine.layer_reason
 
 
 def test_split_refuses_a_layer_inside_a_residual_block():

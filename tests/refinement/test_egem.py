@@ -317,3 +317,17 @@ def test_spectrum_reads_the_lower_triangle_of_the_streamed_moments():
     lower = mom.covariance_lower()
     assert torch.allclose(pca_spectrum(lower), pca_basis(want)[0], atol=1e-10)
     assert torch.equal(lower, mom.covariance_lower())  # the caller's matrix is not overwritten
+
+
+def test_signed_maps_take_the_linear_rule_and_post_relu_maps_the_ratio_rule():
+    """The ratio rule divides by channel sums: only non-negative maps keep it (pca module doc)."""
+    torch.manual_seed(0)
+    signed = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    relu = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    x = torch.randn(64, 1, 8, 8)
+    cfg = EgemConfig(pca=True, layers=["0"], max_element_units=1)
+    assert ExposureMinimizer(cfg).fit(signed, x).conv_modes_ == {"0": "linear"}
+    cfg = EgemConfig(pca=True, layers=["1"], max_element_units=1)
+    assert ExposureMinimizer(cfg).fit(relu, x).conv_modes_ == {"1": "ratio"}
+    refined = ExposureMinimizer(EgemConfig(pca=True, layers=["0"], max_element_units=1)).fit(signed, x).refine(signed, 0.5)
+    assert torch.isfinite(refined(x)).all()
