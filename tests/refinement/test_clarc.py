@@ -251,9 +251,10 @@ def test_cli_refine_rr_clarc_writes_a_bundle_with_heads(biased_cnn, digits_data,
     np.savez(tmp_path / "data.npz", x=x[:150].numpy(), y=y[:150].numpy())
     c = _concept(digits_data, 20)
     np.savez(tmp_path / "corner.npz", x=c.x.numpy(), y=c.y.numpy(), concept=c.concept.numpy())
+    # a one-epoch model: most samples are wrong, so the verified-share guard is overridden
     args = ["refine", "--model", "mnist_cnn", "--weights", str(tmp_path / "w.safetensors"), "--data",
             str(tmp_path / "data.npz"), "--method", "rr-clarc", "--concept", f"corner={tmp_path / 'corner.npz'}",
-            "--epochs", "1", "--lambdas", "100", "--out", str(tmp_path / "bundle"), "--quiet"]
+            "--epochs", "1", "--lambdas", "100", "--force", "--out", str(tmp_path / "bundle"), "--quiet"]
     assert main(args) == 0
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.manifest.method.name == "rr-clarc" and bundle.manifest.method.layers == ["conv2"]
