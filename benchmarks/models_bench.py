@@ -208,8 +208,8 @@ def bench_arch(arch: str, work: Path, n_images: int, n_audit: int, threads: int)
         rec["error"] = "audit failed: " + " | ".join(rec["audit"]["output_tail"])
     else:
         report = json.loads((work / "report" / "report.json").read_text())
-        rec["audit"]["attribution_note"] = (report.get("attributions") or {}).get("note")
-        rec["audit"]["attribution_method"] = (report.get("attributions") or {}).get("method")
+        rec["audit"]["attribution_notes"] = (report.get("attributions") or {}).get("notes")
+        rec["audit"]["attribution_methods_used"] = (report.get("attributions") or {}).get("methods_used")
     return rec
 
 
