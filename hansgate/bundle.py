@@ -139,20 +139,25 @@ def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[in
     return inputs, outputs
 
 
+def _hashed_file(root: Path, name: str, sha256: str, what: str, why: str = "") -> Path:
+    """``root/name``: inside ``root``, present, and with ``sha256`` (``BundleHashError`` ending in ``why``)."""
+    path = _inside(root, name)
+    if not path.is_file():
+        raise BundleError(f"{what} missing: {path}")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise BundleHashError(f"{path.name} sha256 {digest[:12]}... does not match the manifest's "
+                              f"{sha256[:12]}...{why}")
+    return path
+
+
 def verify_refined(root: str | Path, manifest: Manifest) -> Path:
     """The refined weights file of ``manifest.refined``: inside ``root``, present, with the manifest's sha256."""
     root = Path(root)
     if manifest.refined is None:
         raise BundleError(f"bundle {root} carries no refined weights")
-    path = _inside(root, manifest.refined.file)
-    if not path.is_file():
-        raise BundleError(f"refined weights missing: {path}")
-    digest = sha256_file(path)
-    if digest != manifest.refined.sha256:
-        raise BundleHashError(f"{path.name} sha256 {digest[:12]}... does not match the manifest's "
-                              f"{manifest.refined.sha256[:12]}...: the refined weights changed after the bundle "
-                              "was written")
-    return path
+    return _hashed_file(root, manifest.refined.file, manifest.refined.sha256, "refined weights",
+                        ": the refined weights changed after the bundle was written")
 
 
 def load_bundle(path: str | Path, public_key: "Ed25519PublicKey | str | Path | None" = None) -> Bundle:
@@ -175,13 +180,7 @@ def load_bundle(path: str | Path, public_key: "Ed25519PublicKey | str | Path | N
     if public_key is not None and Signature.read(root).graph_file != manifest.graph.file:
         raise BundleError(f"the signature covers {Signature.read(root).graph_file!r}, the manifest names "
                           f"{manifest.graph.file!r}")
-    onnx_path = _inside(root, manifest.graph.file)
-    if not onnx_path.is_file():
-        raise BundleError(f"bundle graph missing: {onnx_path}")
-    digest = sha256_file(onnx_path)
-    if digest != manifest.graph.sha256:
-        raise BundleHashError(f"{onnx_path.name} sha256 {digest[:12]}... does not match the manifest's "
-                              f"{manifest.graph.sha256[:12]}...")
+    onnx_path = _hashed_file(root, manifest.graph.file, manifest.graph.sha256, "bundle graph")
     if manifest.refined is not None:
         verify_refined(root, manifest)
     inputs, outputs = graph_signature(onnx_path)

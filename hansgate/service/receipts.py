@@ -45,6 +45,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,33 +219,26 @@ class PredictionStore:
 
     def add(self, rows: list[tuple[str, int, str, float]]) -> None:
         """Remember ``(request_id, class_index, concept_signs, issued_at)`` rows."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._since_prune += len(rows)
-            if self._since_prune >= self._PRUNE_EVERY:
-                self._since_prune = 0
-                self._prune()
+        self._insert("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows, len(rows))
 
     def add_requests(self, requests: list[tuple[str, list[int], list[str], float]]) -> None:
         """Remember whole requests ``(request_id, class per row, concept signs per row, issued_at)`` in one
         transaction; row ``j`` is looked up as ``f"{request_id}-{j}"``."""
         rows = [(rid, ",".join(map(str, classes)), "".join(signs), len(classes), issued)
                 for rid, classes, signs, issued in requests]
+        self._insert("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?)", rows, sum(r[3] for r in rows))
+
+    def _insert(self, sql: str, rows: Sequence[tuple[object, ...]], predictions: int) -> None:
+        """``rows`` in one transaction; prune once every ``_PRUNE_EVERY`` predictions."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?)", rows)
+                self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._since_prune += sum(r[3] for r in rows)
+            self._since_prune += predictions
             if self._since_prune >= self._PRUNE_EVERY:
                 self._since_prune = 0
                 self._prune()
