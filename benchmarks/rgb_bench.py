@@ -14,8 +14,14 @@ The JSON also carries, per architecture, where in the network the patch is visib
 inside the clean data's principal subspace, at every refined layer), the evidence
 for why the EGEM family does or does not move a shortcut.
 
+Default-vs-variant rows (issue 14): ``--variants pca-egem:conv_mode=linear rr-clarc:project ...`` adds,
+in the same run (same trained model and verified set), one row per variant: the method's default
+configuration with only the named fields changed (``rr-clarc:project`` is the project's earlier
+RR-ClArC setup, ``clarc_core.PROJECT_SETUP``). ``--variants defaults`` runs every changed default
+of issue 14 that applies to several refined layers (``DEFAULT_VARIANTS``).
+
 Usage: python benchmarks/rgb_bench.py --out benchmarks/results/rgb.json [--seeds 0 1 2] [--epochs 8]
-       [--retrain-lr 1e-4] [--methods egem pca-egem ...]
+       [--retrain-lr 1e-4] [--methods egem pca-egem ...] [--variants defaults]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 import torch
 import torchvision
+from pydantic import ValidationError
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +45,7 @@ from hansgate.data.rgb import RgbConfig, make_rgb_clever_hans, paste_patch  # no
 from hansgate.nn.surgery import resolve_layers  # noqa: E402
 from hansgate.nn.training import TrainConfig, accuracy, train_classifier  # noqa: E402
 from hansgate.refinement.clarc import ClarcConfig, ConceptData, refine_clarc  # noqa: E402
+from hansgate.refinement.clarc_core import PROJECT_SETUP  # noqa: E402
 from hansgate.refinement.methods import RefineConfig, refine_model  # noqa: E402
 from hansgate.refinement.pipeline import per_class_subset, verified_subset  # noqa: E402
 
@@ -45,6 +53,11 @@ METHODS = ("egem", "pca-egem", "rgem", "ridge", "retrain")
 #: Supp. F.3 sets Retrain's Adam rate per model (1e-3 MNIST net ... 5e-6 ResNet50); the MNIST rate
 #: wrecks resnet18 here in its first epoch (held-out accuracy 0.17 after epoch 1), so an order lower.
 RETRAIN_LR = 1e-4
+#: issue 14's changed defaults, each as the earlier choice: conv-map rule (1), float32 statistics (3),
+#: one split refitted on all data (7), bisection lambda search (8), the project's RR-ClArC setup (4)
+DEFAULT_VARIANTS = ("pca-egem:conv_mode=linear", "pca-egem:precision=float32",
+                    "pca-egem:final_fit=all,repetitions=1", "pca-egem:lambda_rule=bisect",
+                    "egem:final_fit=all,repetitions=1", "rr-clarc:project")
 
 
 def build(arch: str) -> nn.Module:
@@ -111,8 +124,36 @@ def patch_probe(model: nn.Module, layers: list[str], x: torch.Tensor, cfg: RgbCo
     return out
 
 
+def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``"pca-egem:conv_mode=linear,precision=float32"`` -> ``(row name, method, changed fields)``."""
+    method, _, fields = spec.partition(":")
+    if not fields:
+        raise SystemExit(f"variant {spec!r}: expected METHOD:FIELD=VALUE[,FIELD=VALUE] or rr-clarc:project")
+    if method == "rr-clarc":
+        if fields != "project":
+            raise SystemExit(f"variant {spec!r}: RR-ClArC variants: rr-clarc:project")
+        return "rr-clarc[project]", method, dict(PROJECT_SETUP)
+    if method not in METHODS:
+        raise SystemExit(f"variant {spec!r}: unknown method {method!r}; choose from {METHODS} or rr-clarc")
+    changed = dict(kv.split("=", 1) for kv in fields.split(","))
+    try:  # a bad field or value stops here, before any training
+        RefineConfig.model_validate({"method": method, **changed})
+    except ValidationError as exc:
+        raise SystemExit(f"variant {spec!r}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+    return f"{method}[{fields}]", method, changed
+
+
+def _rr_clarc(model: nn.Module, xr: torch.Tensor, yr: torch.Tensor, cfg: RgbConfig, seed: int,
+              changed: dict[str, Any]) -> nn.Module:
+    """RR-ClArC with the patch as its concept (clean vs patched verified images), 3 epochs."""
+    concept = ConceptData(torch.cat([xr, paste_patch(xr, torch.ones(len(xr), dtype=torch.bool), cfg)]),
+                          torch.cat([yr, yr]), torch.cat([torch.zeros(len(yr)), torch.ones(len(yr))]).bool())
+    config = ClarcConfig(method="rr-clarc", seed=seed, epochs=3).model_copy(update=changed)
+    return refine_clarc(model, xr, yr, concept, config).model
+
+
 def run(arch: str, seed: int, epochs: int, per_class: int, log: Any, retrain_lr: float = RETRAIN_LR,
-        methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+        methods: tuple[str, ...] = METHODS, variants: tuple[str, ...] = ()) -> dict[str, Any]:
     cfg = RgbConfig(seed=seed)
     data = make_rgb_clever_hans(cfg)
     torch.manual_seed(seed)
@@ -135,12 +176,22 @@ def run(arch: str, seed: int, epochs: int, per_class: int, log: Any, retrain_lr:
         row["hyperparameters"][method] = {k: v for k, v in res.hyperparameters.items()
                                           if isinstance(v, (int, float, str, bool))}
         log(f"{arch} seed {seed}: {method} {row['scores'][method]}")
-    concept = ConceptData(torch.cat([xr, paste_patch(xr, torch.ones(len(xr), dtype=torch.bool), cfg)]),
-                          torch.cat([yr, yr]), torch.cat([torch.zeros(len(yr)), torch.ones(len(yr))]).bool())
     t = time.perf_counter()
-    res_c = refine_clarc(model, xr, yr, concept, ClarcConfig(method="rr-clarc", seed=seed, epochs=3))
-    row["scores"]["rr-clarc"] = scores(res_c.model, data) | {"seconds": time.perf_counter() - t}
+    row["scores"]["rr-clarc"] = scores(_rr_clarc(model, xr, yr, cfg, seed, {}), data) | {
+        "seconds": time.perf_counter() - t}
     log(f"{arch} seed {seed}: rr-clarc {row['scores']['rr-clarc']}")
+    for name, method, changed in map(parse_variant, variants):
+        t = time.perf_counter()
+        if method == "rr-clarc":
+            refined = _rr_clarc(model, xr, yr, cfg, seed, changed)
+        else:
+            res = refine_model(model, xr, yr, RefineConfig.model_validate(
+                {"method": method, "seed": seed, "retrain_lr": retrain_lr, **changed}))
+            refined = res.model
+            row["hyperparameters"][name] = {k: v for k, v in res.hyperparameters.items()
+                                            if isinstance(v, (int, float, str, bool))}
+        row["scores"][name] = scores(refined, data) | {"seconds": time.perf_counter() - t}
+        log(f"{arch} seed {seed}: {name} {row['scores'][name]}")
     return row
 
 
@@ -159,7 +210,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for m, r in t.items():
             r["gap_closed"] = (r["poisoned_acc"] - orig["poisoned_acc"]) / gap if gap > 0 else None
             r["clean_drop"] = orig["clean_acc"] - r["clean_acc"]
-        best = max(("egem", "pca-egem"), key=lambda m: t[m]["gap_closed"] or -1)
+        best = max(("egem", "pca-egem"), key=lambda m: t[m]["gap_closed"] if m in t else -1)
         table[arch] = {"methods": t, "original_gap": gap, "best_egem_family": best,
                        "bar_third_of_gap": {"value": t[best]["gap_closed"], "clean_drop": t[best]["clean_drop"],
                                             "pass": bool(t[best]["gap_closed"] is not None
@@ -193,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--retrain-lr", type=float, default=RETRAIN_LR, help="Retrain's Adam learning rate")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="METHOD:FIELD=VALUE[,...] rows beside the defaults, or 'defaults' for DEFAULT_VARIANTS")
     args = p.parse_args(argv)
+    if args.variants == ["defaults"]:
+        args.variants = list(DEFAULT_VARIANTS)
+    for spec in args.variants:
+        parse_variant(spec)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             runs.setdefault(arch, []).append(run(arch, seed, args.epochs, args.per_class,
                                                  lambda m: print(m, flush=True), args.retrain_lr,
-                                                 tuple(args.methods)))
+                                                 tuple(args.methods), tuple(args.variants)))
             # written after every run, so that an interrupted benchmark keeps what it measured
             table = summarise(runs)
             result = {"config": vars(args), "complete": False, "table": table, "runs": runs,
