@@ -120,10 +120,11 @@ class AttributionSection:
 
 def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], predictions: Predictions,
                          torch_models: Mapping[str, nn.Module], spec: InputSpec, cfg: AuditConfig,
-                         region_mask: torch.Tensor | None = None,
-                         region_mask_name: str | None = None) -> AttributionSection | Skipped:
+                         region_mask: torch.Tensor | None = None, region_mask_name: str | None = None,
+                         positions: np.ndarray | None = None) -> AttributionSection | Skipped:
     """LRP (``cfg.lrp_method``) of the predicted class's logit for ``cfg.heatmaps`` seeded samples; with a
-    region mask, paper 000 Supp. F.1's rule: verified when >= ``accept_share`` of |relevance| lies inside."""
+    region mask, paper 000 Supp. F.1's rule: verified when >= ``accept_share`` of |relevance| lies inside.
+    ``positions``: where ``x``'s samples sit in the audited data (a held subset), for the report's indices."""
     if not torch_models:
         return Skipped("no torch model (source weights not found)")
     if cfg.heatmaps <= 0:
@@ -131,7 +132,8 @@ def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], p
     attr_cfg = AttributionConfig(value_range=tuple(spec.value_range), seed=cfg.seed)
     idx = sample_indices(len(y), cfg.heatmaps, cfg.seed)
     xs = torch.from_numpy(standardise(x[torch.as_tensor(idx)].numpy(), spec))
-    samples = [AttributionSample(int(i), classes[int(y[i])], {m: classes[int(p[i])]
+    where = positions if positions is not None else np.arange(len(y))
+    samples = [AttributionSample(int(where[i]), classes[int(y[i])], {m: classes[int(p[i])]
                                                               for m, p in predictions.predicted.items()})
                for i in idx]
     heat: dict[str, np.ndarray] = {}

@@ -8,8 +8,10 @@ samples of the bundle's shape.
 
 The data are opened without reading the images (``data.streaming.LazyImages``); a seeded subset
 (``max_samples``) is drawn before anything is read, so only the audited images are ever decoded.
-The report's sections (``audit.runner``) take the audited samples as one tensor; a note in the
-report says how much memory they hold.
+At most ``held_mb`` of images are held in memory: larger data are streamed from disk for the
+sections that need predictions only, and a seeded subset that fits is held for the torch sections
+(``audit.runner``); the same bound applies to the training data of the influence ranking. Notes in
+the report say what was held and what was streamed.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from hansgate.data.streaming import LazyImages
 from hansgate.errors import DataError
 from hansgate.manifest import InputSpec
 
-__all__ = ["AuditSources", "RESIZE_POLICY", "load_audit_data", "load_inputs"]
+__all__ = ["AuditSources", "RESIZE_POLICY", "HELD_MB", "load_audit_data", "load_inputs"]
 
 #: How ImageFolder images are brought to the bundle's size (``data.datasets._from_folder``).
 RESIZE_POLICY = "bilinear resize to the manifest's height x width, no crop"
+#: Default bound on the images an audit holds in memory (MiB), per data set
+HELD_MB = 256.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class AuditSources:
     region_mask: str | Path | None = None
     max_samples: int | None = None
     seed: int = 0
+    held_mb: float = HELD_MB
 
 
 def load_audit_data(path: str | Path, spec: InputSpec) -> tuple[LazyLabelled, str]:
@@ -71,21 +76,32 @@ def load_audit_data(path: str | Path, spec: InputSpec) -> tuple[LazyLabelled, st
     return data, ""
 
 
-def _held(x: LazyImages, what: str) -> tuple[torch.Tensor, str]:
-    """``x`` read into one tensor, and the note that says so."""
-    mb = len(x) * int(np.prod(tuple(x.shape[1:]))) * 4 / 2**20
-    return x.take(slice(None)), f"{what}: {len(x)} images held in memory for the report's sections ({mb:.0f} MB)"
+def _held(x: LazyImages, what: str, held_mb: float, seed: int) -> tuple[torch.Tensor, np.ndarray | None, str]:
+    """``x`` read into one tensor when it fits ``held_mb``, else a seeded subset that fits; its positions
+    (``None``: all of ``x``) and the note that says which."""
+    if held_mb <= 0:
+        raise DataError(f"the memory bound for held images must be positive, got {held_mb:g} MB")
+    per = int(np.prod(tuple(x.shape[1:]))) * 4
+    cap = max(1, int(held_mb * 2**20 // per))
+    if len(x) <= cap:
+        mb = len(x) * per / 2**20
+        return x.take(slice(None)), None, f"{what}: {len(x)} images held in memory ({mb:.0f} MB)"
+    idx = sample_indices(len(x), cap, seed)
+    return x.take(idx), idx, (f"{what}: {len(x)} images, more than {held_mb:g} MB; a seeded subset of {cap} "
+                              f"held in memory ({cap * per / 2**20:.0f} MB)")
 
 
-def _train_artifact_flags(path: str | Path, x: torch.Tensor, n: int, artifact: str | None) -> np.ndarray | None:
-    """The training set's ``artifact`` flags from the .npz, else which images carry ``artifact``."""
+def _train_artifact_flags(path: str | Path, x: torch.Tensor, index: np.ndarray | None, n: int,
+                          artifact: str | None) -> np.ndarray | None:
+    """The held training images' ``artifact`` flags from the .npz (``n`` entries, then ``index``), else
+    which held images carry ``artifact``."""
     if Path(path).suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             if "artifact" in z.files:
                 flags = np.asarray(z["artifact"]).astype(bool)
                 if len(flags) != n:
                     raise DataError(f"{path}: 'artifact' has {len(flags)} entries, 'y' {n}")
-                return flags
+                return flags if index is None else flags[index]
     if artifact is None:
         return None
     from hansgate.audit.artifact_tests import carries, resolve_artifacts
@@ -121,8 +137,13 @@ def load_inputs(src: AuditSources) -> AuditInputs:
         lazy, y = lazy.subset(idx), y[torch.as_tensor(idx)]
         attributes = {a: v[idx] for a, v in attributes.items()}
         notes.append(f"seeded subset of {len(idx)} samples")
-    x, held = _held(lazy, "audited data")
+    x, explained, held = _held(lazy, "audited data", src.held_mb, src.seed)
     notes.append(held)
+    images = lazy if explained is not None else None
+    if images is not None:
+        notes.append(f"predictions, subgroups, fairness, calibration and the bundle's TCAV read all {len(y)} "
+                     f"images from disk a batch at a time; heatmaps, artifact tests, concepts and influence use "
+                     f"the {len(x)} held images")
     before_bundle = load_bundle(src.before) if src.before else None
     source_model, weights = None, None
     if not src.no_source:
@@ -134,13 +155,15 @@ def load_inputs(src: AuditSources) -> AuditInputs:
     train_x = train_y = train_art = None
     if src.train_data:
         tr, _ = load_audit_data(src.train_data, m.input)
-        (train_x, held), train_y = _held(tr.x, "training data"), tr.y
+        train_x, kept, held = _held(tr.x, "training data", src.held_mb, src.seed)
         notes.append(held)
-        train_art = _train_artifact_flags(src.train_data, train_x, len(train_y), src.train_artifact)
+        train_art = _train_artifact_flags(src.train_data, train_x, kept, len(tr.y), src.train_artifact)
+        train_y = tr.y if kept is None else tr.y[torch.as_tensor(kept)]
     region = _region_mask(src.region_mask, m.input) if src.region_mask else None
     return AuditInputs(bundle=bundle, x=x, y=y, classes=list(m.classes), attributes=attributes,
                        data_path=str(src.data), attributes_path=str(src.attributes), before_bundle=before_bundle,
                        source_model=source_model, source_weights=str(weights) if weights else None,
                        train_x=train_x, train_y=train_y, train_artifact=train_art, region_mask=region,
-                       region_mask_name=Path(src.region_mask).name if src.region_mask else None, notes=notes)
+                       region_mask_name=Path(src.region_mask).name if src.region_mask else None, notes=notes,
+                       images=images, explained=explained)
 

@@ -19,6 +19,12 @@ The sections, in the order they run: ``sections.predictions_section`` (accuracy)
 ``explain.attributions_section``, ``artifacts_section``, ``concepts_section``,
 ``influence_section``, ``sections.bundle_tcav_section``, ``calibration_section`` (skipped for
 bundles that record no temperature); before them ``served.served_model`` obtains the served model.
+
+Memory. ``x`` is held in memory. When the data are larger than a caller wants to hold,
+``images`` carries all of them on disk (``data.streaming.LazyImages``) and ``x`` a seeded subset
+(``explained``: its positions in ``images``): predictions, subgroups, fairness, calibration and the
+bundle's TCAV then stream over every image a batch at a time, and the torch sections (heatmaps,
+artifact tests, concepts, influence) work on the held subset.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from hansgate.audit.roles import ModelInfo, audit_models
 from hansgate.audit.served import ServedModel, served_model
 from hansgate.audit.sections import (
     Accuracy,
+    Predictions,
     BundleTcavSection,
     CalibrationSection,
     HeadlineRow,
@@ -65,6 +72,7 @@ from hansgate.audit.sections import (
     subgroups_section,
 )
 from hansgate.bundle import Bundle
+from hansgate.data.streaming import LazyImages
 
 __all__ = ["AuditConfig", "AuditInputs", "AuditReport", "FigureData", "run_audit", "LIMITATIONS"]
 
@@ -93,6 +101,17 @@ class AuditInputs:
     region_mask: torch.Tensor | None = None
     region_mask_name: str | None = None
     notes: list[str] = field(default_factory=list)
+    images: LazyImages | None = None
+    explained: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if (self.images is None) != (self.explained is None):
+            raise ValueError("give both images (all audited data, on disk) and explained (x's positions in them)")
+        n = len(self.images) if self.images is not None else len(self.x)
+        if len(self.y) != n or any(len(v) != n for v in self.attributes.values()):
+            raise ValueError(f"labels ({len(self.y)}) and attributes must describe every one of the {n} audited samples")
+        if self.explained is not None and len(self.explained) != len(self.x):
+            raise ValueError(f"explained lists {len(self.explained)} positions for {len(self.x)} held samples")
 
     def summary(self) -> dict[str, Any]:
         """The report's ``inputs`` section."""
@@ -102,7 +121,8 @@ class AuditInputs:
                 "attributes_file": self.attributes_path, "n_samples": int(len(self.y)), "classes": self.classes,
                 "attributes": {a: {str(v): int((vals == v).sum()) for v in sorted(set(vals.tolist()))}
                                for a, vals in self.attributes.items()},
-                "train_data": self.train_x is not None, "notes": self.notes}
+                "train_data": self.train_x is not None, "explained_samples": int(len(self.x)),
+                "notes": self.notes}
 
 
 @dataclass(frozen=True)
@@ -175,7 +195,8 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
 
     spec = inputs.bundle.manifest.input
     classes, x, y = inputs.classes, inputs.x, inputs.y
-    y_np, x_np = y.numpy(), x.numpy()
+    y_np = y.numpy()
+    every = inputs.images if inputs.images is not None else x.numpy()  # streamed from disk when lazy
     thresholds = cfg.thresholds()
     served = timed("served_model", lambda: served_model(inputs.bundle, x, inputs.source_model, inputs.after_torch))
     models = audit_models(inputs.bundle, inputs.before_bundle, inputs.source_model, inputs.source_weights,
@@ -184,24 +205,26 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
 
     t0 = time.perf_counter()
     say("predictions")
-    predictions = predictions_section(models.predictors, x_np, y_np)
+    predictions = predictions_section(models.predictors, every, y_np)
     say("subgroups")
     subgroups = subgroups_section(classes, y_np, predictions, inputs.attributes, thresholds)
     timings["subgroups"] = time.perf_counter() - t0  # predictions included
     fairness = timed("fairness", lambda: fairness_section(y_np, predictions.predicted, inputs.attributes, classes,
                                                           cfg.parity_bound, cfg.odds_margin, cfg.min_samples, cfg.z))
+    ex_y, ex_pred, ex_attr = _explained(inputs, predictions)
     attributions = timed("attributions", lambda: attributions_section(
-        x, y, classes, predictions, models.torch, spec, cfg, inputs.region_mask, inputs.region_mask_name))
-    arts = timed("artifact_tests", lambda: artifacts_section(models.predictors, models.torch, x, y, classes,
-                                                             predictions, artifacts, spec, cfg))
-    concepts = timed("concepts", lambda: concepts_section(models.torch, x, y, classes, inputs.attributes, artifacts,
+        x, ex_y, classes, ex_pred, models.torch, spec, cfg, inputs.region_mask, inputs.region_mask_name,
+        positions=inputs.explained))
+    arts = timed("artifact_tests", lambda: artifacts_section(models.predictors, models.torch, x, ex_y, classes,
+                                                             ex_pred, artifacts, spec, cfg))
+    concepts = timed("concepts", lambda: concepts_section(models.torch, x, ex_y, classes, ex_attr, artifacts,
                                                           spec, cfg))
     if isinstance(concepts, ConceptSection):  # the artifact table shows each artifact concept's TCAV
         for art in artifacts:
             arts.artifacts[art.name].tcav = concepts.artifact_tcav(art.name)
     influence = timed("influence", lambda: influence_section(
-        models.torch, x, y, inputs.train_x, inputs.train_y, inputs.train_artifact, artifacts, spec, cfg))
-    bundle_tcav = timed("bundle_tcav", lambda: bundle_tcav_section(inputs.bundle, x_np, classes, thresholds))
+        models.torch, x, ex_y, inputs.train_x, inputs.train_y, inputs.train_artifact, artifacts, spec, cfg))
+    bundle_tcav = timed("bundle_tcav", lambda: bundle_tcav_section(inputs.bundle, every, classes, thresholds))
     calibration = calibration_section(inputs.bundle, predictions.logits["after"], y_np)
     timings["total"] = time.perf_counter() - t_start
     summary = inputs.summary()
@@ -211,6 +234,16 @@ def run_audit(inputs: AuditInputs, config: AuditConfig | None = None,
                        headline=headline_section(subgroups), subgroups=subgroups, fairness=fairness,
                        attributions=attributions, artifact_tests=arts, concepts=concepts, bundle_tcav=bundle_tcav,
                        influence=influence, calibration=calibration, served=served, timing_seconds=timings)
+
+
+def _explained(inputs: AuditInputs, predictions: Predictions
+               ) -> tuple[torch.Tensor, Predictions, dict[str, np.ndarray]]:
+    """Labels, predictions and attributes of the held samples ``inputs.x`` (all samples unless streamed)."""
+    if inputs.explained is None:
+        return inputs.y, predictions, inputs.attributes
+    idx = inputs.explained
+    return (inputs.y[torch.as_tensor(idx)], predictions.take(idx),
+            {a: v[idx] for a, v in inputs.attributes.items()})
 
 
 LIMITATIONS = [

@@ -10,7 +10,7 @@ fairness in ``audit.fairness``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -25,10 +25,30 @@ from hansgate.calibration import (
     expected_calibration_error,
     reliability_bins,
 )
+from hansgate.data.streaming import LazyImages
 
-__all__ = ["Skipped", "Accuracy", "Predictions", "predictions_section", "SubgroupSection", "subgroups_section",
+__all__ = ["Skipped", "Accuracy", "Predictions", "AuditedImages", "streamed", "predictions_section", "SubgroupSection", "subgroups_section",
            "HeadlineRow", "headline_section", "BundleTcavSection", "bundle_tcav_section", "CalibrationSection",
            "calibration_section"]
+
+
+#: The audited raw pixels: one array in memory, or images on disk read a batch at a time.
+AuditedImages = np.ndarray | LazyImages
+#: images per batch when the audited data are streamed from disk
+STREAM_BATCH = 64
+
+
+def streamed(fn: Callable[[np.ndarray], Any], x: AuditedImages, batch_size: int = STREAM_BATCH) -> Any:
+    """``fn(x)`` for an array; for images on disk, ``fn`` per batch and the outputs concatenated along the
+    samples (a tuple of arrays stays a tuple), so that only one batch of images is ever held."""
+    if not isinstance(x, LazyImages):
+        return fn(x)
+    parts = [fn(b.numpy()) for b in x.iter_batches(batch_size, desc="audit")]
+    if not parts:
+        return fn(np.zeros((0, *x.shape[1:]), dtype=np.float32))
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(len(parts[0])))
+    return np.concatenate([np.asarray(p) for p in parts])
 
 
 @dataclass(frozen=True)
@@ -55,10 +75,18 @@ class Predictions:
     accuracy: dict[str, Accuracy]
     logits: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def take(self, index: np.ndarray) -> "Predictions":
+        """The predictions of the samples at ``index`` (accuracy stays that of all audited samples)."""
+        return Predictions({m: p[index] for m, p in self.predicted.items()}, self.accuracy,
+                           {m: z[index] for m, z in self.logits.items()})
 
-def predictions_section(predictors: Mapping[str, PredictFn], x: np.ndarray, y: np.ndarray) -> Predictions:
-    """Run every model once on the raw pixels ``x``; every later section reuses these predictions."""
-    logits = {m: np.asarray(p(x)) for m, p in predictors.items()}
+
+def predictions_section(predictors: Mapping[str, PredictFn], x: AuditedImages, y: np.ndarray) -> Predictions:
+    """Run every model once on the raw pixels ``x`` (streamed from disk when lazy); every later section
+    reuses these predictions."""
+    names = list(predictors)
+    outs = streamed(lambda b: tuple(np.asarray(predictors[m](b)) for m in names), x)
+    logits = dict(zip(names, outs))
     predicted = {m: z.argmax(1) for m, z in logits.items()}
     accuracy = {m: Accuracy(float((p == y).mean()), int(len(y))) for m, p in predicted.items()}
     return Predictions(predicted, accuracy, logits)
@@ -174,7 +202,7 @@ class BundleTcavSection:
                 "flags": [r.as_dict() for r in self.rows if r.flags]}
 
 
-def bundle_tcav_section(bundle: Bundle, x: np.ndarray, classes: list[str],
+def bundle_tcav_section(bundle: Bundle, x: AuditedImages, classes: list[str],
                         thresholds: ComplianceThresholds) -> BundleTcavSection | Skipped:
     """Sign counts of ``concept_sensitivity`` per predicted class (Kim et al. 2018, Eq. 2) against the
     manifest's baselines, through ``compliance.tcav_table`` -- the gateway's code."""
@@ -182,7 +210,7 @@ def bundle_tcav_section(bundle: Bundle, x: np.ndarray, classes: list[str],
     if not manifest.concepts:
         return Skipped("the bundle watches no concepts")
     names = [c.name for c in manifest.concepts]
-    logits, sens = onnx_predictor(bundle, outputs=("logits", "concept_sensitivity"))(x)
+    logits, sens = streamed(onnx_predictor(bundle, outputs=("logits", "concept_sensitivity")), x)
     positive, samples = tcav_sign_counts(logits, sens, names, classes)
     baseline = {(c.name, k): v for c in manifest.concepts for k, v in c.baseline_tcav.items()}
     return BundleTcavSection(names, tcav_table(positive, samples, baseline, thresholds))

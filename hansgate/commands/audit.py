@@ -46,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="artifact flagged at this accuracy drop")
     p.add_argument("--heatmaps", type=int, default=32, help="samples with LRP heatmaps (default 32)")
     p.add_argument("--max-samples", type=int, help="audit a seeded subset of the data")
+    p.add_argument("--held-mb", type=float, default=256.0,
+                   help="hold at most this many MiB of images (default 256): larger data are streamed from disk "
+                        "for predictions, subgroups, fairness and calibration, and a seeded subset that fits is "
+                        "explained (heatmaps, artifact tests, concepts, influence)")
     p.add_argument("--no-concepts", action="store_true", help="skip TCAV concept evidence")
     p.add_argument("--no-influence", action="store_true", help="skip the influence ranking")
     p.add_argument("--no-pdf", action="store_true", help="skip the PDF (needs headless Chromium)")
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         bundle=args.bundle, data=args.data, attributes=args.attributes, before=args.before,
         source_weights=args.source_weights, no_source=args.no_source, train_data=args.train_data,
         train_artifact=args.artifacts[0] if args.artifacts else None, region_mask=args.region_mask,
-        max_samples=args.max_samples, seed=args.seed))
+        max_samples=args.max_samples, seed=args.seed, held_mb=args.held_mb))
     start = time.perf_counter()
     report = run_audit(inputs, cfg, progress=None if args.quiet else (lambda s: print(f"audit: {s}")))
     paths = write_report(args.out, report, pdf=cfg.pdf, overwrite=args.overwrite)

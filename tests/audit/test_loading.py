@@ -123,3 +123,31 @@ def test_npz_of_the_wrong_shape_is_one_data_error(rgb_bundle, tmp_path):
     np.savez(bad, x=np.zeros((4, 1, 28, 28), np.float32), y=np.arange(4) % 3)
     with pytest.raises(DataError, match=r"the bundle expects \(3, 16, 16\)"):
         load_inputs(AuditSources(bundle=rgb_bundle["bundle"], data=bad, attributes=rgb_bundle["attributes"]))
+
+
+def test_data_larger_than_the_memory_bound_are_streamed_with_the_same_figures(rgb_bundle):
+    """With room for 20 of the 60 images, predictions, subgroups, fairness and calibration stream over all 60
+    and equal the figures of the audit that holds everything; the torch sections see a seeded 20."""
+    src = AuditSources(bundle=rgb_bundle["bundle"], data=rgb_bundle["data"], attributes=rgb_bundle["attributes"])
+    cfg = AuditConfig(heatmaps=4, concepts=False, influence=False, artifacts=("corner",), pdf=False, min_samples=5)
+    held = load_inputs(src)
+    assert held.images is None and len(held.x) == 60
+    per_image_mb = 3 * 16 * 16 * 4 / 2**20
+    streamed = load_inputs(AuditSources(**{**src.__dict__, "held_mb": 20.5 * per_image_mb}))
+    assert streamed.images is not None and len(streamed.images) == 60 and len(streamed.x) == 20
+    assert len(streamed.y) == 60 and all(len(v) == 60 for v in streamed.attributes.values())
+    torch.testing.assert_close(streamed.x, held.x[torch.as_tensor(streamed.explained)])
+    a, b = (run_audit(i, cfg).as_dict() for i in (held, streamed))
+    for key in ("accuracy", "subgroups", "headline", "fairness", "calibration"):
+        assert a[key] == b[key], key
+    assert b["inputs"]["n_samples"] == 60 and b["inputs"]["explained_samples"] == 20
+    assert any("read all 60 images from disk" in n for n in b["inputs"]["notes"])
+    # heatmap samples are named by their position in the audited data, drawn from the held ones
+    assert {s["index"] for s in b["attributions"]["samples"]} <= set(streamed.explained.tolist())
+    assert b["artifact_tests"]["artifacts"]["corner"]["n_clean"] <= 20
+
+
+def test_a_non_positive_memory_bound_is_one_data_error(rgb_bundle):
+    with pytest.raises(DataError, match="must be positive"):
+        load_inputs(AuditSources(bundle=rgb_bundle["bundle"], data=rgb_bundle["data"],
+                                 attributes=rgb_bundle["attributes"], held_mb=0))
