@@ -467,8 +467,13 @@ def _variants_markdown(merged: dict[str, Any]) -> str:
              "figures are in the JSON (`runs`).", "",
              "| arch | row | seeds | lambda per seed | Delta | acc clean | acc contaminated |",
              "|---|---|---|---|---|---|---|"]
+    def order(name: str) -> tuple[int, int, str]:  # base, none, then each method with its variants after it
+        method = VARIANTS[name][0] if name in VARIANTS else name
+        rank = ("base", "none", *XS_LOSSES)
+        return (rank.index(method) if method in rank else len(rank), name in VARIANTS, name)
+
     for arch, rows in merged["summary"].items():
-        for name, row in rows.items():
+        for name, row in sorted(rows.items(), key=lambda item: order(item[0])):
             lams = ", ".join("-" if x is None else f"{x:g}" for x in row["lambda"])
             lines.append(f"| {arch} | {name} | {len(row['seeds'])} | {lams} | {f(**row['delta'])} | "
                          f"{f(**row['acc_clean'])} | {f(**row['acc_contaminated'])} |")
