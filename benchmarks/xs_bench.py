@@ -17,7 +17,10 @@ For each architecture (same initial weights for every run):
   ``VmHWM`` after resetting it through ``/proc/self/clear_refs``) in a fresh
   subprocess per method — torch's CPU allocations are invisible to tracemalloc.
 
-Results: JSON, a Markdown table and a plot (``write_xs_results``).
+Results: JSON, a Markdown table and a plot (``write_xs_results``). ``--variants`` adds the
+project's earlier choices (``VARIANTS``) beside the defaults; runs of several seeds (``--seed``,
+``--stem``) are combined by ``--merge`` (``merge_seed_results``: per-seed rows, spread, and
+variant minus default per seed).
 """
 
 from __future__ import annotations
@@ -484,7 +487,8 @@ def _variants_markdown(merged: dict[str, Any]) -> str:
             cells = [", ".join(f"{v:+.3f}" for v in d[f"{k}_variant_minus_default"]["per_seed"])
                      for k in ("delta", "acc_clean", "acc_contaminated")]
             lines.append(f"| {arch} | {name} | {d['default']} | {len(d['seeds'])} | " + " | ".join(cells) + " |")
-    lines += ["", "Step time / No-XS (same model and batch): " + "; ".join(
+    lines += ["", "Step time / No-XS, mean over the runs (as measured there: few steps, possibly a loaded machine; "
+              "`xs_bench` without `--merge` gives the cost figures): " + "; ".join(
         f"{a} {m} {v['mean']:.2f}" for a, c in merged["step_time_ratio"].items() for m, v in c.items() if m != "none")]
     return "\n".join(lines) + "\n"
 
