@@ -17,7 +17,10 @@ For each architecture (same initial weights for every run):
   ``VmHWM`` after resetting it through ``/proc/self/clear_refs``) in a fresh
   subprocess per method — torch's CPU allocations are invisible to tracemalloc.
 
-Results: JSON, a Markdown table and a plot (``write_xs_results``).
+Results: JSON, a Markdown table and a plot (``write_xs_results``). ``--variants`` adds the
+project's earlier choices (``VARIANTS``) beside the defaults; runs of several seeds (``--seed``,
+``--stem``) are combined by ``--merge`` (``merge_seed_results``: per-seed rows, spread, and
+variant minus default per seed).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from hansgate.refinement.xs import (
     xs_objective,
 )
 
-__all__ = ["XSBenchConfig", "run_xs_bench", "write_xs_results", "step_times", "step_memory"]
+__all__ = ["XSBenchConfig", "run_xs_bench", "write_xs_results", "step_times", "step_memory", "merge_seed_results",
+           "write_variant_results"]
 
 XS_LOSSES = ("rrr", "rbr", "tap")
 #: The project's earlier XS choices, measured beside the defaults: row name -> (method, XSConfig options, lambdas
@@ -389,6 +393,116 @@ def write_xs_results(result: dict[str, Any], out_dir: str | Path, stem: str = "x
     return paths
 
 
+METRICS = ("delta", "acc_clean", "acc_contaminated", "acc_permuted", "val_loss_permuted")
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "per_seed": values}
+
+
+def merge_seed_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine ``run_xs_bench`` results of several seeds (each possibly split by arch or method) into one.
+
+    Every row is kept per seed (``runs[arch][row][seed]``; a row met twice for the same seed,
+    e.g. Base from two runs, must agree: ``duplicate_max_abs_diff``), ``summary`` gives each
+    metric's mean, sample std, min and max over the seeds, and ``pairs`` the variant minus
+    its default per seed, for every variant row of ``VARIANTS``.
+    """
+    same = ("n_train", "epochs", "batch_size", "lr", "lambdas", "data", "threads")
+    mixed = [k for k in same if any(r["config"][k] != results[0]["config"][k] for r in results)]
+    if mixed:
+        from hansgate.errors import ConfigError
+
+        raise ConfigError(f"cannot merge runs of different protocols (they differ in {mixed})")
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    cost: dict[str, dict[str, dict[int, float]]] = {}
+    dup = 0.0
+    for res in results:
+        seed = res["config"]["seed"]
+        for arch, rows in res["archs"].items():
+            for name, row in rows.items():
+                if name == "cost":
+                    for m, c in row.items():
+                        cost.setdefault(arch, {}).setdefault(m, {})[seed] = c["step_time_ratio"]
+                if name in ("cost", "bars"):
+                    continue
+                seen = runs.setdefault(arch, {}).setdefault(name, {})
+                if seed in seen:
+                    dup = max(dup, max(abs(seen[seed][k] - row[k]) for k in METRICS if k in row))
+                else:
+                    seen[seed] = row
+    summary = {arch: {name: {"seeds": sorted(per), "lambda": [per[s].get("lambda") for s in sorted(per)],
+                             **{k: _spread([per[s][k] for s in sorted(per)]) for k in METRICS if k in per[min(per)]}}
+                      for name, per in rows.items()} for arch, rows in runs.items()}
+    pairs: dict[str, Any] = {}
+    for arch, rows in runs.items():
+        for name, per in rows.items():
+            if name not in VARIANTS or VARIANTS[name][0] not in rows:
+                continue
+            default = rows[VARIANTS[name][0]]
+            seeds = sorted(set(per) & set(default))
+            pairs.setdefault(arch, {})[name] = {
+                "default": VARIANTS[name][0], "options": VARIANTS[name][1], "seeds": seeds,
+                **{f"{k}_variant_minus_default": _spread([per[s][k] - default[s][k] for s in seeds])
+                   for k in ("delta", "acc_clean", "acc_contaminated")}}
+    first = results[0]["config"]
+    return {
+        "benchmark": "xs-variants",
+        "protocol": {k: first[k] for k in same},
+        "seeds": sorted({r["config"]["seed"] for r in results}),
+        "variants": {name: {"method": m, "options": o, "lambdas": lams} for name, (m, o, lams) in VARIANTS.items()},
+        "summary": summary, "pairs": pairs,
+        "step_time_ratio": {a: {m: _spread([v[s] for s in sorted(v)]) for m, v in c.items()} for a, c in cost.items()},
+        "duplicate_max_abs_diff": dup,
+        "runs": {a: {n: {str(s): r for s, r in sorted(per.items())} for n, per in rows.items()} for a, rows in runs.items()},
+        "sources": [{"config": r["config"], "seconds": r["seconds"], "environment": r["environment"]} for r in results],
+    }
+
+
+def _variants_markdown(merged: dict[str, Any]) -> str:
+    p = merged["protocol"]
+    f = "{mean:.3f} ± {std:.3f}".format
+    lines = ["# Explanatory supervision: defaults beside the project's earlier choices (paper 002 decoy digits)", "",
+             f"{p['n_train']} training images, {p['epochs']} epochs, batch {p['batch_size']}, seeds "
+             f"{merged['seeds']} (data subset, initial weights and batch order); lambda tuned per seed on the "
+             "permuted validation split. Mean ± sample std over the seeds; the per-seed "
+             "figures are in the JSON (`runs`).", "",
+             "| arch | row | seeds | lambda per seed | Delta | acc clean | acc contaminated |",
+             "|---|---|---|---|---|---|---|"]
+    def order(name: str) -> tuple[int, int, str]:  # base, none, then each method with its variants after it
+        method = VARIANTS[name][0] if name in VARIANTS else name
+        rank = ("base", "none", *XS_LOSSES)
+        return (rank.index(method) if method in rank else len(rank), name in VARIANTS, name)
+
+    for arch, rows in merged["summary"].items():
+        for name, row in sorted(rows.items(), key=lambda item: order(item[0])):
+            lams = ", ".join("-" if x is None else f"{x:g}" for x in row["lambda"])
+            lines.append(f"| {arch} | {name} | {len(row['seeds'])} | {lams} | {f(**row['delta'])} | "
+                         f"{f(**row['acc_clean'])} | {f(**row['acc_contaminated'])} |")
+    lines += ["", "## Variant minus default, per seed", "",
+              "| arch | variant | default | seeds | Delta | acc clean | acc contaminated |", "|---|---|---|---|---|---|---|"]
+    for arch, pairs in merged["pairs"].items():
+        for name, d in pairs.items():
+            cells = [", ".join(f"{v:+.3f}" for v in d[f"{k}_variant_minus_default"]["per_seed"])
+                     for k in ("delta", "acc_clean", "acc_contaminated")]
+            lines.append(f"| {arch} | {name} | {d['default']} | {len(d['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Step time / No-XS, mean over the runs (as measured there: few steps, possibly a loaded machine; "
+              "`xs_bench` without `--merge` gives the cost figures): " + "; ".join(
+        f"{a} {m} {v['mean']:.2f}" for a, c in merged["step_time_ratio"].items() for m, v in c.items() if m != "none")]
+    return "\n".join(lines) + "\n"
+
+
+def write_variant_results(merged: dict[str, Any], out_dir: str | Path, stem: str = "xs.variants") -> dict[str, Path]:
+    """Write ``stem.json`` and ``stem.md`` (the merged default-vs-variant comparison) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(merged, indent=2) + "\n")
+    paths["md"].write_text(_variants_markdown(merged))
+    return paths
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Command line (also behind ``hansgate bench xs``): run the comparison and write DIR/xs.{json,md,png}."""
     import argparse
@@ -403,19 +517,29 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="training epochs (default 16)")
     ap.add_argument("--lambdas", nargs="+", metavar="METHOD=L1,L2",
                     help="lambda candidates per method, e.g. tap=1e-4,1e-3 rrr=1e3")
-    ap.add_argument("--teacher-shares", type=float, nargs="+", help="teacher data shares (default 0.1 0.01)")
+    ap.add_argument("--teacher-shares", type=float, nargs="*",
+                    help="teacher data shares (default 0.1 0.01; none given: no teacher-mask TAP rows)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                     help="also train the project's earlier XS choices beside the defaults")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--threads", type=int, help="torch threads (default 1)")
+    ap.add_argument("--timing-steps", type=int, help="optimiser steps per timing round (default 4)")
+    ap.add_argument("--timing-repeats", type=int, help="timing rounds (default 5)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stem", default="xs", help="output file stem (default xs)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="instead of running: merge these per-seed result files into STEM.{json,md} (the variants table)")
     args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge_seed_results([json.loads(Path(f).read_text()) for f in args.merge])
+        print("wrote", ", ".join(str(p) for p in write_variant_results(merged, args.out, args.stem).values()))
+        return 0
     options: dict[str, Any] = {"seed": args.seed, "memory": not args.no_memory}
     for key in ("archs", "methods", "teacher_shares", "variants"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:
             options[key] = tuple(getattr(args, key))
-    for key in ("n_train", "epochs", "threads"):
+    for key in ("n_train", "epochs", "threads", "timing_steps", "timing_repeats"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     if args.lambdas:
@@ -429,7 +553,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         options["lambdas"] = lambdas
     config = XSBenchConfig(**options)  # a ValidationError names the option (mapped to exit 2 by hansgate.cli)
     result = run_xs_bench(config, log=None if args.quiet else (lambda msg: print(msg, flush=True)))
-    paths = write_xs_results(result, args.out)
+    paths = write_xs_results(result, args.out, args.stem)
     for arch, res in result["archs"].items():
         for bar, val in res["bars"].items():
             print(f"{arch} {bar}: {'pass' if val['pass'] else 'FAIL'}")

@@ -162,3 +162,56 @@ def test_tap_default_on_a_divisible_geometry_is_the_closed_form():
     expected = float(np.mean(terms))
     got = tap_loss(model, x, mask, layers=["c1", "p1"]).item()
     assert abs(got - expected) <= RTOL * abs(expected)
+
+
+def _rbr_bn_closed_form(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    """RBR at eval mode on ``BN(W x + b)``, fully in closed form (paper 004 Eq. 1, ``H^-1 = I``, batch-mean CE).
+
+    With ``r = 1/sqrt(var + eps)``, ``s = gamma r``, ``u_n = r (W x_n + b - mu)``, logits
+    ``z_n = gamma u_n + beta``, ``g_n = p_n - e_{y_n}``, ``J_n = diag(p_n) - p_n p_n^T``:
+    ``sum_theta dL/dtheta = mean_n [g_n . u_n + (g_n . s)(1 + sum_j x_nj)]`` (W, b, gamma; beta's
+    gradient sums to 0), so ``IF_n = (W^T diag(s) J_n (u_n + a_n s) + W^T (r g_n) + (g_n . s) 1) / N``
+    with ``a_n = 1 + sum_j x_nj``; ``IG_n = W^T (s (1 - K p_n))``.
+    """
+    lin, bn = model[1], model[2]
+    w, b = lin.weight.detach(), lin.bias.detach()
+    r = 1 / torch.sqrt(bn.running_var + bn.eps)
+    s, mu, beta = bn.weight.detach() * r, bn.running_mean, bn.bias.detach()
+    xf = x.flatten(1)
+    n, k = xf.shape[0], w.shape[0]
+    u = r * (xf @ w.T + b - mu)
+    p = torch.softmax(s / r * u + beta, 1)
+    g = p - nn.functional.one_hot(y, k).double()
+    a = 1 + xf.sum(1)
+    rows = []
+    for i in range(n):
+        jac = torch.diag(p[i]) - torch.outer(p[i], p[i])
+        rows.append((w.T @ (s * (jac @ (u[i] + a[i] * s))) + w.T @ (r * g[i]) + (g[i] @ s)) / n)
+    infl = torch.stack(rows).view_as(x)
+    ig = ((s * (1 - k * p)) @ w).view_as(x)
+    return float((mask * infl * ig).pow(2).sum())
+
+
+def test_rbr_default_on_batchnorm_is_the_eval_mode_closed_form():
+    model = _bn_linear().train()
+    torch.manual_seed(7)
+    x = torch.rand(5, 2, 3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    mask = _masks(5)
+    expected = _rbr_bn_closed_form(model, x, y, mask)
+    got = rbr_loss(model, x, y, mask).item()
+    assert abs(got - expected) <= RTOL * abs(expected)
+    assert all(m.training for m in model.modules())
+    _, parts = xs_objective(model, x, y, mask, XSConfig(method="rbr", lam=1.0))
+    assert abs(parts["xs"] - expected) <= RTOL * abs(expected)
+    # the project's variants: gradients of the training pass (batch statistics) differ on batch-norm ...
+    _, train_mode = xs_objective(_bn_linear().train(), x, y, mask, XSConfig(method="rbr", lam=1.0, grad_mode="train"))
+    assert abs(train_mode["xs"] - expected) > 1e-3 * abs(expected)
+    # ... and on one input channel the per-sample scale (summed CE, batch mean) is exactly N times the reference
+    lin1 = nn.Sequential(nn.Flatten(), nn.Linear(9, 4), nn.BatchNorm1d(4)).double()
+    lin1.load_state_dict({**_bn_linear().state_dict(), "1.weight": _bn_linear()[1].weight[:, :9].detach(),
+                          "1.bias": _bn_linear()[1].bias.detach()})
+    x1 = x[:, :1]
+    ref, per_sample = rbr_loss(lin1, x1, y, mask).item(), rbr_loss(lin1, x1, y, mask, scale="per_sample").item()
+    assert abs(ref - _rbr_bn_closed_form(lin1, x1, y, mask)) <= RTOL * ref
+    assert abs(per_sample - 5 * ref) <= RTOL * per_sample
