@@ -47,3 +47,30 @@ def test_cost_probes_measure_something():
     assert set(times) == {"none", "tap", "rrr"} and all(t > 0 for t in times.values())
     probe = _memory_probe("mnist_cnn", "rrr", batch_size=32, steps=1, threads=1)
     assert probe["peak_rss"] >= probe["baseline_rss"] > 0 and probe["step_peak_bytes"] > 0
+
+
+def _fake_run(seed: int, acc: dict[str, float], n_train: int = 48) -> dict:
+    config = {"seed": seed, "n_train": n_train, "epochs": 1, "batch_size": 8, "lr": 1e-3, "lambdas": {},
+              "data": "decoy", "threads": 1}
+    rows = {name: {"delta": 0.0, "acc_clean": a, "acc_contaminated": a, "acc_permuted": a, "lambda": 1.0}
+            for name, a in acc.items()}
+    return {"config": config, "archs": {"mnist_cnn": rows}, "seconds": 1.0, "environment": {}}
+
+
+def test_merging_seeds_pairs_each_variant_with_its_default():
+    import pytest
+
+    from benchmarks.xs_bench import merge_seed_results
+    from hansgate.errors import ConfigError
+
+    variant = "rrr[train-mode, no area norm]"
+    merged = merge_seed_results([_fake_run(0, {"rrr": 0.5, variant: 0.7}), _fake_run(1, {"rrr": 0.6, variant: 0.5})])
+    pair = merged["pairs"]["mnist_cnn"][variant]
+    assert pair["seeds"] == [0, 1] and pair["default"] == "rrr"
+    assert [round(v, 9) for v in pair["acc_clean_variant_minus_default"]["per_seed"]] == [0.2, -0.1]
+    assert merged["summary"]["mnist_cnn"]["rrr"]["acc_clean"]["mean"] == 0.55
+    # the same row of the same seed from two runs must agree; a disagreement is reported
+    again = merge_seed_results([_fake_run(0, {"rrr": 0.5}), _fake_run(0, {"rrr": 0.75})])
+    assert again["duplicate_max_abs_diff"] == 0.25
+    with pytest.raises(ConfigError, match="n_train"):
+        merge_seed_results([_fake_run(0, {"rrr": 0.5}), _fake_run(1, {"rrr": 0.5}, n_train=96)])
