@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax
 
@@ -40,7 +41,8 @@ from hansgate.errors import DataError
 from hansgate.manifest import CalibrationSpec
 
 __all__ = ["Calibration", "fit_temperature", "fit_vector_scaling", "fit_calibration", "expected_calibration_error",
-           "calibrated_probabilities", "ReliabilityBin", "reliability_bins", "Objective", "Family", "PENALTIES"]
+           "calibrated_probabilities", "ReliabilityBin", "reliability_bins", "Objective", "Family", "PENALTIES",
+           "CalibrationFit"]
 
 #: ``beta = 1 / T`` is searched in this interval (T from 0.01 to 100)
 BETA_BOUNDS = (1e-2, 1e2)
@@ -50,6 +52,16 @@ PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 Objective = Literal["nll", "brier"]
 #: ``auto``: temperature or vector scaling, whichever the cross-validated objective prefers
 Family = Literal["temperature", "vector", "auto"]
+
+
+class CalibrationFit(BaseModel):
+    """How refine fits a bundle's calibration: ``fit_calibration``'s family, objective and folds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: Family = "auto"
+    objective: Objective = "nll"
+    folds: int = Field(5, ge=2, le=20)
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,9 @@ def _brier(logits: np.ndarray, y: np.ndarray, beta: float) -> float:
     return float((p * p).sum(axis=1).mean())
 
 
-def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0, scales: Sequence[float] | None = None,
-                             biases: Sequence[float] | None = None) -> np.ndarray:
+def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0,
+                             scales: Sequence[float] | np.ndarray | None = None,
+                             biases: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
     """``softmax(logits / T)`` ``[N, K]``, or ``softmax(scales * logits + biases)`` when ``scales`` are given
     (vector scaling; ``biases`` default to zero), computed stably in float64."""
     z = np.asarray(logits, np.float64)
