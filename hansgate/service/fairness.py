@@ -235,7 +235,7 @@ def estimated_table(expected_tp: Mapping[tuple[str, str, str], float],
     """The ``estimated`` list of ``/compliance``: label-free recall beside realized recall, per subgroup and class.
 
     ``realized[(a, v, k)] = (tp, tp + fn)`` from feedback. ``trusted`` is false when the bundle carries no
-    temperature, when the subgroup has fewer than ``min_samples`` rows, or when a watched concept is present
+    calibration, when the subgroup has fewer than ``min_samples`` rows, or when a watched concept is present
     in more than ``presence_bound`` of its rows (calibration was fitted on data without it).
     """
     entries: list[EstimatedEntry] = []
