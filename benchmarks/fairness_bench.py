@@ -7,7 +7,10 @@ bundle's temperature is fitted. ``--calibration-data deployment`` (default) give
 deployment's make-up, the artifact on a seeded ``site_b_share`` of it as at site B, so that it
 represents the stream the estimate is made on; ``clean`` keeps it artifact-free (the first
 version). ``--calibration-objective`` picks the fit (``hansgate.calibration``: ``brier`` by
-default, ``nll``). Two bundles are served — the third party's original model
+default, ``nll``), ``--calibration-family`` the family: ``auto`` (default) lets grouped 5-fold
+cross-validation on the calibration split alone choose between temperature scaling and vector
+scaling at each ridge penalty (the two jittered copies of a source digit stay in one fold);
+``temperature`` is the first version's single temperature. Two bundles are served — the third party's original model
 and the PCA-EGEM refinement, each watching the artifact — through the gateway's ASGI app
 in-process, and the deploy split is streamed with every row's ``site`` and ``stroke``:
 
@@ -19,9 +22,12 @@ in-process, and the deploy split is streamed with every row's ``site`` and ``str
    positives, for all such cells and for the cells the gateway marks trusted.
 3. ``offline``: the same estimator recomputed from each model's logits (checked against the
    gateway's figures) for every calibration choice (clean or deployment-like split, NLL or
-   Brier fit), the noise floor (labels drawn from the calibrated probabilities themselves), and
-   a bound no temperature can beat: the best MAE over temperatures chosen *on the deploy
-   stream itself* (an oracle, not a method).
+   Brier fit, temperature or the cross-validated family), vector scaling at every fixed penalty
+   (the regularisation path, for reading, not for choosing), the served fit under other
+   fold seeds, the noise floor (labels drawn from the calibrated probabilities themselves), a
+   bound no temperature can beat: the best MAE over temperatures chosen *on the deploy stream
+   itself* (an oracle, not a method), and per class the recall and the uncalibrated estimate on
+   the calibration split and on the deploy stream by site (where the hold-out misjudges a class).
 
 Usage: python benchmarks/fairness_bench.py --out benchmarks/results/fairness.json
 """
@@ -45,9 +51,9 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hansgate.calibration import calibrated_probabilities, fit_temperature  # noqa: E402
+from hansgate.calibration import PENALTIES, calibrated_probabilities, fit_calibration, fit_vector_scaling  # noqa: E402
 from hansgate.data.digits import CleverHansConfig, make_clever_hans  # noqa: E402
-from hansgate.manifest import CalibrationSpec, InputSpec, SourceModel, SubgroupAttribute  # noqa: E402
+from hansgate.manifest import InputSpec, SourceModel, SubgroupAttribute  # noqa: E402
 from hansgate.nn.training import predict_logits  # noqa: E402
 from hansgate.nn.models import state_dict_sha256  # noqa: E402
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept  # noqa: E402
@@ -60,20 +66,24 @@ from hansgate.service.config import GatewayConfig  # noqa: E402
 from hansgate.service.gateway import Gateway  # noqa: E402
 
 
-def calibration_sets(data: Any, seed: int) -> dict[str, torch.Tensor]:
-    """The calibration images: ``clean`` as drawn, ``deployment`` with the artifact on a seeded
-    ``site_b_share`` of them (the deploy stream's make-up; other digits than the deploy stream's)."""
-    at_b = torch.rand(len(data.y_calib), generator=torch.Generator().manual_seed(seed + 1)) < data.config.site_b_share
-    return {"clean": data.x_calib, "deployment": data.artifact.apply_where(data.x_calib, at_b)}
+def calibration_at_b(data: Any) -> torch.Tensor:
+    """Which calibration images carry the artifact in the ``deployment`` split: a seeded ``site_b_share``."""
+    gen = torch.Generator().manual_seed(data.config.seed + 1)
+    return torch.rand(len(data.y_calib), generator=gen) < data.config.site_b_share
 
 
-def fitted(logits: np.ndarray, y: np.ndarray, objective: Any) -> CalibrationSpec:
-    c = fit_temperature(logits, y, objective=objective)
-    return CalibrationSpec(temperature=c.temperature, ece_before=c.ece_before, ece_after=c.ece_after,
-                           nll_before=c.nll_before, nll_after=c.nll_after, samples=c.n, bins=c.bins)
+def calibration_sets(data: Any) -> dict[str, torch.Tensor]:
+    """The calibration images: ``clean`` as drawn, ``deployment`` with the artifact on ``calibration_at_b``
+    (the deploy stream's make-up; other digits than the deploy stream's)."""
+    return {"clean": data.x_calib, "deployment": data.artifact.apply_where(data.x_calib, calibration_at_b(data))}
 
 
-def make_bundles(seed: int, calibration_share: float, calibration_data: str, objective: str, out: Path,
+def source_groups(data: Any) -> np.ndarray:
+    """The source digit of each calibration image (``test_copies`` jittered copies, tiled)."""
+    return np.arange(len(data.y_calib)) % (len(data.y_calib) // data.config.test_copies)
+
+
+def make_bundles(seed: int, calibration_share: float, calibration_data: str, objective: str, family: str, out: Path,
                  log: Any) -> tuple[Any, dict[str, Path], dict[str, dict[str, np.ndarray]]]:
     data = make_clever_hans(CleverHansConfig(seed=seed, calibration_share=calibration_share))
     original = train_demo_model(BenchmarkConfig(), data, seed)
@@ -86,15 +96,16 @@ def make_bundles(seed: int, calibration_share: float, calibration_data: str, obj
                  SubgroupAttribute(name="stroke", values=["thick", "thin"])]
     paths = {}
     logits: dict[str, dict[str, np.ndarray]] = {}
-    sets = calibration_sets(data, seed)
+    sets = calibration_sets(data)
     for name, result in (("original", identity), ("pca-egem", refined)):
         watched = watch_concept(result.model, "corner", xr, data.artifact.apply(xr), xr, yr, data.classes,
                                 pooling="none", seed=seed)
         logits[name] = {k: predict_logits(result.model, x).double().numpy() for k, x in sets.items()}
         logits[name]["deploy"] = predict_logits(result.model, data.x_deploy).double().numpy()
-        calibration = fitted(logits[name][calibration_data], data.y_calib.numpy(), objective)
-        log(f"{name}: temperature {calibration.temperature:.3f}, ECE {calibration.ece_before:.3f} -> "
-            f"{calibration.ece_after:.3f}")
+        calibration = fit_calibration(logits[name][calibration_data], data.y_calib.numpy(), family,  # type: ignore[arg-type]
+                                      objective, groups=source_groups(data), seed=seed).as_spec()  # type: ignore[arg-type]
+        log(f"{name}: {calibration.family} (penalty {calibration.penalty}), temperature {calibration.temperature:.3f}, "
+            f"ECE {calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         bundle = build_bundle(out / name, result, x_check=data.x_test[:256], classes=data.classes, input_spec=spec,
                               source=SourceModel(spec="builtin:small_vgg", sha256=state_dict_sha256(original)),
                               subgroups=subgroups, concepts=ConceptHeads([watched]), calibration=calibration)
@@ -123,42 +134,85 @@ def mae(cells: dict[tuple[str, str, str], tuple[float, float]]) -> float:
     return statistics.fmean(abs(e - r) for e, r in cells.values())
 
 
+def class_diagnosis(logits: dict[str, np.ndarray], data: Any, calib_split: str) -> dict[str, Any]:
+    """Per class: recall and the uncalibrated (T = 1) estimate on the calibration split and on the deploy
+    stream by site: where the hold-out and the deployment disagree, no hold-out calibration can follow."""
+    at_b = calibration_at_b(data).numpy()
+    parts = {"calibration/A": (logits[calib_split], data.y_calib.numpy(), ~at_b),
+             "calibration/B": (logits[calib_split], data.y_calib.numpy(), at_b)}
+    site = np.asarray(data.attributes_deploy["site"])
+    parts.update({f"deploy/{v}": (logits["deploy"], data.y_deploy.numpy(), site == v) for v in ("A", "B")})
+    out: dict[str, Any] = {}
+    for part, (z, y, m) in parts.items():
+        pred, probs = z.argmax(1), calibrated_probabilities(z)
+        for c, name in enumerate(data.classes):
+            pos = m & (y == c)
+            tp, fn = probs[m & (pred == c), c].sum(), probs[m & (pred != c), c].sum()
+            out.setdefault(name, {})[part] = {"positives": int(pos.sum()),
+                                              "recall": float((pred[pos] == c).mean()) if pos.any() else None,
+                                              "estimate_t1": float(tp / (tp + fn)) if tp + fn > 0 else None}
+    return out
+
+
 def offline(logits: dict[str, np.ndarray], data: Any, min_positives: int, served: dict[str, Any],
-            seed: int) -> dict[str, Any]:
-    """Calibration choices, noise floor and the oracle bound for one model (module doc, item 3)."""
+            seed: int, args: Any) -> dict[str, Any]:
+    """Calibration choices, regularisation path, noise floor and the oracle bound for one model (module doc, item 3)."""
     y, yc = data.y_deploy.numpy(), data.y_calib.numpy()
     attrs = {k: np.asarray(v) for k, v in data.attributes_deploy.items()}
     pred = logits["deploy"].argmax(1)
+    groups = source_groups(data)
+
+    def cells(probs: np.ndarray) -> dict[tuple[str, str, str], tuple[float, float]]:
+        return cell_estimates(probs, pred, y, attrs, data.classes, min_positives)
 
     def at(t: float) -> dict[tuple[str, str, str], tuple[float, float]]:
-        return cell_estimates(calibrated_probabilities(logits["deploy"], t), pred, y, attrs, data.classes,
-                              min_positives)
+        return cells(calibrated_probabilities(logits["deploy"], t))
 
     choices = {}
     for split in ("clean", "deployment"):
         for objective in ("nll", "brier"):
-            t = fit_temperature(logits[split], yc, objective=objective).temperature  # type: ignore[arg-type]
-            choices[f"{split}/{objective}"] = {"temperature": t, "mean_abs_error": mae(at(t))}
-    served_cells = at(served["temperature"])
+            for family in ("temperature", "auto"):
+                c = fit_calibration(logits[split], yc, family, objective, groups=groups, seed=seed)  # type: ignore[arg-type]
+                choices[f"{split}/{objective}/{family}"] = {
+                    "family": c.family, "penalty": c.penalty, "temperature": c.temperature,
+                    "mean_abs_error": mae(cells(c.probabilities(logits["deploy"])))}
+    z_cal = logits[args.calibration_data]
+    path = {f"{lam:g}": mae(cells(fit_vector_scaling(z_cal, yc, lam, objective=args.calibration_objective)
+                                  .probabilities(logits["deploy"]))) for lam in PENALTIES}
+    fold_seeds = {}
+    for s in range(1, 5):
+        c = fit_calibration(z_cal, yc, args.calibration_family, args.calibration_objective, groups=groups, seed=seed + s)
+        fold_seeds[str(seed + s)] = {"family": c.family, "penalty": c.penalty,
+                                     "mean_abs_error": mae(cells(c.probabilities(logits["deploy"])))}
+    spec = served["calibration"]
+    probs = calibrated_probabilities(logits["deploy"], spec["temperature"], spec.get("scales"), spec.get("biases"))
+    served_cells = cells(probs)
     gateway_gap = max(abs(served_cells[(c["attribute"], c["value"], c["class"])][0] - c["estimated"])
                       for c in served["cells"])
     grid = np.geomspace(0.2, 5.0, 241)
     oracle = [mae(at(float(t))) for t in grid]
-    probs = calibrated_probabilities(logits["deploy"], served["temperature"])
     rng = np.random.default_rng(seed)
     floor = []
     for _ in range(200):  # labels drawn from the calibrated probabilities: what realized recall's noise alone gives
         drawn = (rng.random(len(probs))[:, None] > np.cumsum(probs, 1)).sum(1).clip(0, probs.shape[1] - 1)
         floor.append(mae(cell_estimates(probs, pred, drawn, attrs, data.classes, min_positives)))
-    cells = at(served["temperature"])
+
+    def by_class(c: dict[tuple[str, str, str], tuple[float, float]]) -> dict[str, float]:
+        return {k: statistics.fmean(abs(e - r) for (_, _, kk), (e, r) in c.items() if kk == k)
+                for k in data.classes if any(kk == k for (_, _, kk) in c)}
+
     return {
         "calibration_choices": choices,
+        "vector_scaling_path_mean_abs_error": path,
+        "served_family_other_fold_seeds": fold_seeds,
         "max_difference_to_gateway_estimate": gateway_gap,
         "noise_floor_mean_abs_error": statistics.fmean(floor),
         "oracle_temperature_on_deploy_stream": {"temperature": float(grid[int(np.argmin(oracle))]),
                                                 "mean_abs_error": float(min(oracle))},
-        "mean_abs_error_by_class": {c: statistics.fmean(abs(e - r) for (_, _, k), (e, r) in cells.items() if k == c)
-                                    for c in data.classes if any(k == c for (_, _, k) in cells)},
+        "mean_abs_error_by_class": by_class(served_cells),
+        "mean_abs_error_by_class_temperature_only": by_class(at(float(choices[  # type: ignore[arg-type]
+            f"{args.calibration_data}/{args.calibration_objective}/temperature"]["temperature"]))),
+        "class_diagnosis": class_diagnosis(logits, data, args.calibration_data),
     }
 
 
@@ -234,19 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-positives", type=int, default=30)
     p.add_argument("--calibration-data", choices=["deployment", "clean"], default="deployment")
     p.add_argument("--calibration-objective", choices=["brier", "nll"], default="brier")
+    p.add_argument("--calibration-family", choices=["auto", "vector", "temperature"], default="auto")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data, bundles, logits = make_bundles(args.seed, args.calibration_share, args.calibration_data,
-                                             args.calibration_objective, Path(tmp), lambda m: print(m, flush=True))
+                                             args.calibration_objective, args.calibration_family, Path(tmp), lambda m: print(m, flush=True))
         models = {name: asyncio.run(stream(path, Path(tmp) / f"state-{name}", data, args.batch, args.min_positives))
                   for name, path in bundles.items()}
         for name, path in bundles.items():
-            served = {"temperature": json.loads((path / "manifest.json").read_text())["calibration"]["temperature"],
+            served = {"calibration": json.loads((path / "manifest.json").read_text())["calibration"],
                       "cells": models[name]["cells"]}
-            models[name]["temperature"] = served["temperature"]
-            models[name]["offline"] = offline(logits[name], data, args.min_positives, served, args.seed)
+            models[name]["calibration"] = served["calibration"]
+            models[name]["offline"] = offline(logits[name], data, args.min_positives, served, args.seed, args)
     refined = models["pca-egem"]
     result = {
         "config": vars(args), "seconds": time.perf_counter() - t0, "models": models,

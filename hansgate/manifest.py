@@ -41,9 +41,10 @@ __all__ = [
 ]
 
 #: 1.1 adds ``calibration`` (temperature scaling); 1.2 adds ``verified_share``, each concept's
-#: ``layer_reason`` and ``refined`` (the served model's torch weights); older bundles load unchanged
-SCHEMA_VERSION = "1.2"
-KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1", "1.2"})
+#: ``layer_reason`` and ``refined`` (the served model's torch weights); 1.3 adds vector scaling to
+#: ``calibration`` (``family``, per-class ``scales`` and ``biases``, the fit's evidence); older bundles load unchanged
+SCHEMA_VERSION = "1.3"
+KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1", "1.2", "1.3"})
 
 
 #: names served in responses and exported as label values: letters, digits, ``_ . + -`` and single
@@ -152,13 +153,18 @@ class Evaluation(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    """Temperature scaling (Guo et al. 2017) fitted at refine time on held-out labelled data.
+    """Post-hoc calibration (Guo et al. 2017) fitted at refine time on held-out labelled data.
 
     The hold-out is taken before verification, so it holds the model's mistakes too.
 
-    The gateway's label-free recall estimate uses ``softmax(logits / temperature)``; the
-    expected calibration error (``bins`` equal-width bins) and the negative log-likelihood
-    before and after are the evidence, on ``samples`` held-out images.
+    The gateway's label-free recall estimate uses ``softmax(logits / temperature)`` when
+    ``family`` is ``temperature`` (every bundle before schema 1.3), and ``softmax(scales * logits
+    + biases)`` (vector scaling, one scale and bias per class, in the manifest's class order)
+    when it is ``vector``; ``temperature`` is then the temperature the vector fit was shrunk
+    towards. The expected calibration error (``bins`` equal-width bins) and the negative
+    log-likelihood before and after are the evidence, on ``samples`` held-out images;
+    ``objective`` is what the fit minimised, ``penalty`` vector scaling's ridge weight and
+    ``cv_scores`` the cross-validated objective of each candidate the family was chosen from.
     """
 
     temperature: float = Field(gt=0.0)
@@ -168,6 +174,28 @@ class CalibrationSpec(_Strict):
     nll_after: float = Field(ge=0.0)
     samples: int = Field(ge=2)
     bins: int = Field(ge=1)
+    family: Literal["temperature", "vector"] = "temperature"
+    scales: list[float] | None = Field(None, min_length=2, max_length=1000)
+    biases: list[float] | None = Field(None, min_length=2, max_length=1000)
+    penalty: float | None = Field(None, gt=0.0)
+    objective: Literal["nll", "brier"] | None = None
+    cv_scores: dict[Text, Annotated[float, Field(ge=0.0)]] | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _family_parameters(self) -> "CalibrationSpec":
+        vector = self.scales is not None or self.biases is not None or self.penalty is not None
+        if self.family == "temperature" and vector:
+            raise ValueError("temperature calibration takes no scales, biases or penalty")
+        if self.family == "vector":
+            if self.scales is None or self.biases is None:
+                raise ValueError("vector calibration needs scales and biases")
+            if len(self.scales) != len(self.biases):
+                raise ValueError(f"vector calibration has {len(self.scales)} scales but {len(self.biases)} biases")
+        return self
+
+    def is_extended(self) -> bool:
+        """Whether it uses anything schema 1.3 added (``Manifest`` refuses that in older schemas)."""
+        return self.family != "temperature" or self.objective is not None or self.cv_scores is not None
 
 
 class ConceptSpec(_Strict):
@@ -322,6 +350,14 @@ class Manifest(_Strict):
     def _consistent(self) -> "Manifest":
         if self.calibration is not None and self.schema_version == "1.0":
             raise ValueError("calibration needs manifest schema 1.1 or later")
+        if self.calibration is not None and self.calibration.is_extended() and \
+                self.schema_version in ("1.0", "1.1", "1.2"):
+            raise ValueError("vector calibration (family, scales, biases, objective, cv_scores) needs manifest "
+                             "schema 1.3 or later")
+        if self.calibration is not None and self.calibration.scales is not None and \
+                len(self.calibration.scales) != len(self.classes):
+            raise ValueError(f"vector calibration has {len(self.calibration.scales)} scales for "
+                             f"{len(self.classes)} classes")
         newer = self.verified_share is not None or any(c.layer_reason is not None for c in self.concepts)
         if newer and self.schema_version in ("1.0", "1.1"):
             raise ValueError("verified_share and layer_reason need manifest schema 1.2 or later")

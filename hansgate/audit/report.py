@@ -280,7 +280,8 @@ def render_figures(report: dict[str, Any], data: FigureData) -> dict[str, dict[s
         fig, ax = plt.subplots(figsize=(4.2, 4))
         plotted: dict[str, list[tuple[float, float]]] = {}
         for key, label, colour in (("reliability_raw", "raw", "#9ecae1"),
-                                   ("reliability_calibrated", f"T = {cal['temperature']:.3g}", "#08519c")):
+                                   ("reliability_calibrated", cal.get("label") or f"T = {cal['temperature']:.3g}",
+                                    "#08519c")):
             pts = [(b["confidence"], b["accuracy"]) for b in cal[key] if b["count"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour, label=label, ms=4)
             plotted[key] = pts

@@ -95,7 +95,8 @@ def predictions_section(predictors: Mapping[str, PredictFn], x: AuditedImages, y
 @dataclass(frozen=True)
 class CalibrationSection:
     """The bundle's calibration on the audited data: ECE and reliability bins without and with the manifest's
-    temperature (``T``), beside the ECE the refine step measured on its held-out data."""
+    calibration (the one the gateway uses: temperature ``T``, or vector scaling's per-class ``scales`` and
+    ``biases``), beside the ECE the refine step measured on its held-out data. ``label`` names it in one line."""
 
     temperature: float
     bins: int
@@ -106,21 +107,33 @@ class CalibrationSection:
     reliability_raw: list[ReliabilityBin]
     reliability_calibrated: list[ReliabilityBin]
     status: str = "done"
+    family: str = "temperature"
+    scales: list[float] | None = None
+    biases: list[float] | None = None
+    penalty: float | None = None
+    label: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def calibration_section(bundle: Bundle, logits: np.ndarray, y: np.ndarray) -> CalibrationSection | Skipped:
-    """Reliability of the audited bundle's probabilities, raw and at the manifest's temperature (Guo et al. 2017)."""
+    """Reliability of the audited bundle's probabilities, raw and under the manifest's calibration (Guo et al.
+    2017: temperature or vector scaling, whichever the bundle records)."""
     spec = bundle.manifest.calibration
     if spec is None:
-        return Skipped("the bundle records no calibration temperature (manifest schema 1.0, or refined with "
-                       "--calibration-share 0), so only its raw probabilities could be judged")
-    raw, calibrated = calibrated_probabilities(logits), calibrated_probabilities(logits, spec.temperature)
+        return Skipped("the bundle records no calibration, neither temperature nor vector scaling (manifest schema "
+                       "1.0, or refined with --calibration-share 0), so only its raw probabilities could be judged")
+    vector = spec.family == "vector"
+    raw = calibrated_probabilities(logits)
+    calibrated = calibrated_probabilities(logits, spec.temperature, spec.scales if vector else None,
+                                          spec.biases if vector else None)
+    label = f"vector scaling, penalty {spec.penalty or 0:.3g}" if vector else f"T = {spec.temperature:.3g}"
     return CalibrationSection(spec.temperature, spec.bins, expected_calibration_error(raw, y, spec.bins),
                               expected_calibration_error(calibrated, y, spec.bins), spec.ece_before, spec.ece_after,
-                              reliability_bins(raw, y, spec.bins), reliability_bins(calibrated, y, spec.bins))
+                              reliability_bins(raw, y, spec.bins), reliability_bins(calibrated, y, spec.bins),
+                              family=spec.family, scales=spec.scales if vector else None,
+                              biases=spec.biases if vector else None, penalty=spec.penalty, label=label)
 
 
 @dataclass(frozen=True)

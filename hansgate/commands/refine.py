@@ -29,8 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel the model expects")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std per channel the model expects")
     p.add_argument("--calibration-share", type=float, default=0.2,
-                   help="share of the labelled data held out to fit temperature scaling, recorded in the manifest "
+                   help="share of the labelled data held out to fit the calibration recorded in the manifest "
                         "for the gateway's label-free recall estimate (default 0.2; 0 fits none)")
+    p.add_argument("--calibration", choices=["auto", "vector", "temperature"], default="auto",
+                   help="calibration family: temperature scaling (one T), vector scaling (a scale and bias per "
+                        "class, ridge-shrunk towards T), or auto (default): whichever family and penalty "
+                        "5-fold cross-validation on the hold-out prefers")
+    p.add_argument("--calibration-objective", choices=["nll", "brier"], default="nll",
+                   help="what the calibration fit and its cross-validation minimise (default nll)")
     p.add_argument("--min-verified-share", type=float, default=0.5,
                    help="refuse when the model predicts fewer than this share of --data correctly (default 0.5)")
     p.add_argument("--force", action="store_true",
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from hansgate.calibration import CalibrationFit
     from hansgate.errors import ConfigError
     from hansgate.refinement.clarc import ClarcConfig
     from hansgate.refinement.concept_refine import parse_concept_args
@@ -94,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         concepts=parse_concept_args(args.concept), overwrite=args.overwrite, progress=not args.quiet,
         calibration_share=args.calibration_share,
         guards=GuardConfig(min_verified_share=args.min_verified_share, force=args.force),
-        signing_key=args.sign_key, log=lambda msg: say(msg, args.quiet))
+        signing_key=args.sign_key, log=lambda msg: say(msg, args.quiet),
+        calibration_fit=CalibrationFit(family=args.calibration, objective=args.calibration_objective))
     print(json.dumps(summary, indent=2, default=str))
     print(f"bundle written to {bundle.path}")
     return 0

@@ -14,10 +14,11 @@
    and warn when the pixels contradict the declared normalisation.
 3. **fit**: the method from ``refinement.registry``; watched concepts are fitted on the
    refined model (``refinement.concept_heads``).
-4. **evaluate**: accuracy before and after on every split given; temperature scaling
-   (``refinement.calibration``) fitted on a held-out share of the labelled data, taken before
-   verification so that it holds the model's mistakes too (verified samples are all right,
-   and would drive the temperature towards zero).
+4. **evaluate**: accuracy before and after on every split given; post-hoc calibration
+   (``hansgate.calibration``: temperature or vector scaling, chosen by cross-validation on the
+   hold-out) fitted on a held-out share of the labelled data, taken before verification so
+   that it holds the model's mistakes too (verified samples are all right, and would drive
+   the temperature towards zero).
 5. **hash**: the source model's identity, ``nn.models.source_sha256`` (the audit checks the same).
 6. **bundle** (``build_bundle``): the normalisation is baked into the exported graph
    (``nn.normalisation.Normalised``) whenever it is not the identity, so every bundle takes
@@ -58,7 +59,7 @@ from hansgate.nn.models import load_model, source_sha256
 from hansgate.nn.normalisation import Normalised
 from hansgate.nn.training import accuracy, predict_logits
 from hansgate.nn.units import refined_weights
-from hansgate.calibration import fit_temperature
+from hansgate.calibration import CalibrationFit, fit_calibration
 from hansgate.refinement.clarc import ConceptData
 from hansgate.refinement.concept_heads import ConceptHeads, watch_concept
 from hansgate.refinement.concept_refine import load_concept
@@ -68,7 +69,7 @@ from hansgate.refinement.methods import RefinementResult
 from hansgate.refinement.refiners import RefineData, Refiner, RefinerConfig
 from hansgate.refinement.registry import get_refiner
 
-__all__ = ["DataOptions", "Inputs", "Images", "verified_subset", "per_class_subset", "calibration_split",
+__all__ = ["DataOptions", "Inputs", "Images", "verified_subset", "per_class_subset", "calibration_split", "calibration_spec",
            "load_inputs", "stream_logits", "bundle_graph", "build_bundle", "refine", "refine_from_files"]
 
 #: The pixel range every bundle declares (``InputSpec.value_range``): raw pixels scaled to [0, 1].
@@ -229,7 +230,7 @@ def per_class_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int
 
 def calibration_split(x: Images, y: torch.Tensor, share: float, seed: int
                       ) -> tuple[tuple[Images, torch.Tensor], tuple[Images, torch.Tensor] | None]:
-    """``(kept, held_out)``: a seeded share of the labelled samples held out for temperature scaling.
+    """``(kept, held_out)``: a seeded share of the labelled samples held out for calibration.
 
     ``held_out`` is ``None`` when the share would hold fewer than ``MIN_CALIBRATION_SAMPLES``;
     lazy images give index sets into the same files.
@@ -242,11 +243,14 @@ def calibration_split(x: Images, y: torch.Tensor, share: float, seed: int
     return (select(x, kept), y[kept]), (select(x, held), y[held])
 
 
-def calibration_spec(model: nn.Module, x: Images, y: torch.Tensor) -> CalibrationSpec:
-    """The NLL-optimal temperature of ``model`` on held-out ``x`` (model space), ``y``, as the manifest records it."""
-    c = fit_temperature(stream_logits(model, x).double().numpy(), y.numpy())
-    return CalibrationSpec(temperature=c.temperature, ece_before=c.ece_before, ece_after=c.ece_after,
-                           nll_before=c.nll_before, nll_after=c.nll_after, samples=c.n, bins=c.bins)
+def calibration_spec(model: nn.Module, x: Images, y: torch.Tensor, fit: CalibrationFit | None = None
+                     ) -> CalibrationSpec:
+    """The calibration of ``model`` on held-out ``x`` (model space), ``y`` as the manifest records it:
+    ``fit``'s family (default: temperature or vector scaling, whichever cross-validates better)."""
+    f = fit or CalibrationFit()
+    c = fit_calibration(stream_logits(model, x).double().numpy(), y.numpy(), f.family, f.objective,
+                        folds=min(f.folds, len(y)))
+    return c.as_spec()
 
 
 def bundle_graph(model: nn.Module, concepts: ConceptHeads | None = None) -> tuple[nn.Module, list[str]]:
@@ -342,10 +346,12 @@ def _pixel_check(inputs: Inputs[Any], guards: GuardConfig) -> list[str]:
 def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weights: str | None, out: str | Path,
            config: RefinerConfig | None = None, overwrite: bool = False, progress: bool = False,
            log: Log | None = None, calibration_share: float = 0.2, guards: GuardConfig | None = None,
-           signing_key: str | Path | None = None) -> tuple[Bundle, dict[str, Any]]:
+           signing_key: str | Path | None = None,
+           calibration_fit: CalibrationFit | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Steps 2-6 (module docstring) for any registered method; returns the bundle and a JSON-able summary.
 
-    ``calibration_share`` of the labelled data is held out for temperature scaling (0 fits none).
+    ``calibration_share`` of the labelled data is held out for calibration (0 fits none), fitted as
+    ``calibration_fit`` says.
     ``guards``: the refusals and warnings of ``refinement.guards`` (warnings go to ``log``).
     ``signing_key``: an Ed25519 private key file; the bundle is signed right after it is written
     and checked against the key's public half.
@@ -401,7 +407,7 @@ def refine(refiner: Refiner | str, inputs: Inputs[Any], *, model_spec: str, weig
                             after=_scores(result.model, inputs, x, y, train_key))
     source = SourceModel(spec=model_spec, sha256=source_sha256(model_spec, weights, model),
                          weights=str(weights) if weights else None)
-    calibration = calibration_spec(result.model, *held_out) if held_out is not None else None
+    calibration = calibration_spec(result.model, *held_out, calibration_fit) if held_out is not None else None
     x_check = inputs.x[:256]
     assert isinstance(x_check, torch.Tensor)
     bundle = build_bundle(out, result, x_check=x_check, classes=inputs.classes,
@@ -424,11 +430,12 @@ def refine_from_files(*, model_spec: str, weights: str | None, data: str, out: s
                       overwrite: bool = False, progress: bool = False,
                       calibration_share: float = 0.2, guards: GuardConfig | None = None,
                       signing_key: str | Path | None = None, stream: bool = True,
-                      log: Log | None = None) -> tuple[Bundle, dict[str, Any]]:
+                      log: Log | None = None, calibration_fit: CalibrationFit | None = None
+                      ) -> tuple[Bundle, dict[str, Any]]:
     """``hansgate refine``: every step from files to the bundle, for any pruning or concept method."""
     refiner = get_refiner(method, "pruning", "concept")
     inputs = load_inputs(data, options, test_data=test_data, poisoned_data=poisoned_data, concepts=concepts,
                          stream=stream, log=log)
     return refine(refiner, inputs, model_spec=model_spec, weights=weights, out=out, config=config,
                   overwrite=overwrite, progress=progress, calibration_share=calibration_share, guards=guards,
-                  signing_key=signing_key, log=log)
+                  signing_key=signing_key, log=log, calibration_fit=calibration_fit)

@@ -10,12 +10,13 @@ the four-fifths rule, and calibrated label-free recall per subgroup.
   the attribute's values for that class is the disparate-impact ratio (US four-fifths rule:
   flagged below 0.8), guarded by a minimum sample count on every subgroup involved.
 - **Label-free recall** (confidence-based estimation): with calibrated probabilities
-  ``p = softmax(logits / T)`` (``T`` fitted at refine time), a row predicted ``k`` adds
+  ``p = softmax(logits / T)`` (``T`` fitted at refine time), or ``p = softmax(s * logits + b)``
+  with one scale and bias per class (vector scaling, ``Calibrator``), a row predicted ``k`` adds
   ``p_k`` to the expected true positives of ``k`` and a row predicted otherwise adds
   ``p_k`` to the expected false negatives of ``k``; ``tp_hat / (tp_hat + fn_hat)`` estimates
   recall. It assumes calibration holds on the deployed data; where a watched concept
   (a known shortcut) is present in more than ``presence_bound`` of a subgroup's rows, the
-  data left the distribution the temperature was fitted on, and the estimate is marked
+  data left the distribution the calibration was fitted on, and the estimate is marked
   untrusted.
 """
 
@@ -27,9 +28,11 @@ from typing import Mapping, Sequence, TypedDict
 
 import numpy as np
 
-from hansgate.errors import RequestError
+from hansgate.errors import BundleError, RequestError
+from hansgate.manifest import CalibrationSpec
 
 __all__ = [
+    "Calibrator",
     "ATTRIBUTE_HEADER",
     "Declared",
     "check_attributes",
@@ -97,6 +100,35 @@ def row_attributes(attributes: Mapping[str, object] | Sequence[Mapping[str, obje
         raise RequestError(f"attributes: {len(attributes)} objects for {n_rows} rows; send one per row or one "
                            "object for all", reason="bad_request")
     return [check_attributes(a, declared) for a in attributes]
+
+
+class Calibrator:
+    """The manifest's calibration as one affine map of the logits: ``softmax(scales * logits + biases)``.
+
+    Temperature scaling is ``scales = 1 / T``, ``biases = 0``; vector scaling (schema 1.3) reads
+    them per class. The manifest validated them already; they are checked again here (one
+    scale and one bias per class, finite) because a wrong length would broadcast silently.
+    """
+
+    def __init__(self, spec: CalibrationSpec, n_classes: int) -> None:
+        if spec.family == "vector":
+            scales = np.asarray(spec.scales if spec.scales is not None else [], np.float64)
+            biases = np.asarray(spec.biases if spec.biases is not None else [], np.float64)
+        else:
+            scales, biases = np.full(n_classes, 1.0 / spec.temperature), np.zeros(n_classes)
+        if scales.shape != (n_classes,) or biases.shape != (n_classes,):
+            raise BundleError(f"calibration has {scales.size} scales and {biases.size} biases for {n_classes} classes")
+        if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
+            raise BundleError("calibration scales and biases must be finite")
+        self.family = spec.family
+        self.scales, self.biases = scales, biases
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities ``[N, K]`` of ``logits [N, K]``, in float64."""
+        z = logits.astype(np.float64) * self.scales + self.biases
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
 @dataclass
@@ -203,7 +235,7 @@ def estimated_table(expected_tp: Mapping[tuple[str, str, str], float],
     """The ``estimated`` list of ``/compliance``: label-free recall beside realized recall, per subgroup and class.
 
     ``realized[(a, v, k)] = (tp, tp + fn)`` from feedback. ``trusted`` is false when the bundle carries no
-    temperature, when the subgroup has fewer than ``min_samples`` rows, or when a watched concept is present
+    calibration, when the subgroup has fewer than ``min_samples`` rows, or when a watched concept is present
     in more than ``presence_bound`` of its rows (calibration was fitted on data without it).
     """
     entries: list[EstimatedEntry] = []

@@ -29,6 +29,7 @@ from hansgate.errors import RequestError
 from hansgate.service.batching import MicroBatcher
 from hansgate.service.config import GatewayConfig, load_receipt_key
 from hansgate.service.fairness import (
+    Calibrator,
     FairnessThresholds,
     check_attributes,
     estimated_table,
@@ -108,7 +109,7 @@ class Gateway:
         #: declared subgroup attributes and their values (what a request may send)
         self.declared = {a.name: list(a.values) for a in self.manifest.subgroups}
         calibration = self.manifest.calibration
-        self._temperature = calibration.temperature if calibration is not None else None
+        self._calibrator = Calibrator(calibration, len(self._classes)) if calibration is not None else None
         self.fairness_thresholds = FairnessThresholds(cfg.disparate_impact_ratio, cfg.min_samples, cfg.presence_bound)
         # feedback touches SQLite (may wait on the other workers' writes): a small fixed pool keeps
         # it off the event loop without growing a thread (and a malloc arena) per concurrent request
@@ -210,7 +211,7 @@ class Gateway:
     def _observe_fairness(self, logits: np.ndarray, scores: np.ndarray | None, pred: np.ndarray,
                           attributes: list[dict[str, str]]) -> None:
         """Selection, calibrated expected tp/fn and concept presence per subgroup (``service.fairness``)."""
-        probs = _softmax(logits.astype(np.float64) / self._temperature) if self._temperature is not None else None
+        probs = self._calibrator(logits) if self._calibrator is not None else None
         present = scores > self._presence if scores is not None and len(self._concepts) else None
         self.metrics.fairness.observe(fairness_counts(pred, probs, present, attributes, self._classes,
                                                       self._concepts))
@@ -263,7 +264,7 @@ class Gateway:
         realized = {key: (o.tp, o.positives) for key, o in r.feedback.items() if key[0] != "_all"}
         selection = selection_table(f.predicted, f.rows, self.declared, self._classes, self.fairness_thresholds)
         estimated = estimated_table(f.expected_tp, f.expected_fn, realized, f.present, f.rows, self.declared,
-                                    self._classes, self._concepts, self._temperature is not None,
+                                    self._classes, self._concepts, self._calibrator is not None,
                                     self.fairness_thresholds)
         flags += [{"kind": flag, "attribute": e["attribute"], "value": e["value"], "class": e["class"]}
                   for e in selection for flag in e["flags"] if flag == "adverse_impact"]

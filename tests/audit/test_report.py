@@ -246,3 +246,21 @@ def test_cli_invalid_option_is_one_line_from_the_cli_layer(tmp_path, capsys):
     assert err == ["hansgate: error: invalid option recall_margin: Input should be less than 1"]
     assert main(args[:-2] + ["--parity-bound", "0"]) == 2
     assert "invalid option parity_bound" in capsys.readouterr().err and not out.exists()
+
+
+def test_calibration_paragraph_names_the_calibration_used(report):
+    """A bundle with vector scaling: the HTML says so and prints the ECE figures the section measured."""
+    import copy
+
+    from hansgate.audit.report import render_html
+
+    edited = copy.deepcopy(report)
+    edited["calibration"] = {"status": "done", "temperature": 0.92, "bins": 15, "ece_raw": 0.031, "ece_calibrated": 0.027,
+                             "manifest_ece_before": 0.028, "manifest_ece_after": 0.044, "reliability_raw": [],
+                             "reliability_calibrated": [], "family": "vector", "scales": [1.0] * 10,
+                             "biases": [0.0] * 10, "penalty": 0.01, "label": "vector scaling, penalty 0.01"}
+    html = render_html(edited, {k: {"png": b""} for k in report["figures"]})
+    assert "vector scaling (a scale and a bias per class" in html and "0.027 calibrated" in html
+    edited["calibration"].update(family="temperature", scales=None, biases=None, penalty=None, label="T = 0.92")
+    html = render_html(edited, {k: {"png": b""} for k in report["figures"]})
+    assert "records a temperature T = 0.92" in html and "vector scaling" not in html

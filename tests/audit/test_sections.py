@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from hansgate.audit.compliance import ComplianceThresholds
 from hansgate.audit.sections import (
@@ -96,3 +97,25 @@ def test_calibration_section_judges_raw_and_tempered_probabilities():
     assert len(section.reliability_raw) == 10 and section.as_dict()["status"] == "done"
     skipped = calibration_section(SimpleNamespace(manifest=SimpleNamespace(calibration=None)), logits, y)
     assert skipped.as_dict()["status"] == "skipped" and "temperature" in skipped.as_dict()["reason"]
+    assert section.family == "temperature" and section.scales is None and section.label == "T = 3"
+
+
+def test_calibration_section_uses_the_vector_scaling_the_bundle_records():
+    """The section judges the calibration the gateway uses: per-class scales and biases, not the temperature."""
+    from types import SimpleNamespace
+
+    from hansgate.audit.sections import calibration_section
+    from hansgate.calibration import calibrated_probabilities, expected_calibration_error
+    from hansgate.manifest import CalibrationSpec
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2000, 3)) * 2
+    scales, biases = [0.5, 1.0, 2.0], [0.3, 0.0, -0.3]
+    y = np.array([rng.choice(3, p=row) for row in calibrated_probabilities(logits, scales=scales, biases=biases)])
+    spec = CalibrationSpec(temperature=1.0, ece_before=0.2, ece_after=0.01, nll_before=1.0, nll_after=0.9,
+                           samples=500, bins=10, family="vector", scales=scales, biases=biases, penalty=0.01)
+    section = calibration_section(SimpleNamespace(manifest=SimpleNamespace(calibration=spec)), logits, y)
+    expected = expected_calibration_error(calibrated_probabilities(logits, scales=scales, biases=biases), y, 10)
+    assert section.ece_calibrated == pytest.approx(expected)
+    assert section.ece_calibrated != pytest.approx(section.ece_raw)  # T = 1 alone would change nothing
+    assert section.family == "vector" and section.scales == scales and section.label.startswith("vector scaling")

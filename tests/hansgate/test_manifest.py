@@ -130,7 +130,7 @@ def test_external_tensor_data_is_refused(bundle):
 
 def test_schema_1_0_manifests_written_before_these_checks_still_load(tiny):
     raw = json.loads((tiny / "manifest.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.3"
     raw["schema_version"] = "1.0"
     assert Manifest.model_validate(raw).classes == ["cat", "dog", "fox"]
 
@@ -145,6 +145,44 @@ def test_calibration_needs_schema_1_1(tiny):
             Manifest.model_validate({**raw, "calibration": {**raw["calibration"], **bad}})
     with pytest.raises(ValueError, match="schema 1.1"):
         Manifest.model_validate({**raw, "schema_version": "1.0"})
+
+
+_VECTOR = {"family": "vector", "scales": [0.9, 1.1, 1.0], "biases": [0.1, -0.2, 0.1], "penalty": 0.01,
+           "objective": "nll", "cv_scores": {"temperature": 0.5, "vector@0.01": 0.45}}
+
+
+def test_vector_calibration_needs_schema_1_3_and_one_finite_pair_per_class(tiny):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    plain = {"temperature": 1.5, "ece_before": 0.1, "ece_after": 0.02, "nll_before": 0.5, "nll_after": 0.4,
+             "samples": 100, "bins": 15}
+    m = Manifest.model_validate({**raw, "calibration": {**plain, **_VECTOR}})
+    assert m.calibration.family == "vector" and m.calibration.scales == [0.9, 1.1, 1.0]
+    assert Manifest.model_validate_json(m.model_dump_json()) == m
+    # a 1.1/1.2 temperature-only calibration keeps loading, under its own schema
+    for version in ("1.1", "1.2"):
+        old = Manifest.model_validate({**raw, "schema_version": version, "calibration": plain})
+        assert old.calibration.family == "temperature" and old.calibration.scales is None
+    with pytest.raises(ValueError, match="schema 1.3"):
+        Manifest.model_validate({**raw, "schema_version": "1.2", "calibration": {**plain, **_VECTOR}})
+    for bad, needle in (({"scales": [1.0, 1.0]}, "2 scales but 3 biases"),
+                        ({"scales": [1.0, 1.0], "biases": [0.0, 0.0]}, "2 scales for 3 classes"),
+                        ({"biases": [0.0, 0.0]}, "3 scales but 2 biases"),
+                        ({"scales": [1.0, float("nan"), 1.0]}, "finite"),
+                        ({"biases": [0.0, float("inf"), 0.0]}, "finite"),
+                        ({"biases": None}, "needs scales and biases"),
+                        ({"family": "temperature"}, "takes no scales"),
+                        ({"family": "matrix"}, "family"),
+                        ({"penalty": 0.0}, "greater than 0"),
+                        ({"objective": "ece"}, "objective")):
+        with pytest.raises(ValueError, match=needle):
+            Manifest.model_validate({**raw, "calibration": {**plain, **_VECTOR, **bad}})
+
+
+def test_a_bad_vector_calibration_on_disk_is_one_bundle_error(bundle):
+    plain = {"temperature": 1.5, "ece_before": 0.1, "ece_after": 0.02, "nll_before": 0.5, "nll_after": 0.4,
+             "samples": 100, "bins": 15}
+    _edit(bundle, lambda r: r.update(calibration={**plain, **_VECTOR, "scales": [1.0, math.inf, 1.0]}))
+    _refused(bundle, "calibration")
 
 
 _REFINED = {"file": "refined.safetensors", "sha256": "a" * 64,

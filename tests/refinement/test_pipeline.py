@@ -19,6 +19,7 @@ from hansgate.refinement.pipeline import (
     DataOptions,
     Inputs,
     build_bundle,
+    calibration_spec,
     calibration_split,
     load_inputs,
     per_class_subset,
@@ -161,7 +162,7 @@ def test_calibration_split_holds_out_a_seeded_share():
     assert calibration_split(x, y, 0.0, seed=1)[0][0] is x
 
 
-def test_refine_records_the_temperature_of_the_refined_model(grey_files, tmp_path):
+def test_refine_records_the_calibration_of_the_refined_model(grey_files, tmp_path):
     root, _, _ = grey_files
     bundle, summary = refine_from_files(model_spec="mnist_cnn", weights=str(root / "w.safetensors"),
                                         data=str(root / "data.npz"), out=tmp_path / "cal", method="rgem",
@@ -170,7 +171,30 @@ def test_refine_records_the_temperature_of_the_refined_model(grey_files, tmp_pat
     cal = bundle.manifest.calibration
     assert cal is not None and cal.samples == 27 and summary["n_verified"] == 63
     assert cal.nll_after <= cal.nll_before + 1e-9 and cal.temperature > 0
-    assert bundle.manifest.schema_version == "1.2" and summary["calibration"]["temperature"] == cal.temperature
+    assert bundle.manifest.schema_version == "1.3" and summary["calibration"]["temperature"] == cal.temperature
+    assert cal.family in ("temperature", "vector") and cal.cv_scores is not None and "temperature" in cal.cv_scores
+
+
+@pytest.mark.parametrize("family", ["temperature", "vector"])
+def test_calibration_spec_fits_the_family_asked_for(family):
+    """A linear model whose class 2 is under-confident: each family's spec, in the manifest's shape."""
+    from hansgate.calibration import CalibrationFit, calibrated_probabilities
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(300, 4)
+    with torch.no_grad():
+        z = model(x).double().numpy()
+    rng = np.random.default_rng(0)
+    truth = calibrated_probabilities(z, scales=[1.0, 1.0, 3.0], biases=[0.0, 0.0, 0.5])
+    y = torch.as_tensor([rng.choice(3, p=row) for row in truth])
+    spec = calibration_spec(model, x, y, CalibrationFit(family=family, objective="nll", folds=3))
+    assert spec.family == family and spec.samples == 300 and spec.objective == "nll"
+    if family == "vector":
+        assert len(spec.scales) == len(spec.biases) == 3 and spec.scales[2] > spec.scales[0]
+        assert set(spec.cv_scores) == {"vector@0.0001", "vector@0.001", "vector@0.01", "vector@0.1", "vector@1"}
+    else:
+        assert spec.scales is None and spec.cv_scores is None
 
 
 @pytest.fixture(scope="module")

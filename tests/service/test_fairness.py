@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hansgate.errors import RequestError
+from hansgate.errors import BundleError, RequestError
+from hansgate.manifest import CalibrationSpec
 from hansgate.service.fairness import (
+    Calibrator,
     FairnessThresholds,
     estimated_table,
     fairness_counts,
@@ -92,3 +94,32 @@ def test_estimate_is_untrusted_where_the_shortcut_is_present():
     assert (b["estimated_recall"], b["realized_recall"], b["labelled"], b["trusted"]) == (0.8, None, 0, False)
     uncalibrated = estimated_table(tp_hat, fn_hat, {}, {}, rows, declared, ["1"], [], calibrated=False)
     assert all(e["estimated_recall"] is None and not e["trusted"] for e in uncalibrated)
+
+
+_SPEC = dict(temperature=2.0, ece_before=0.1, ece_after=0.05, nll_before=1.0, nll_after=0.9, samples=50, bins=10)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), t=st.floats(0.2, 5.0))
+def test_calibrator_matches_the_offline_calibration(seed, t):
+    """The gateway's numpy map equals ``hansgate.calibration`` for both families (temperature as equal scales)."""
+    from hansgate.calibration import calibrated_probabilities
+
+    z = np.random.default_rng(seed).normal(size=(20, 3)).astype(np.float32) * 4
+    plain = Calibrator(CalibrationSpec(**{**_SPEC, "temperature": t}), 3)
+    np.testing.assert_allclose(plain(z), calibrated_probabilities(z, t), rtol=1e-10, atol=1e-14)
+    vector = CalibrationSpec(**_SPEC, family="vector", scales=[t, 1.0, 0.5], biases=[0.2, 0.0, -0.2])
+    np.testing.assert_allclose(Calibrator(vector, 3)(z), calibrated_probabilities(z, scales=vector.scales,
+                                                                                  biases=vector.biases),
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_calibrator_refuses_parameters_that_do_not_fit_the_classes():
+    vector = CalibrationSpec(**_SPEC, family="vector", scales=[1.0, 1.0], biases=[0.0, 0.0])
+    with pytest.raises(BundleError, match="2 scales and 2 biases for 3 classes"):
+        Calibrator(vector, 3)
+    # bypassing the manifest's validation (as a corrupted in-memory spec would) still fails here
+    broken = CalibrationSpec.model_construct(**_SPEC, family="vector", scales=[1.0, float("nan"), 1.0],
+                                             biases=[0.0, 0.0, 0.0])
+    with pytest.raises(BundleError, match="finite"):
+        Calibrator(broken, 3)

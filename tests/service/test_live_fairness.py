@@ -84,6 +84,52 @@ def test_estimated_recall_from_calibrated_probabilities(client):
     assert snap["calibration"]["temperature"] == CAL.temperature
 
 
+VECTOR = CalibrationSpec(temperature=2.0, ece_before=0.1, ece_after=0.02, nll_before=1.0, nll_after=0.9,
+                         samples=100, bins=15, family="vector", scales=[0.3, 1.0, 3.0], biases=[1.0, 0.0, -1.0],
+                         penalty=0.01, objective="nll")
+
+
+def test_estimated_recall_applies_the_bundles_per_class_scales_and_biases(gateway_factory, tmp_path):
+    """A vector-scaled bundle: expected tp/fn come from ``softmax(scales * logits + biases)`` over the served
+    (raw argmax) predictions, which no single temperature reproduces here."""
+    import onnxruntime as ort
+
+    bundle = make_bundle(tmp_path / "v", calibration=VECTOR)
+    c = Client(gateway_factory(bundle.path, max_batch=64, min_samples=5))
+    try:
+        rng = np.random.default_rng(4)
+        # brighter and darker rows (the bundle normalises by mean 0.5, std 0.25): two classes predicted
+        x = 0.5 + 0.25 * np.concatenate([rng.random((30, 1, 8, 8)), rng.random((30, 1, 8, 8)) ** 3])
+        preds = c.post("/predict", json={"tensor": x.tolist(), "attributes": {"site": "B"}}).json()["predictions"]
+        # the logits themselves (unequal scales do not commute with softmax's row constant): the graph on the
+        # normalised input, as the gateway runs it
+        session = ort.InferenceSession(str(bundle.path / "model.onnx"), providers=["CPUExecutionProvider"])
+        spec = bundle.manifest.input
+        feed = ((x - spec.mean[0]) / spec.std[0]).astype(np.float32)
+        logits = session.run(["logits"], {session.get_inputs()[0].name: feed})[0].astype(np.float64)
+        pred = np.asarray([p["class_index"] for p in preds])
+        assert (pred == logits.argmax(1)).all() and len(set(pred)) > 1
+        z = logits * np.asarray(VECTOR.scales) + np.asarray(VECTOR.biases)
+        vector = np.exp(z - z.max(1, keepdims=True))
+        vector /= vector.sum(1, keepdims=True)
+        tempered = np.exp(logits / VECTOR.temperature)
+        tempered /= tempered.sum(1, keepdims=True)
+        snap = c.get("/compliance").json()
+        moved = 0.0
+        for k, cls in enumerate(c.gw.manifest.classes):
+            e = next(e for e in snap["estimated"] if (e["attribute"], e["value"], e["class"]) == ("site", "B", cls))
+            tp, fn = vector[pred == k, k].sum(), vector[pred != k, k].sum()
+            if tp + fn == 0:
+                continue
+            assert e["estimated_recall"] == pytest.approx(tp / (tp + fn), rel=1e-4)
+            tp_t, fn_t = tempered[pred == k, k].sum(), tempered[pred != k, k].sum()
+            moved = max(moved, abs(e["estimated_recall"] - tp_t / (tp_t + fn_t)))
+        assert moved > 0.01
+        assert snap["calibration"]["family"] == "vector" and snap["calibration"]["scales"] == VECTOR.scales
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("attributes, status, reason", [
     ({"sex": "f"}, 422, "unknown_attribute"),
     ({"site": "C"}, 422, "unknown_value"),
