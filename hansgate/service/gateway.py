@@ -70,6 +70,23 @@ def _rows_json(a: np.ndarray) -> list[str]:
     return text[2:-2].split("],[")
 
 
+def _objects_json(keys: list[str], a: np.ndarray) -> list[str]:
+    """Each row of a finite ``[N, M]`` array as a JSON object over the JSON-encoded ``keys``
+    (``{"k1":0.5,"k2":-1.0}``): one encoder call for the array, one format per row."""
+    template = "{" + ",".join(f"{k}:%s" for k in keys) + "}"
+    if len(keys) == 1:
+        return [template % v for v in _rows_json(a)]
+    values = iter(",".join(_rows_json(a)).split(","))
+    return [template % row for row in zip(*[values] * len(keys))]
+
+
+def _signs(sensitivity: np.ndarray, pred: np.ndarray) -> str:
+    """The concept signs of every row, concatenated (``M`` characters a row): ``+`` where the
+    directional derivative of the predicted class's logit is positive (TCAV, Kim et al. 2018, Eq. 2)."""
+    own = sensitivity[np.arange(len(pred)), :, pred]  # [N, M]
+    return np.where(own > 0, ord("+"), ord("-")).astype(np.uint8).tobytes().decode("ascii")
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     e = np.exp(z)
@@ -103,7 +120,7 @@ class Gateway:
         self._classes = self.manifest.classes
         self._concepts = [c.name for c in self.manifest.concepts]
         # JSON-encoded names, once: the response is written directly on the hot path
-        self._class_keys = [json.dumps(c) for c in self._classes]
+        self._class_parts = [f'"class_index":{i},"class":{json.dumps(c)}' for i, c in enumerate(self._classes)]
         self._concept_keys = [json.dumps(c) for c in self._concepts]
         self._class_index = {c: i for i, c in enumerate(self._classes)}
         #: declared subgroup attributes and their values (what a request may send)
@@ -137,23 +154,30 @@ class Gateway:
         return out
 
     def _run_batch(self, jobs: Sequence[_Job]) -> list[bytes | RequestError]:
+        """Run the jobs as one batch; each job's JSON reply (or its ``RequestError``).
+
+        Per row, only what must be per row runs in Python (its receipt's HMAC and one format of
+        its reply); signs, concept objects and probabilities are built for the whole batch, the
+        store takes one row per request in one transaction, metrics one increment per class.
+        """
         x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
         t0 = time.perf_counter()
         out = self.runtime.run(x)
         seconds = time.perf_counter() - t0
         logits, scores, sens = out.logits, out.concept_scores, out.concept_sensitivity
-        # rows whose outputs are not all finite are refused (never counted, never answered with NaN)
-        finite = np.isfinite(logits).all(1)
-        if scores is not None:
-            finite &= np.isfinite(scores).all(1)
-        if sens is not None:
-            finite &= np.isfinite(sens).reshape(len(x), -1).all(1)
         sizes = [len(j.x) for j in jobs]
-        bounds = [0, *itertools.accumulate(sizes)]
-        ok_job = [bool(finite[a:b].all()) for a, b in zip(bounds[:-1], bounds[1:])] if not finite.all() \
-            else [True] * len(jobs)
-        keep = np.repeat(np.asarray(ok_job), sizes) if not all(ok_job) else None
-        if keep is not None:
+        ok_job = [True] * len(jobs)
+        # rows whose outputs are not all finite are refused (never counted, never answered with NaN)
+        if not (np.isfinite(logits).all() and (scores is None or np.isfinite(scores).all())
+                and (sens is None or np.isfinite(sens).all())):
+            finite = np.isfinite(logits).all(1)
+            if scores is not None:
+                finite &= np.isfinite(scores).all(1)
+            if sens is not None:
+                finite &= np.isfinite(sens).reshape(len(x), -1).all(1)
+            bounds = [0, *itertools.accumulate(sizes)]
+            ok_job = [bool(finite[a:b].all()) for a, b in zip(bounds[:-1], bounds[1:])]
+            keep = np.repeat(np.asarray(ok_job), sizes)
             logits = logits[keep]
             scores = scores[keep] if scores is not None else None
             sens = sens[keep] if sens is not None else None
@@ -169,41 +193,37 @@ class Gateway:
         else:
             pred = logits.argmax(1)
         probs = _rows_json(_softmax(logits.astype(np.float64)))
-        if sens is not None and len(self._concepts):
-            signs_pos = sens[np.arange(len(logits)), :, pred] > 0  # [N, M]
-            signs = ["".join("+" if s else "-" for s in row) for row in signs_pos.tolist()]
-        else:
-            signs = [""] * len(logits)
-        if scores is not None and len(self._concepts):
-            concept_rows = ["{" + ",".join(f"{k}:{v}" for k, v in zip(self._concept_keys, row.split(","))) + "}"
-                            for row in _rows_json(scores)]
-        else:
-            concept_rows = ["{}"] * len(logits)
+        m = len(self._concepts)
+        signs = _signs(sens, pred) if sens is not None and m else ""
+        concept_rows = _objects_json(self._concept_keys, scores) if scores is not None and m \
+            else ["{}"] * len(logits)
         now = time.time()
         pred_list = pred.tolist()
         results: list[bytes | RequestError] = []
         store_rows: list[tuple[str, list[int], list[str], float]] = []
-        n = 0
+        class_parts = self._class_parts
+        a = 0
         for job, ok in zip(jobs, ok_job):
             if not ok:
                 results.append(RequestError("the model produced NaN or infinity for this input; the row is "
                                             "refused and not counted", "non_finite_output"))
                 continue
-            parts = []
-            k = len(job.x)
-            classes, row_signs = pred_list[n:n + k], signs[n:n + k]
-            store_rows.append((job.request_id, classes, row_signs, now))
-            attrs = [",".join(f"{a}={v}" for a, v in sorted(row_attrs[i].items())) for i in range(n, n + k)] \
+            b = a + len(job.x)
+            rid = job.request_id
+            classes = pred_list[a:b]
+            row_signs = [signs[i:i + m] for i in range(a * m, b * m, m)] if m > 1 else \
+                list(signs[a:b]) if m == 1 else [""] * (b - a)
+            store_rows.append((rid, classes, row_signs, now))
+            attrs = [",".join(f"{k}={v}" for k, v in sorted(r.items())) for r in row_attrs[a:b]] \
                 if row_attrs else None
-            receipts = self.signer.sign_rows(job.request_id, classes, row_signs, now, attrs)
-            for j in range(k):
-                cls = classes[j]
-                parts.append(f'{{"request_id":"{job.request_id}-{j}","class_index":{cls},'
-                             f'"class":{self._class_keys[cls]},"probabilities":[{probs[n]}],'
-                             f'"concept_scores":{concept_rows[n]},"receipt":"{receipts[j]}"}}')
-                n += 1
-            results.append(f'{{"request_id":"{job.request_id}","model_sha256":"{self.model_sha256}",'
-                           f'"predictions":[{",".join(parts)}]}}'.encode())
+            receipts = self.signer.sign_rows(rid, classes, row_signs, now, attrs)
+            parts = ",".join([f'{{"request_id":"{rid}-{j}",{class_parts[c]},"probabilities":[{p}],'
+                              f'"concept_scores":{s},"receipt":"{r}"}}'
+                              for j, c, p, s, r in zip(range(b - a), classes, probs[a:b], concept_rows[a:b],
+                                                       receipts)])
+            results.append(f'{{"request_id":"{rid}","model_sha256":"{self.model_sha256}",'
+                           f'"predictions":[{parts}]}}'.encode())
+            a = b
         if store_rows:
             self.store.add_requests(store_rows)
         return results

@@ -100,9 +100,9 @@ def batch_stats(logits: np.ndarray, scores: np.ndarray | None, sensitivity: np.n
     present = (scores > thresholds[None, :]).sum(0)
     own = sensitivity[np.arange(n), :, pred]  # [N, M]: derivative of the predicted class's logit
     m = scores.shape[1]
-    tcav_positive = np.zeros((m, k), np.int64)
-    np.add.at(tcav_positive, (np.broadcast_to(np.arange(m), (n, m)), np.broadcast_to(pred[:, None], (n, m))),
-              (own > 0).astype(np.int64))
+    # cell (m, pred) of an [M, K] table, counted where the derivative is positive: one bincount
+    cells = (np.arange(m) * k)[None, :] + pred[:, None]  # [N, M]
+    tcav_positive = np.bincount(cells[own > 0], minlength=m * k).reshape(m, k)
     return pred, BatchStats(classes, present, tcav_positive)
 
 

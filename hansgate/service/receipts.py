@@ -126,19 +126,21 @@ class ReceiptSigner:
             return [self.sign(Receipt(f"{request_id}-{j}", c, self.model_sha256, s, issued_at,
                                       attributes[j] if attributes else ""))
                     for j, (c, s) in enumerate(zip(classes, signs))]
-        head = f'{{"r":"{request_id}-'.encode()
-        tail = f',"t":{round(issued_at, 3)!r}'
+        head = f'{{"r":"{request_id}-'
         model = f',"m":"{self.model_sha256}","s":"'
-        mac = self._hmac.copy
+        tail = f'","t":{round(issued_at, 3)!r}'
+        # the C object under hmac.HMAC when OpenSSL provides it: its copy/update/digest skip a Python layer
+        mac = getattr(self._hmac, "_hmac", self._hmac).copy
+        b64, urlsafe = binascii.b2a_base64, _URLSAFE
         out = []
         for j, (c, s) in enumerate(zip(classes, signs)):
             a = attributes[j] if attributes else ""
             rest = f',"a":{json.dumps(a)}}}' if a else "}"
-            payload = head + f'{j}","c":{int(c)}{model}{s}"{tail}{rest}'.encode()
-            token = b"v1." + _b64_bytes(payload)
+            token = b"v1." + b64(f'{head}{j}","c":{int(c)}{model}{s}{tail}{rest}'.encode(),
+                                 newline=False).translate(urlsafe).rstrip(b"=")
             h = mac()
             h.update(token)
-            out.append((token + b"." + _b64_bytes(h.digest())).decode())
+            out.append((token + b"." + b64(h.digest(), newline=False).translate(urlsafe).rstrip(b"=")).decode())
         return out
 
     def verify(self, token: str, now: float | None = None) -> Receipt:

@@ -18,7 +18,8 @@ What of BentoML runs, and why (``service.limits`` has the settings):
 * ``traffic.timeout``: BentoML always installs its ``TimeoutMiddleware`` (the setting must be
   positive), which spawns a task and a timer per request. ``POST /predict`` and ``/feedback``
   pass straight through it (``_own_deadlines``): the gateway bounds their body reads and run
-  time itself; every other route keeps BentoML's timeout.
+  time itself; every other route keeps BentoML's timeout. Past it they skip BentoML's request
+  context and Starlette's routing (the gateway uses neither) when nothing else is configured there.
 * new connections are spread over the workers (``protocol.spread_accepts``).
 * uvicorn's HTTP protocol gets a header deadline (``service.protocol``).
 """
@@ -91,7 +92,12 @@ _OWN_DEADLINES = frozenset({("POST", "/predict"), ("POST", "/feedback")})
 def _own_deadlines() -> None:
     """Let ``_OWN_DEADLINES`` bypass BentoML's ``TimeoutMiddleware`` in this process (module doc).
 
-    Leaves BentoML untouched (with a log line) when its middleware is not where BentoML 1.4 has it.
+    Past it, BentoML 1.4 has only its ``ContextMiddleware`` (a request object and context
+    variables for BentoML's own APIs, which the gateway does not use), then Starlette's routing
+    down to the mounted app. When that is all there is (no CORS or user middleware configured),
+    those routes go straight to the gateway's handler (``GatewayAPI.fast_routes``), which is
+    where that routing ends anyway; otherwise they take the full path. Leaves BentoML untouched
+    (with a log line) when its middleware is not where BentoML 1.4 has it.
     """
     try:
         from bentoml._internal.server.http import traffic
@@ -100,12 +106,21 @@ def _own_deadlines() -> None:
     except (ImportError, AttributeError):
         log.warning("BentoML's TimeoutMiddleware not found; it stays on every route")
         return
+    try:
+        from _bentoml_impl.server.app import ContextMiddleware
+
+        context_cls: type | None = ContextMiddleware
+    except (ImportError, AttributeError):
+        context_cls = None
     original = getattr(cls, "_hansgate_original", None) or cls.__call__
     cls._hansgate_original = original
 
     async def __call__(self: Any, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (scope.get("method"), scope.get("path")) in _OWN_DEADLINES:
-            await self.app(scope, receive, send)
+        key = (scope.get("method"), scope.get("path"))
+        if scope["type"] == "http" and key in _OWN_DEADLINES:
+            handler = app.fast_routes.get(key) if context_cls is not None and type(self.app) is context_cls \
+                else None
+            await (handler or self.app)(scope, receive, send)
             return
         await original(self, scope, receive, send)
 

@@ -190,7 +190,8 @@ def test_prometheus_scrapes_exact_counts_and_rules_compute_recall_and_tcav(serve
     wait_for(lambda: scraped_predictions() == {c: float(exp_pred.get(c, 0)) for c in classes}
              and query(prometheus, 'sum(hansgate_feedback_requests_total{result="accepted"})')
              .get((), 0) == len(fed)
-             and query(prometheus, 'sum(hansgate_rejected_requests_total{reason="shape"})').get((), 0) == 1,
+             and query(prometheus, 'sum(hansgate_rejected_requests_total{reason="shape"})').get((), 0) == 1
+             and query(prometheus, 'sum(hansgate_rejected_requests_total)').get((), 0) == 4,
              60, "Prometheus to scrape the final counts")
 
     present = {dict(k)["concept"]: v for k, v in

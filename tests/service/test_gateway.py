@@ -1,0 +1,130 @@
+"""hansgate.service.gateway: the micro-batch's hot path against a plain reference built from dicts.
+
+``Gateway._run_batch`` writes each request's JSON reply by hand (no dicts, one encoder call per
+array) and signs and stores whole requests at once; these tests rebuild every reply the slow,
+obvious way from the same onnxruntime outputs and require the same content, key order and
+receipts, and the same store rows and counters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hansgate.errors import RequestError
+from hansgate.service import gateway as gateway_module
+from hansgate.service.gateway import _Job
+from hansgate.service.receipts import Receipt
+
+T = 1_700_000_000.123456
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def reference(gw, job: _Job, logits, scores, sens) -> dict:
+    """One request's reply as a dict, from its rows of the run's outputs."""
+    classes = gw.manifest.classes
+    concepts = [c.name for c in gw.manifest.concepts]
+    probs = softmax64(logits)
+    preds = []
+    for j in range(len(job.x)):
+        k = int(np.argmax(logits[j]))
+        signs = "".join("+" if sens[j, m, k] > 0 else "-" for m in range(len(concepts))) if sens is not None else ""
+        attrs = ",".join(f"{a}={v}" for a, v in sorted(job.attributes[j].items())) if job.attributes else ""
+        preds.append({"request_id": f"{job.request_id}-{j}", "class_index": k, "class": classes[k],
+                      "probabilities": probs[j].tolist(),
+                      "concept_scores": {c: scores[j, m] for m, c in enumerate(concepts)} if scores is not None
+                      else {},
+                      "receipt": gw.signer.sign(Receipt(f"{job.request_id}-{j}", k, gw.model_sha256, signs, T,
+                                                        attrs))})
+    return {"request_id": job.request_id, "model_sha256": gw.model_sha256, "predictions": preds}
+
+
+def assert_same_reply(raw: bytes, expected: dict) -> None:
+    got = json.loads(raw)
+    assert list(got) == list(expected)
+    assert (got["request_id"], got["model_sha256"]) == (expected["request_id"], expected["model_sha256"])
+    assert len(got["predictions"]) == len(expected["predictions"])
+    for g, e in zip(got["predictions"], expected["predictions"]):
+        assert list(g) == list(e)
+        assert g["probabilities"] == e["probabilities"]  # shortest round-trip floats: exact
+        assert list(g["concept_scores"]) == list(e["concept_scores"])
+        for name, v in e["concept_scores"].items():
+            assert np.float32(g["concept_scores"][name]) == v  # float32 written as float32
+        assert {k: g[k] for k in ("request_id", "class_index", "class", "receipt")} == \
+            {k: e[k] for k in ("request_id", "class_index", "class", "receipt")}
+
+
+def run_recorded(gw, jobs, monkeypatch, poison_rows=()):
+    """``gw._run_batch(jobs)`` at time ``T``; returns (replies, the run's outputs)."""
+    original = gw.runtime.run
+    seen = {}
+
+    def run(x):
+        out = original(x)
+        for r in poison_rows:
+            out.logits[r, 0] = np.nan
+        seen["out"] = out
+        return out
+
+    monkeypatch.setattr(gw.runtime, "run", run)
+    monkeypatch.setattr(gateway_module.time, "time", lambda: T)
+    return gw._run_batch(jobs), seen["out"]
+
+
+def jobs_of(sizes, attributes=None, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        x = ((rng.random((n, 1, 8, 8), dtype=np.float32) - 0.5) / 0.25).astype(np.float32)
+        out.append(_Job(x, f"{i:02d}" + "ab" * 15, attributes[i] if attributes else None))
+    return out
+
+
+@pytest.mark.parametrize("bundle", ["concept_bundle", "plain_bundle"])
+def test_replies_match_a_reference_built_from_dicts(request, gateway_factory, bundle, monkeypatch):
+    gw = gateway_factory(request.getfixturevalue(bundle))
+    jobs = jobs_of([1, 5, 2, 64])
+    replies, out = run_recorded(gw, jobs, monkeypatch)
+    start = 0
+    for job, raw in zip(jobs, replies):
+        rows = slice(start, start + len(job.x))
+        start += len(job.x)
+        sens = out.concept_sensitivity[rows] if out.concept_sensitivity is not None else None
+        scores = out.concept_scores[rows] if out.concept_scores is not None else None
+        assert_same_reply(raw, reference(gw, job, out.logits[rows], scores, sens))
+    # every row is in the store, with the receipt's class and signs, and counted once
+    for job, raw in zip(jobs, replies):
+        for p in json.loads(raw)["predictions"]:
+            stored = gw.store.lookup(p["request_id"], gw.model_sha256, now=T + 1)
+            signed = gw.signer.verify(p["receipt"], now=T + 1)
+            assert (stored.class_index, stored.concept_signs) == (signed.class_index, signed.concept_signs)
+    counted = sum(gw.metrics.registry.get_sample_value("hansgate_predictions_total", {"class": c})
+                  for c in gw.manifest.classes)
+    assert counted == 72
+
+
+def test_attributes_and_non_finite_rows_in_one_batch(gateway_factory, concept_bundle, monkeypatch):
+    """A request whose rows give NaN is refused alone; per-row attributes are signed into receipts."""
+    gw = gateway_factory(concept_bundle)
+    attrs = [None, [{"site": "A"}, {"site": "B", "stroke": "thin"}, {}], None]
+    jobs = jobs_of([2, 3, 4], attrs, seed=1)
+    replies, out = run_recorded(gw, jobs, monkeypatch, poison_rows=[6])  # a row of the third request
+    assert isinstance(replies[2], RequestError) and replies[2].reason == "non_finite_output"
+    assert_same_reply(replies[0], reference(gw, jobs[0], out.logits[:2], out.concept_scores[:2],
+                                            out.concept_sensitivity[:2]))
+    assert_same_reply(replies[1], reference(gw, jobs[1], out.logits[2:5], out.concept_scores[2:5],
+                                            out.concept_sensitivity[2:5]))
+    receipt = json.loads(replies[1])["predictions"][1]["receipt"]
+    assert gw.signer.verify(receipt, now=T + 1).attributes == "site=B,stroke=thin"
+    counted = sum(gw.metrics.registry.get_sample_value("hansgate_predictions_total", {"class": c})
+                  for c in gw.manifest.classes)
+    assert counted == 5
+    with pytest.raises(RequestError):
+        gw.store.lookup(f"{jobs[2].request_id}-0", gw.model_sha256, now=T + 1)
