@@ -113,7 +113,9 @@ def child_audit(args: argparse.Namespace) -> dict[str, object]:
                "--no-pdf", "--no-concepts", "--no-influence", "--overwrite", "--quiet", "--held-mb", str(args.held_mb)])
     report = json.loads((Path(args.out) / "report.json").read_text())
     return {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1), "images": n,
-            "audited": report["inputs"]["n_samples"], "held": report["inputs"]["explained_samples"], **_peak_mb()}
+            "audited": report["inputs"]["n_samples"], "held": report["inputs"]["explained_samples"],
+            "served_model": report["served"]["status"], "attributions": report["attributions"].get("status"),
+            **_peak_mb()}
 
 
 def run_child(kind: str, *extra: str) -> dict[str, object]:
@@ -205,7 +207,8 @@ def write_summary(args: argparse.Namespace, runs: dict[str, dict[str, object]]) 
         "audit": (f"hansgate audit --no-source --no-concepts --no-influence --no-pdf --held-mb {args.held_mb:g}: every "
                   "image audited; predictions, subgroups, fairness, calibration and the bundle's TCAV stream over "
                   "all of them from disk, heatmaps and artifact tests use the seeded subset that fits the bound "
-                  "('held'); the served model is rebuilt from the bundle's refined weights"),
+                  "('held'); with --no-source the torch sections run only when the bundle carries refined weights "
+                  "(each run's 'served_model' and 'attributions' say whether they did)"),
         "peak_rss_difference_mb": differences,
         "bar_met": {"refine": differences["refine_streamed"] is not None and differences["refine_streamed"] <= 300,
                     "audit": differences["audit"] is not None and differences["audit"] <= 300},
