@@ -210,9 +210,13 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for m, r in t.items():
             r["gap_closed"] = (r["poisoned_acc"] - orig["poisoned_acc"]) / gap if gap > 0 else None
             r["clean_drop"] = orig["clean_acc"] - r["clean_acc"]
-        best = max(("egem", "pca-egem"), key=lambda m: t[m]["gap_closed"] if m in t else -1)
-        table[arch] = {"methods": t, "original_gap": gap, "best_egem_family": best,
-                       "bar_third_of_gap": {"value": t[best]["gap_closed"], "clean_drop": t[best]["clean_drop"],
+        family = [m for m in ("egem", "pca-egem") if m in t]
+        table[arch] = {"methods": t, "original_gap": gap}
+        if not family:  # a run of other methods only: no EGEM-family bar
+            continue
+        best = max(family, key=lambda m: t[m]["gap_closed"] if t[m]["gap_closed"] is not None else -1)
+        table[arch] |= {"best_egem_family": best,
+                        "bar_third_of_gap": {"value": t[best]["gap_closed"], "clean_drop": t[best]["clean_drop"],
                                             "pass": bool(t[best]["gap_closed"] is not None
                                                          and t[best]["gap_closed"] >= 1 / 3
                                                          and t[best]["clean_drop"] <= 0.05)}}
@@ -225,8 +229,9 @@ def markdown(table: dict[str, Any], seeds: list[int], config: dict[str, Any] | N
         lines += [f"Settings: seeds {config['seeds']}, {config['epochs']} training epochs, {config['per_class']} "
                   f"verified images per class, Retrain Adam rate {config['retrain_lr']:g} (batch-norm frozen).", ""]
     for arch, res in table.items():
-        lines += [f"**{arch}** (original gap {res['original_gap']:.3f}; best EGEM family: {res['best_egem_family']}, "
-                  f"third-of-gap bar {'met' if res['bar_third_of_gap']['pass'] else 'MISSED'})", "",
+        bar = (f"; best EGEM family: {res['best_egem_family']}, third-of-gap bar "
+               f"{'met' if res['bar_third_of_gap']['pass'] else 'MISSED'}" if "best_egem_family" in res else "")
+        lines += [f"**{arch}** (original gap {res['original_gap']:.3f}{bar})", "",
                   "| method | clean | patched | gap closed | clean drop |", "|---|---|---|---|---|"]
         for m, r in res["methods"].items():
             closed = "—" if r["gap_closed"] is None else f"{r['gap_closed']:+.2f}"
