@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hansgate.errors import ExportError
+from hansgate.nn.training import forward_batch_size
 
 __all__ = ["OPSET", "LOGIT_TOLERANCE", "export_onnx", "run_onnx", "export_checked"]
 
@@ -43,10 +44,15 @@ def export_onnx(graph: nn.Module, example: torch.Tensor, output_names: list[str]
         return path.read_bytes()
 
 
-def run_onnx(onnx_bytes: bytes, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
-    """Run an ONNX graph on CPU with onnxruntime, batched; returns every output, concatenated."""
+def run_onnx(onnx_bytes: bytes, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+    """Run an ONNX graph on CPU with onnxruntime, batched; returns every output, concatenated.
+
+    The default batch is ``nn.training.forward_batch_size`` (bounded activation memory at large image sizes).
+    """
     import onnxruntime as ort
 
+    if batch_size is None:
+        batch_size = forward_batch_size(int(np.prod(x.shape[1:])), cap=256)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
@@ -60,10 +66,15 @@ def export_checked(graph: nn.Module, x_check: torch.Tensor, output_names: list[s
     if len(x_check) == 0:
         raise ExportError("no samples to check the export on")
     onnx_bytes = export_onnx(graph, x_check, output_names)
+    batch = forward_batch_size(int(x_check[0].numel()), cap=256)
+    parts = []
     with torch.no_grad():
-        ref = graph.eval()(x_check)
-    ref_logits = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
-    got = run_onnx(onnx_bytes, x_check.numpy().astype(np.float32))[0]
+        graph.eval()
+        for i in range(0, len(x_check), batch):  # batched: activation memory bounded at large image sizes
+            ref = graph(x_check[i : i + batch])
+            parts.append((ref[0] if isinstance(ref, (tuple, list)) else ref).numpy())
+    ref_logits = np.concatenate(parts)
+    got = run_onnx(onnx_bytes, x_check.numpy().astype(np.float32, copy=False))[0]
     diff = float(np.abs(got - ref_logits).max())
     if not np.isfinite(diff) or diff > tolerance:
         raise ExportError(f"exported graph disagrees with torch: max |logit difference| {diff:.3g} > {tolerance:g}; "

@@ -29,7 +29,7 @@ from hansgate.nn.hooks import eval_mode
 from hansgate.nn.surgery import Refined, insert_after
 
 __all__ = ["ExposureScale", "PcaExposure", "UNIT_KINDS", "UnitOptions", "UnsupportedUnit", "unit_options",
-           "build_unit", "inserted_units", "strip_units", "rebuild", "state_bytes", "load_state_bytes",
+           "build_unit", "inserted_units", "strip_units", "skeleton", "rebuild", "state_bytes", "load_state_bytes",
            "refined_weights"]
 
 #: constructor options of a unit: shapes and flags only (the tensors travel in the state dict)
@@ -163,12 +163,28 @@ def strip_units(model: nn.Module) -> nn.Module:
     return out
 
 
+def skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose state-dict tensors live on the meta device (shapes only, no storage).
+
+    Why: a copy to load a state dict into with ``assign=True`` (``rebuild``) need not hold a
+    second set of weights first. Tied tensors stay tied; non-persistent buffers are copied.
+    """
+    memo: dict[int, object] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
 def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, object]]],
-            state: dict[str, torch.Tensor]) -> nn.Module:
+            state: dict[str, torch.Tensor], *, assign: bool = False) -> nn.Module:
     """The refined module: a copy of ``source`` with ``units`` inserted and ``state`` loaded strictly (eval mode).
 
     ``source`` is unchanged. A state dict that does not fit (a missing, extra or reshaped
-    tensor) raises ``ModelLoadError`` naming the first difference.
+    tensor) raises ``ModelLoadError`` naming the first difference. ``assign``: the module
+    takes ``state``'s tensors themselves instead of copies (``torch.nn.Module.load_state_dict``),
+    which a ``skeleton`` source needs.
     """
     model = copy.deepcopy(source)
     for layer, kind, options in units:  # one at a time: an inner layer's path goes through its outer wrapper
@@ -177,7 +193,7 @@ def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, obje
         except AttributeError:
             raise ModelLoadError(f"the source model has no layer {layer!r} to insert a {kind} unit after") from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise ModelLoadError(f"the refined weights do not fit the rebuilt model: "
@@ -186,10 +202,20 @@ def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, obje
 
 
 def state_bytes(model: nn.Module) -> bytes:
-    """``model``'s full state dict as safetensors bytes (each tensor copied, so tied tensors save too)."""
+    """``model``'s full state dict as safetensors bytes; tied tensors and views are copied (safetensors refuses
+    shared storage), the rest is serialised from the model's own storage (no second copy of the weights)."""
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages or t.untyped_storage().nbytes() != t.nbytes:  # shared or a view: safetensors needs its own
+            t = t.clone()
+        storages.add(ptr)
+        tensors[k] = t
+    return save(tensors)
 
 
 def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -213,7 +239,8 @@ def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, Ref
     except UnsupportedUnit:
         return None
     data = state_bytes(model)
-    rebuilt = rebuild(strip_units(model), units, load_state_bytes(data))
+    # the rebuild takes the loaded tensors themselves: one extra copy of the weights, not three
+    rebuilt = rebuild(strip_units(skeleton(model)), units, load_state_bytes(data), assign=True)
     with torch.no_grad(), eval_mode(model):
         same = bool(torch.allclose(rebuilt(x_model), model(x_model), rtol=1e-6, atol=1e-6))
     if not same:

@@ -19,6 +19,7 @@ from hansgate.nn.units import (
     load_state_bytes,
     rebuild,
     refined_weights,
+    skeleton,
     state_bytes,
     strip_units,
     unit_options,
@@ -115,3 +116,28 @@ def test_empty_units_take_loaded_buffers():
     a = torch.rand(2, 4)
     assert torch.equal(empty(a), unit(a)) and options == {"dim": 4, "spatial_size": 9, "conv_mode": "ratio",
                                                           "per_element": True}
+
+
+def test_skeleton_holds_no_weights_and_rebuild_assigns_the_loaded_tensors():
+    source, refined, x = _refined()
+    bare = skeleton(refined)
+    assert all(t.is_meta for t in bare.state_dict().values())
+    assert not any(t.is_meta for t in refined.state_dict().values())  # the model itself is untouched
+    state = load_state_bytes(state_bytes(refined))
+    rebuilt = rebuild(strip_units(bare), inserted_units(refined), state, assign=True)
+    assert rebuilt.get_submodule("conv1").weight.data_ptr() == state["conv1.weight"].data_ptr()  # no copy
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), refined(x))
+    with pytest.raises(ModelLoadError, match="Missing key"):
+        rebuild(strip_units(bare), inserted_units(refined),
+                {k: v for k, v in state.items() if k != "layer2.refiner.mean"}, assign=True)
+
+
+def test_state_bytes_saves_tied_tensors_and_views_as_their_values():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight  # tied
+    model.register_buffer("view", torch.arange(10.0)[2:6])  # a view into a larger storage
+    state = load_state_bytes(state_bytes(model))
+    assert torch.equal(state["0.weight"], state["1.weight"]) and torch.equal(state["view"], torch.arange(2.0, 6.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
