@@ -55,6 +55,9 @@ def run_onnx(onnx_bytes: bytes, x: np.ndarray, batch_size: int | None = None) ->
         batch_size = forward_batch_size(int(np.prod(x.shape[1:])), cap=256)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # a one-off check: no arena kept for the activations, no pre-packed second copy of the weights
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
     parts = [sess.run(None, {"input": x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]

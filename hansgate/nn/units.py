@@ -30,7 +30,7 @@ from hansgate.nn.surgery import Refined, insert_after
 
 __all__ = ["ExposureScale", "PcaExposure", "UNIT_KINDS", "UnitOptions", "UnsupportedUnit", "unit_options",
            "build_unit", "inserted_units", "strip_units", "skeleton", "rebuild", "state_bytes", "load_state_bytes",
-           "refined_weights"]
+           "state_views", "refined_weights"]
 
 #: constructor options of a unit: shapes and flags only (the tensors travel in the state dict)
 UnitOptions = dict[str, int | bool | str | list[int]]
@@ -228,6 +228,42 @@ def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"cannot read the refined weights as safetensors: {str(exc)[:200]}") from None
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def state_views(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data`` as read-only views into it (no copy), for a check that only reads them.
+
+    Why: ``refined_weights`` checks the recorded bytes while the model and the ONNX graph are
+    also in memory; ``load_state_bytes`` would hold a further copy of every weight.
+    ``ModelLoadError`` for bytes that are not a safetensors layout of known dtypes.
+    """
+    import json
+    import warnings
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        out: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the buffer is read-only (bytes): the views are only read
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, shape = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+                begin, end = (8 + n + int(o) for o in info["data_offsets"])
+                count = end - begin
+                if count != torch.Size(shape).numel() * dtype.itemsize or end > len(data):
+                    raise ValueError(f"{name}: {count} bytes for shape {shape}")
+                out[name] = (torch.frombuffer(data, dtype=dtype, count=count // dtype.itemsize, offset=begin)
+                             if count else torch.empty(0, dtype=dtype)).view(shape)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read the refined weights as safetensors: {str(exc)[:200]}") from None
+    return out
+
+
 def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, RefinedModelSpec] | None:
     """The served model's state dict (safetensors) and its rebuild recipe, checked by rebuilding it here.
 
@@ -239,8 +275,8 @@ def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, Ref
     except UnsupportedUnit:
         return None
     data = state_bytes(model)
-    # the rebuild takes the loaded tensors themselves: one extra copy of the weights, not three
-    rebuilt = rebuild(strip_units(skeleton(model)), units, load_state_bytes(data), assign=True)
+    # the rebuild holds views into the bytes themselves: no copy of the weights beside model and bytes
+    rebuilt = rebuild(strip_units(skeleton(model)), units, state_views(data), assign=True)
     with torch.no_grad(), eval_mode(model):
         same = bool(torch.allclose(rebuilt(x_model), model(x_model), rtol=1e-6, atol=1e-6))
     if not same:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from hansgate.nn.units import (
     refined_weights,
     skeleton,
     state_bytes,
+    state_views,
     strip_units,
     unit_options,
 )
@@ -141,3 +143,19 @@ def test_state_bytes_saves_tied_tensors_and_views_as_their_values():
     assert torch.equal(state["0.weight"], state["1.weight"]) and torch.equal(state["view"], torch.arange(2.0, 6.0))
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v)
+
+
+def test_state_views_read_the_same_tensors_as_safetensors_without_copying():
+    _, refined, _ = _refined()
+    refined.register_buffer("empty", torch.zeros(0, 3))
+    refined.register_buffer("flag", torch.tensor([True, False]))
+    data = state_bytes(refined)
+    views, loaded = state_views(data), load_state_bytes(data)
+    assert set(views) == set(loaded)
+    for k, v in loaded.items():
+        assert views[k].dtype == v.dtype and torch.equal(views[k], v)
+    big = max(views.values(), key=lambda t: t.numel())
+    start = np.frombuffer(data, np.uint8).ctypes.data
+    assert start <= big.data_ptr() < start + len(data)  # a view into the bytes, not a copy
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        state_views(b"\x08" + bytes(7) + b"not json")
