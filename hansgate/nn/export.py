@@ -27,7 +27,12 @@ LOGIT_TOLERANCE = 1e-4
 
 
 def export_onnx(graph: nn.Module, example: torch.Tensor, output_names: list[str]) -> bytes:
-    """Serialise ``graph`` (eval mode) to ONNX bytes with a dynamic batch axis."""
+    """Serialise ``graph`` (eval mode) to ONNX bytes with a dynamic batch axis (``torch.onnx.export``, dynamo).
+
+    The bytes are one self-contained ONNX file, written by ``_single_file`` with each weight
+    copied once, straight from the model's tensors (torch's own ``save`` holds two to three
+    copies of all weights at once, which dominates refine memory for large models).
+    """
     graph = graph.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     example = example[:2] if len(example) >= 2 else torch.cat([example, example])
@@ -35,13 +40,65 @@ def export_onnx(graph: nn.Module, example: torch.Tensor, output_names: list[str]
         warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.onnx)
         path = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(graph, (example,), str(path), input_names=["input"], output_names=output_names,
-                              dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
-                              external_data=False, verbose=False)
+            program = torch.onnx.export(graph, (example,), None, input_names=["input"], output_names=output_names,
+                                        dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
+                                        verbose=False)
+            assert program is not None
+            _single_file(program.model, path)
         except Exception as exc:  # the exporter raises many types; the user needs one line
             raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
                 from exc
+        del program
         return path.read_bytes()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload_len: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(payload_len)
+
+
+def _single_file(model: object, path: Path) -> None:
+    """Write an ``onnx_ir`` model to ``path`` as one ONNX file, each initializer streamed from its tensor.
+
+    The model without initializers is serialised as usual; each initializer follows as a
+    further ``ModelProto.graph`` (field 7) holding one ``GraphProto.initializer`` (field 5): a
+    ``TensorProto`` with ``dims`` (1), ``data_type`` (2), ``name`` (8) and ``raw_data`` (9,
+    little-endian). Protobuf merges repeated occurrences of a message field, so every reader
+    (onnx, onnxruntime) sees one graph with all initializers.
+    """
+    from onnx_ir import serde
+
+    inits = model.graph.initializers  # type: ignore[attr-defined]
+    held = list(inits.items())
+    for name, _ in held:
+        inits.pop(name)
+    try:
+        head = serde.serialize_model(model).SerializeToString()  # type: ignore[arg-type]
+    finally:
+        for name, value in held:
+            inits[name] = value
+    with open(path, "wb") as fh:
+        fh.write(head)
+        for name, value in held:
+            tensor = value.const_value
+            raw = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+            meta = b"".join(_varint(1 << 3) + _varint(int(d) & (2**64 - 1)) for d in tensor.shape.dims)
+            meta += _varint(2 << 3) + _varint(int(tensor.dtype))
+            name_bytes = name.encode()
+            meta += _field(8, len(name_bytes)) + name_bytes + _field(9, raw.nbytes)
+            proto_len = len(meta) + raw.nbytes
+            graph_len = len(_field(5, proto_len)) + proto_len
+            fh.write(_field(7, graph_len) + _field(5, proto_len) + meta)
+            fh.write(memoryview(raw))
 
 
 def run_onnx(onnx_bytes: bytes, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:

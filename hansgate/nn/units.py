@@ -201,21 +201,45 @@ def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, obje
     return model.eval()
 
 
-def state_bytes(model: nn.Module) -> bytes:
-    """``model``'s full state dict as safetensors bytes; tied tensors and views are copied (safetensors refuses
-    shared storage), the rest is serialised from the model's own storage (no second copy of the weights)."""
-    from safetensors.torch import save
+#: safetensors dtype names; the writer orders tensors as safetensors does (larger alignment first, then by name)
+_DTYPES = {"U64": torch.uint64, "I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "U32": torch.uint32,
+           "I32": torch.int32, "BF16": torch.bfloat16, "F16": torch.float16, "U16": torch.uint16, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
-    tensors: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for k, v in model.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in storages or t.untyped_storage().nbytes() != t.nbytes:  # shared or a view: safetensors needs its own
-            t = t.clone()
-        storages.add(ptr)
-        tensors[k] = t
-    return save(tensors)
+
+def state_bytes(model: nn.Module) -> bytes:
+    """``model``'s full state dict as safetensors bytes (the format of ``safetensors.torch.save``, byte for byte).
+
+    Each tensor is copied once, into the one buffer returned (a ``bytearray``): the
+    library's ``save`` holds the whole file twice at its peak, which counts for large models.
+    """
+    import json
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if v.dtype not in _NAMES:
+            raise ExportError(f"cannot write {k} of dtype {v.dtype} to safetensors")
+    rank = list(_DTYPES.values())
+    order = sorted(state, key=lambda k: (rank.index(state[k].dtype), k))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for k in order:
+        n = state[k].numel() * state[k].dtype.itemsize
+        header[k] = {"dtype": _NAMES[state[k].dtype], "shape": list(state[k].shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    buf = bytearray(8 + len(text) + offset)
+    buf[:8] = len(text).to_bytes(8, "little")
+    buf[8 : 8 + len(text)] = text
+    base = 8 + len(text)
+    for k in order:
+        begin, stop = header[k]["data_offsets"]  # type: ignore[misc]
+        if stop > begin:
+            flat = state[k].contiguous().reshape(-1).view(torch.uint8)
+            torch.frombuffer(buf, dtype=torch.uint8, count=stop - begin, offset=base + begin).copy_(flat)
+    return buf  # type: ignore[return-value]  # bytes-like: hashed, written and read like bytes
 
 
 def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -223,14 +247,9 @@ def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     try:
-        return load(data)
+        return load(bytes(data) if isinstance(data, bytearray) else data)
     except Exception as exc:  # safetensors raises several types for a bad header
         raise ModelLoadError(f"cannot read the refined weights as safetensors: {str(exc)[:200]}") from None
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 def state_views(data: bytes) -> dict[str, torch.Tensor]:

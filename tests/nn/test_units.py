@@ -145,6 +145,19 @@ def test_state_bytes_saves_tied_tensors_and_views_as_their_values():
         assert torch.equal(state[k], v)
 
 
+def test_state_bytes_are_the_safetensors_file_byte_for_byte():
+    from safetensors.torch import save
+
+    _, refined, _ = _refined()
+    refined.register_buffer("flags", torch.tensor([True, False, True]))
+    refined.register_buffer("codes", torch.arange(5, dtype=torch.uint8))
+    refined.register_buffer("wide", torch.rand(3, dtype=torch.float64))
+    refined.register_buffer("halves", torch.rand(2, dtype=torch.float16))
+    refined.register_buffer("none", torch.zeros(0, 2))
+    want = save({k: v.detach().clone().contiguous() for k, v in refined.state_dict().items()})
+    assert bytes(state_bytes(refined)) == want
+
+
 def test_state_views_read_the_same_tensors_as_safetensors_without_copying():
     _, refined, _ = _refined()
     refined.register_buffer("empty", torch.zeros(0, 3))
