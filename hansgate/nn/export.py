@@ -33,12 +33,19 @@ def export_onnx(graph: nn.Module, example: torch.Tensor, output_names: list[str]
     copied once, straight from the model's tensors (torch's own ``save`` holds two to three
     copies of all weights at once, which dominates refine memory for large models).
     """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        _export_file(graph, example, output_names, path)
+        return path.read_bytes()
+
+
+def _export_file(graph: nn.Module, example: torch.Tensor, output_names: list[str], path: Path) -> None:
+    """``export_onnx`` into the file ``path``."""
     graph = graph.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     example = example[:2] if len(example) >= 2 else torch.cat([example, example])
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch.onnx)
-        path = Path(tmp) / "model.onnx"
         try:
             program = torch.onnx.export(graph, (example,), None, input_names=["input"], output_names=output_names,
                                         dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
@@ -49,7 +56,6 @@ def export_onnx(graph: nn.Module, example: torch.Tensor, output_names: list[str]
             raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
                 from exc
         del program
-        return path.read_bytes()
 
 
 def _varint(n: int) -> bytes:
@@ -101,8 +107,8 @@ def _single_file(model: object, path: Path) -> None:
             fh.write(memoryview(raw))
 
 
-def run_onnx(onnx_bytes: bytes, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
-    """Run an ONNX graph on CPU with onnxruntime, batched; returns every output, concatenated.
+def run_onnx(onnx_bytes: bytes | Path, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+    """Run an ONNX graph (bytes or a file) on CPU with onnxruntime, batched; returns every output, concatenated.
 
     The default batch is ``nn.training.forward_batch_size`` (bounded activation memory at large image sizes).
     """
@@ -115,28 +121,35 @@ def run_onnx(onnx_bytes: bytes, x: np.ndarray, batch_size: int | None = None) ->
     # a one-off check: no arena kept for the activations, no pre-packed second copy of the weights
     opts.enable_cpu_mem_arena = False
     opts.add_session_config_entry("session.disable_prepacking", "1")
-    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    model = str(onnx_bytes) if isinstance(onnx_bytes, Path) else onnx_bytes
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     parts = [sess.run(None, {"input": x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def export_checked(graph: nn.Module, x_check: torch.Tensor, output_names: list[str],
                    tolerance: float = LOGIT_TOLERANCE) -> tuple[bytes, float]:
-    """Export, then compare logits with torch on ``x_check``; returns ``(onnx_bytes, max_abs_diff)``."""
+    """Export, then compare logits with torch on ``x_check``; returns ``(onnx_bytes, max_abs_diff)``.
+
+    onnxruntime reads the graph from its file and the bytes are read after the check, so the
+    session's copy of the weights and the bytes are never in memory together.
+    """
     if len(x_check) == 0:
         raise ExportError("no samples to check the export on")
-    onnx_bytes = export_onnx(graph, x_check, output_names)
     batch = forward_batch_size(int(x_check[0].numel()), cap=256)
-    parts = []
-    with torch.no_grad():
-        graph.eval()
-        for i in range(0, len(x_check), batch):  # batched: activation memory bounded at large image sizes
-            ref = graph(x_check[i : i + batch])
-            parts.append((ref[0] if isinstance(ref, (tuple, list)) else ref).numpy())
-    ref_logits = np.concatenate(parts)
-    got = run_onnx(onnx_bytes, x_check.numpy().astype(np.float32, copy=False))[0]
-    diff = float(np.abs(got - ref_logits).max())
-    if not np.isfinite(diff) or diff > tolerance:
-        raise ExportError(f"exported graph disagrees with torch: max |logit difference| {diff:.3g} > {tolerance:g}; "
-                          "no bundle written")
-    return onnx_bytes, diff
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        _export_file(graph, x_check, output_names, path)
+        parts = []
+        with torch.no_grad():
+            graph.eval()
+            for i in range(0, len(x_check), batch):  # batched: activation memory bounded at large image sizes
+                ref = graph(x_check[i : i + batch])
+                parts.append((ref[0] if isinstance(ref, (tuple, list)) else ref).numpy())
+        ref_logits = np.concatenate(parts)
+        got = run_onnx(path, x_check.numpy().astype(np.float32, copy=False))[0]
+        diff = float(np.abs(got - ref_logits).max())
+        if not np.isfinite(diff) or diff > tolerance:
+            raise ExportError(f"exported graph disagrees with torch: max |logit difference| {diff:.3g} > "
+                              f"{tolerance:g}; no bundle written")
+        return path.read_bytes(), diff

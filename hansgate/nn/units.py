@@ -80,8 +80,8 @@ class PcaExposure(nn.Module):
     def empty(cls, dim: int, spatial_size: int, conv_mode: Literal["linear", "ratio"] = "ratio",
               per_element: bool = False) -> "PcaExposure":
         """A unit of ``dim`` components with zero buffers, to be filled by ``load_state_dict``."""
-        zeros = torch.zeros(dim, dtype=torch.float32)
-        return cls(zeros, torch.zeros(dim, dim, dtype=torch.float32), zeros, spatial_size, conv_mode, per_element)
+        zeros = torch.zeros(dim, dtype=torch.float32)  # no components: the projection starts at 0 without a D x D basis
+        return cls(zeros, torch.zeros(dim, 0, dtype=torch.float32), torch.zeros(0), spatial_size, conv_mode, per_element)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         if a.ndim == 2 or self.per_element:
