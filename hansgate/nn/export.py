@@ -127,6 +127,22 @@ def run_onnx(onnx_bytes: bytes | Path, x: np.ndarray, batch_size: int | None = N
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Why: freed blocks of a large session otherwise stay in the process's heap, and its peak
+    resident memory grows by them when the next large buffer is allocated.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0) if name else None
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def export_checked(graph: nn.Module, x_check: torch.Tensor, output_names: list[str],
                    tolerance: float = LOGIT_TOLERANCE) -> tuple[bytes, float]:
     """Export, then compare logits with torch on ``x_check``; returns ``(onnx_bytes, max_abs_diff)``.
@@ -148,6 +164,7 @@ def export_checked(graph: nn.Module, x_check: torch.Tensor, output_names: list[s
                 parts.append((ref[0] if isinstance(ref, (tuple, list)) else ref).numpy())
         ref_logits = np.concatenate(parts)
         got = run_onnx(path, x_check.numpy().astype(np.float32, copy=False))[0]
+        _trim_heap()  # the session's freed weights and arena go back to the system before the bytes are read
         diff = float(np.abs(got - ref_logits).max())
         if not np.isfinite(diff) or diff > tolerance:
             raise ExportError(f"exported graph disagrees with torch: max |logit difference| {diff:.3g} > "
