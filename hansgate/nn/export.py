@@ -104,7 +104,7 @@ def _single_file(model: object, path: Path) -> None:
             proto_len = len(meta) + raw.nbytes
             graph_len = len(_field(5, proto_len)) + proto_len
             fh.write(_field(7, graph_len) + _field(5, proto_len) + meta)
-            fh.write(memoryview(raw))
+            fh.write(raw.data)
 
 
 def run_onnx(onnx_bytes: bytes | Path, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:

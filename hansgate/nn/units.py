@@ -226,10 +226,12 @@ def state_bytes(model: nn.Module) -> bytes:
     rank = list(_DTYPES.values())
     order = sorted(state, key=lambda k: (rank.index(state[k].dtype), k))
     header: dict[str, dict[str, object]] = {}
+    spans: dict[str, tuple[int, int]] = {}
     offset = 0
     for k in order:
         n = state[k].numel() * state[k].dtype.itemsize
-        header[k] = {"dtype": _NAMES[state[k].dtype], "shape": list(state[k].shape), "data_offsets": [offset, offset + n]}
+        spans[k] = (offset, offset + n)
+        header[k] = {"dtype": _NAMES[state[k].dtype], "shape": list(state[k].shape), "data_offsets": list(spans[k])}
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -238,7 +240,7 @@ def state_bytes(model: nn.Module) -> bytes:
     buf[8 : 8 + len(text)] = text
     base = 8 + len(text)
     for k in order:
-        begin, stop = header[k]["data_offsets"]  # type: ignore[misc]
+        begin, stop = spans[k]
         if stop > begin:
             flat = state[k].contiguous().reshape(-1).view(torch.uint8)
             torch.frombuffer(buf, dtype=torch.uint8, count=stop - begin, offset=base + begin).copy_(flat)
