@@ -160,7 +160,7 @@ def throughput(bundle_dir: Path, threads: int) -> dict:
     return out
 
 
-def bench_arch(arch: str, work: Path, n_images: int, n_audit: int, threads: int) -> dict:
+def bench_arch(arch: str, work: Path, n_images: int, n_audit: int, threads: int, skip_audit: bool = False) -> dict:
     import torchvision
     from safetensors.torch import save_file
 
@@ -200,6 +200,9 @@ def bench_arch(arch: str, work: Path, n_images: int, n_audit: int, threads: int)
         rec["serving"] = throughput(bundle, threads)
     except Exception as exc:  # record and go on: one architecture must not stop the matrix
         rec["serving"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if skip_audit:
+        rec["audit"] = {"skipped": "--skip-audit (time on the shared machine)"}
+        return rec
     rec["audit"] = timed([*cli, "audit", str(bundle), "--data", str(work / "audit_data"), "--attributes",
                           str(work / "attributes.csv"), "--source-weights", str(weights), "--out", str(work / "report"),
                           *AUDIT_FLAGS, "--quiet"], work / "audit.log")
@@ -219,6 +222,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--audit-images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-audit", action="store_true", help="refine, export and serve only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "models.json"))
     args = ap.parse_args()
     result: dict = {
@@ -235,7 +239,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"models_bench_{arch}_") as tmp:
             start = time.perf_counter()
             try:
-                rec = bench_arch(arch, Path(tmp), args.images, args.audit_images, args.threads)
+                rec = bench_arch(arch, Path(tmp), args.images, args.audit_images, args.threads, args.skip_audit)
             except Exception as exc:  # record and go on
                 rec = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             rec["total_seconds"] = round(time.perf_counter() - start, 1)

@@ -11,7 +11,12 @@ from tqdm.auto import tqdm
 
 from hansgate.errors import ModelRunError
 
-__all__ = ["TrainConfig", "train_classifier", "predict_logits", "accuracy", "batches", "frozen_batchnorm"]
+__all__ = ["TrainConfig", "train_classifier", "predict_logits", "accuracy", "batches", "frozen_batchnorm",
+           "FORWARD_VALUES", "forward_batch_size"]
+
+#: input values per batch of a forward pass without gradients (8 MiB of float32 input): a conv stem that
+#: widens 3 channels to 64 at full resolution (VGG) holds about 21 times the input per activation
+FORWARD_VALUES = 1 << 21
 
 
 class TrainConfig(BaseModel):
@@ -49,15 +54,24 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config:
     return model.eval()
 
 
+def forward_batch_size(sample_numel: int, cap: int = 512) -> int:
+    """Images per forward pass without gradients: ``FORWARD_VALUES`` input values, at most ``cap``, at least 1.
+
+    Why: activation memory grows with batch times image size; bounding the input bounds it
+    (13 images at 3 x 224 x 224), while small images keep ``cap`` (512 digits of 28 x 28).
+    """
+    return max(1, min(cap, FORWARD_VALUES // max(1, int(sample_numel))))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Logits ``[N, K]`` in eval mode, batched; a model that fails raises ``ModelRunError``.
 
-    The default batch holds about 4M input values (512 digits, a few dozen 224 px images), so
+    The default batch is ``forward_batch_size`` (512 digits, 13 images at 224 px), so
     activation memory stays bounded at large image sizes.
     """
     if batch_size is None:
-        batch_size = max(8, min(512, (1 << 22) // max(1, int(x[0].numel()) if len(x) else 1)))
+        batch_size = forward_batch_size(int(x[0].numel()) if len(x) else 1)
     was_training = model.training
     model.eval()
     try:
@@ -75,8 +89,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = N
     return logits
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Share of correct argmax predictions."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
+    """Share of correct argmax predictions (batches as ``predict_logits``)."""
     return (predict_logits(model, x, batch_size).argmax(1) == y).float().mean().item()
 
 

@@ -16,6 +16,7 @@ rebuild and explain the served model (DESIGN.md, layers: both are above ``nn``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from typing import Literal, Mapping, Sequence
@@ -29,8 +30,8 @@ from hansgate.nn.hooks import eval_mode
 from hansgate.nn.surgery import Refined, insert_after
 
 __all__ = ["ExposureScale", "PcaExposure", "UNIT_KINDS", "UnitOptions", "UnsupportedUnit", "unit_options",
-           "build_unit", "inserted_units", "strip_units", "rebuild", "state_bytes", "load_state_bytes",
-           "refined_weights"]
+           "build_unit", "inserted_units", "strip_units", "skeleton", "rebuild", "state_bytes", "load_state_bytes",
+           "state_views", "refined_weights"]
 
 #: constructor options of a unit: shapes and flags only (the tensors travel in the state dict)
 UnitOptions = dict[str, int | bool | str | list[int]]
@@ -80,8 +81,8 @@ class PcaExposure(nn.Module):
     def empty(cls, dim: int, spatial_size: int, conv_mode: Literal["linear", "ratio"] = "ratio",
               per_element: bool = False) -> "PcaExposure":
         """A unit of ``dim`` components with zero buffers, to be filled by ``load_state_dict``."""
-        zeros = torch.zeros(dim, dtype=torch.float32)
-        return cls(zeros, torch.zeros(dim, dim, dtype=torch.float32), zeros, spatial_size, conv_mode, per_element)
+        zeros = torch.zeros(dim, dtype=torch.float32)  # no components: the projection starts at 0 without a D x D basis
+        return cls(zeros, torch.zeros(dim, 0, dtype=torch.float32), torch.zeros(0), spatial_size, conv_mode, per_element)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         if a.ndim == 2 or self.per_element:
@@ -163,21 +164,39 @@ def strip_units(model: nn.Module) -> nn.Module:
     return out
 
 
+def skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose state-dict tensors live on the meta device (shapes only, no storage).
+
+    Why: a copy to load a state dict into with ``assign=True`` (``rebuild``) need not hold a
+    second set of weights first. Tied tensors stay tied; non-persistent buffers are copied.
+    """
+    memo: dict[int, object] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
 def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, object]]],
-            state: dict[str, torch.Tensor]) -> nn.Module:
+            state: dict[str, torch.Tensor], *, assign: bool = False) -> nn.Module:
     """The refined module: a copy of ``source`` with ``units`` inserted and ``state`` loaded strictly (eval mode).
 
     ``source`` is unchanged. A state dict that does not fit (a missing, extra or reshaped
-    tensor) raises ``ModelLoadError`` naming the first difference.
+    tensor) raises ``ModelLoadError`` naming the first difference. ``assign``: the module
+    takes ``state``'s tensors themselves instead of copies (``torch.nn.Module.load_state_dict``),
+    which a ``skeleton`` source needs.
     """
     model = copy.deepcopy(source)
     for layer, kind, options in units:  # one at a time: an inner layer's path goes through its outer wrapper
         try:
-            insert_after(model, {layer: build_unit(kind, options)})
+            with torch.device("meta") if assign else contextlib.nullcontext():  # assigned buffers need no storage
+                unit = build_unit(kind, options)
+            insert_after(model, {layer: unit})
         except AttributeError:
             raise ModelLoadError(f"the source model has no layer {layer!r} to insert a {kind} unit after") from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise ModelLoadError(f"the refined weights do not fit the rebuilt model: "
@@ -185,11 +204,47 @@ def rebuild(source: nn.Module, units: Sequence[tuple[str, str, Mapping[str, obje
     return model.eval()
 
 
-def state_bytes(model: nn.Module) -> bytes:
-    """``model``'s full state dict as safetensors bytes (each tensor copied, so tied tensors save too)."""
-    from safetensors.torch import save
+#: safetensors dtype names; the writer orders tensors as safetensors does (larger alignment first, then by name)
+_DTYPES = {"U64": torch.uint64, "I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "U32": torch.uint32,
+           "I32": torch.int32, "BF16": torch.bfloat16, "F16": torch.float16, "U16": torch.uint16, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
-    return save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+
+def state_bytes(model: nn.Module) -> bytes:
+    """``model``'s full state dict as safetensors bytes (the format of ``safetensors.torch.save``, byte for byte).
+
+    Each tensor is copied once, into the one buffer returned (a ``bytearray``): the
+    library's ``save`` holds the whole file twice at its peak, which counts for large models.
+    """
+    import json
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if v.dtype not in _NAMES:
+            raise ExportError(f"cannot write {k} of dtype {v.dtype} to safetensors")
+    rank = list(_DTYPES.values())
+    order = sorted(state, key=lambda k: (rank.index(state[k].dtype), k))
+    header: dict[str, dict[str, object]] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for k in order:
+        n = state[k].numel() * state[k].dtype.itemsize
+        spans[k] = (offset, offset + n)
+        header[k] = {"dtype": _NAMES[state[k].dtype], "shape": list(state[k].shape), "data_offsets": list(spans[k])}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    buf = bytearray(8 + len(text) + offset)
+    buf[:8] = len(text).to_bytes(8, "little")
+    buf[8 : 8 + len(text)] = text
+    base = 8 + len(text)
+    for k in order:
+        begin, stop = spans[k]
+        if stop > begin:
+            flat = state[k].contiguous().reshape(-1).view(torch.uint8)
+            torch.frombuffer(buf, dtype=torch.uint8, count=stop - begin, offset=base + begin).copy_(flat)
+    return buf  # type: ignore[return-value]  # bytes-like: hashed, written and read like bytes
 
 
 def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -197,9 +252,40 @@ def load_state_bytes(data: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     try:
-        return load(data)
+        return load(bytes(data) if isinstance(data, bytearray) else data)
     except Exception as exc:  # safetensors raises several types for a bad header
         raise ModelLoadError(f"cannot read the refined weights as safetensors: {str(exc)[:200]}") from None
+
+
+def state_views(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data`` as read-only views into it (no copy), for a check that only reads them.
+
+    Why: ``refined_weights`` checks the recorded bytes while the model and the ONNX graph are
+    also in memory; ``load_state_bytes`` would hold a further copy of every weight.
+    ``ModelLoadError`` for bytes that are not a safetensors layout of known dtypes.
+    """
+    import json
+    import warnings
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        out: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the buffer is read-only (bytes): the views are only read
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, shape = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+                begin, end = (8 + n + int(o) for o in info["data_offsets"])
+                count = end - begin
+                if count != torch.Size(shape).numel() * dtype.itemsize or end > len(data):
+                    raise ValueError(f"{name}: {count} bytes for shape {shape}")
+                out[name] = (torch.frombuffer(data, dtype=dtype, count=count // dtype.itemsize, offset=begin)
+                             if count else torch.empty(0, dtype=dtype)).view(shape)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read the refined weights as safetensors: {str(exc)[:200]}") from None
+    return out
 
 
 def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, RefinedModelSpec] | None:
@@ -213,9 +299,11 @@ def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, Ref
     except UnsupportedUnit:
         return None
     data = state_bytes(model)
-    rebuilt = rebuild(strip_units(model), units, load_state_bytes(data))
-    with torch.no_grad(), eval_mode(model):
-        same = bool(torch.allclose(rebuilt(x_model), model(x_model), rtol=1e-6, atol=1e-6))
+    # the rebuild holds views into the bytes themselves: no copy of the weights beside model and bytes
+    rebuilt = rebuild(strip_units(skeleton(model)), units, state_views(data), assign=True)
+    with torch.no_grad(), eval_mode(model):  # two images at a time: the check's activations stay small
+        same = all(bool(torch.allclose(rebuilt(x_model[i : i + 2]), model(x_model[i : i + 2]), rtol=1e-6, atol=1e-6))
+                   for i in range(0, len(x_model), 2))
     if not same:
         raise ExportError("the refined model rebuilt from its recorded weights differs from it; no bundle written")
     spec = RefinedModelSpec(sha256=hashlib.sha256(data).hexdigest(), inserted=[InsertedUnit(layer=layer, kind=kind, options=opts)

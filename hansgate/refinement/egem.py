@@ -15,6 +15,8 @@ Choices where the paper leaves room (each tested in tests/refinement/):
 - Statistics for every refined layer are read on the *original* model in one streamed
   forward pass (moments, never the activations -- except on PCA layers with fewer samples
   than units, see ``pca``), as the authors' code does; lambda search needs no further pass.
+  Its batches hold ``batch_size`` images, fewer for large images
+  (``nn.training.forward_batch_size``: activation memory grows with batch times image size).
   The caller's train/eval flags are restored afterwards.
 - Units follow the layer that *consumes* the activation (Eq. 3-4 are about the consumer's
   weights ``w_ij``): a map that a conv layer reads is refined per channel (spatial sums,
@@ -52,7 +54,7 @@ from hansgate.errors import ConfigError, DataError
 from hansgate.nn.hooks import capture, eval_mode
 from hansgate.nn.surgery import insert_after, resolve_layers, trace_calls
 from hansgate.nn.units import ExposureScale
-from hansgate.nn.training import accuracy
+from hansgate.nn.training import accuracy, forward_batch_size
 from hansgate.refinement.pca import (
     LayerMoments,
     MomentKind,
@@ -179,10 +181,10 @@ class ExposureMinimizer:
             per_element: dict[str, bool] = {}
             signed: dict[str, bool] = {}
             moments: dict[str, LayerMoments] = {}
+            batch = forward_batch_size(int(torch.Size(x.shape[1:]).numel()), cap=cfg.batch_size)
             with capture(model, layers, copy=False) as store:
-                for start in tqdm(range(0, len(x), cfg.batch_size), desc="statistics", disable=not progress,
-                                  leave=False):
-                    model(x[start : start + cfg.batch_size])
+                for start in tqdm(range(0, len(x), batch), desc="statistics", disable=not progress, leave=False):
+                    model(x[start : start + batch])
                     for name in layers:
                         a = store[name].pop()
                         store[name].clear()
@@ -254,11 +256,13 @@ class ExposureMinimizer:
         return {name: (tau, self._search(name, tau)) for name, tau in zip(self.layers_, taus)}
 
     def refine(self, model: nn.Module, alpha: float | None = None,
-               lambdas: dict[str, float] | None = None) -> nn.Module:
+               lambdas: dict[str, float] | None = None, *, share_weights: bool = False) -> nn.Module:
         """A refined deep copy of ``model`` (eval mode): by target ``alpha`` (schedule) or explicit ``lambdas``.
 
         Also records that call's ``taus_`` and ``lambdas_`` (kept for callers that read them;
-        ``plan`` returns the same without touching the estimator).
+        ``plan`` returns the same without touching the estimator). ``share_weights``: the copy's
+        modules are new but hold ``model``'s own parameters and buffers (no second set of weights),
+        for a candidate that is only evaluated (``select_alpha``); never train such a copy.
         """
         if not hasattr(self, "moments_"):
             raise ConfigError("call fit() before refine()")
@@ -269,7 +273,8 @@ class ExposureMinimizer:
             self.taus_ = {name: tau for name, (tau, _) in plan.items()}
             lambdas = {name: lam for name, (_, lam) in plan.items()}
         self.lambdas_ = dict(lambdas)
-        refined = copy.deepcopy(model).eval()
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else None
+        refined = copy.deepcopy(model, memo).eval()
         insert_after(refined, {name: self._layer_module(name, lam) for name, lam in lambdas.items()})
         return refined
 
@@ -314,7 +319,7 @@ def select_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ege
             first = first or em
             orig += accuracy(model, x[val_idx], y[val_idx]) / reps
             for i, alpha in enumerate(grid):
-                val_accs[i] += accuracy(em.refine(model, alpha), x[val_idx], y[val_idx]) / reps
+                val_accs[i] += accuracy(em.refine(model, alpha, share_weights=True), x[val_idx], y[val_idx]) / reps
         assert first is not None
         sel = select_by_slack([Candidate({"alpha": a}, v) for a, v in zip(grid, val_accs)], orig, cfg.slack)
         alpha = float(sel.chosen.params["alpha"])

@@ -15,15 +15,20 @@ from torch import nn
 from hansgate.data.streaming import LazyImages
 from hansgate.errors import DataError, ModelRunError
 from hansgate.nn.hooks import eval_mode
-from hansgate.nn.training import predict_logits
+from hansgate.nn.training import forward_batch_size, predict_logits
 
-__all__ = ["Images", "Log", "STREAM_BATCH", "select", "stream_logits", "stream_accuracy", "in_memory"]
+__all__ = ["Images", "Log", "STREAM_BATCH", "stream_batch", "select", "stream_logits", "stream_accuracy", "in_memory"]
 
 #: images as tensors or read from disk in batches
 Images = Union[torch.Tensor, LazyImages]
 Log = Callable[[str], None]
-#: images per batch when streaming a pass over the data
+#: images per batch when streaming a pass over the data (fewer for large images: ``stream_batch``)
 STREAM_BATCH = 64
+
+
+def stream_batch(x: Images) -> int:
+    """``STREAM_BATCH``, bounded by ``nn.training.forward_batch_size`` (activation memory at large image sizes)."""
+    return forward_batch_size(int(torch.Size(x.shape[1:]).numel()), cap=STREAM_BATCH)
 
 
 def select(x: Images, idx: torch.Tensor) -> Images:
@@ -37,7 +42,7 @@ def stream_logits(model: nn.Module, x: Images, *, progress: bool = False, desc: 
         return predict_logits(model, x)
     try:
         with eval_mode(model), torch.no_grad():
-            out = [model(b) for b in x.iter_batches(STREAM_BATCH, progress=progress, desc=desc)]
+            out = [model(b) for b in x.iter_batches(stream_batch(x), progress=progress, desc=desc)]
     except RuntimeError as exc:
         raise ModelRunError(f"the model does not run on inputs of shape {tuple(x.shape[1:])}: "
                             f"{str(exc).splitlines()[0]}") from exc

@@ -65,3 +65,21 @@ def test_no_samples_and_unexportable_models_are_one_clear_error():
     with pytest.raises(ExportError, match="ONNX export failed") as info:
         export_onnx(Untraceable(), torch.rand(2, 1, 2, 2), ["logits"])
     assert "\n" not in str(info.value)
+
+
+def test_single_file_writer_keeps_every_initializer_and_the_graph(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.rand(3, 3, 8, 8)
+    ours = onnx.load_from_string(export_onnx(model, x, ["logits"]))
+    torch.onnx.export(model, (x[:2],), str(tmp_path / "ref.onnx"), input_names=["input"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},), opset_version=OPSET,
+                      dynamo=True, external_data=False, verbose=False)
+    ref = onnx.load(str(tmp_path / "ref.onnx"))
+    onnx.checker.check_model(ours)
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in ours.graph.initializer}
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in ref.graph.initializer}
+    assert arrays.keys() == want.keys() and all(np.array_equal(arrays[k], want[k]) for k in want)
+    assert [n.op_type for n in ours.graph.node] == [n.op_type for n in ref.graph.node]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,7 +20,9 @@ from hansgate.nn.units import (
     load_state_bytes,
     rebuild,
     refined_weights,
+    skeleton,
     state_bytes,
+    state_views,
     strip_units,
     unit_options,
 )
@@ -115,3 +118,57 @@ def test_empty_units_take_loaded_buffers():
     a = torch.rand(2, 4)
     assert torch.equal(empty(a), unit(a)) and options == {"dim": 4, "spatial_size": 9, "conv_mode": "ratio",
                                                           "per_element": True}
+
+
+def test_skeleton_holds_no_weights_and_rebuild_assigns_the_loaded_tensors():
+    source, refined, x = _refined()
+    bare = skeleton(refined)
+    assert all(t.is_meta for t in bare.state_dict().values())
+    assert not any(t.is_meta for t in refined.state_dict().values())  # the model itself is untouched
+    state = load_state_bytes(state_bytes(refined))
+    rebuilt = rebuild(strip_units(bare), inserted_units(refined), state, assign=True)
+    assert rebuilt.get_submodule("conv1").weight.data_ptr() == state["conv1.weight"].data_ptr()  # no copy
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), refined(x))
+    with pytest.raises(ModelLoadError, match="Missing key"):
+        rebuild(strip_units(bare), inserted_units(refined),
+                {k: v for k, v in state.items() if k != "layer2.refiner.mean"}, assign=True)
+
+
+def test_state_bytes_saves_tied_tensors_and_views_as_their_values():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight  # tied
+    model.register_buffer("view", torch.arange(10.0)[2:6])  # a view into a larger storage
+    state = load_state_bytes(state_bytes(model))
+    assert torch.equal(state["0.weight"], state["1.weight"]) and torch.equal(state["view"], torch.arange(2.0, 6.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+
+
+def test_state_bytes_are_the_safetensors_file_byte_for_byte():
+    from safetensors.torch import save
+
+    _, refined, _ = _refined()
+    refined.register_buffer("flags", torch.tensor([True, False, True]))
+    refined.register_buffer("codes", torch.arange(5, dtype=torch.uint8))
+    refined.register_buffer("wide", torch.rand(3, dtype=torch.float64))
+    refined.register_buffer("halves", torch.rand(2, dtype=torch.float16))
+    refined.register_buffer("none", torch.zeros(0, 2))
+    want = save({k: v.detach().clone().contiguous() for k, v in refined.state_dict().items()})
+    assert bytes(state_bytes(refined)) == want
+
+
+def test_state_views_read_the_same_tensors_as_safetensors_without_copying():
+    _, refined, _ = _refined()
+    refined.register_buffer("empty", torch.zeros(0, 3))
+    refined.register_buffer("flag", torch.tensor([True, False]))
+    data = state_bytes(refined)
+    views, loaded = state_views(data), load_state_bytes(data)
+    assert set(views) == set(loaded)
+    for k, v in loaded.items():
+        assert views[k].dtype == v.dtype and torch.equal(views[k], v)
+    big = max(views.values(), key=lambda t: t.numel())
+    start = np.frombuffer(data, np.uint8).ctypes.data
+    assert start <= big.data_ptr() < start + len(data)  # a view into the bytes, not a copy
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        state_views(b"\x08" + bytes(7) + b"not json")

@@ -331,3 +331,35 @@ def test_signed_maps_take_the_linear_rule_and_post_relu_maps_the_ratio_rule():
     assert ExposureMinimizer(cfg).fit(relu, x).conv_modes_ == {"1": "ratio"}
     refined = ExposureMinimizer(EgemConfig(pca=True, layers=["0"], max_element_units=1)).fit(signed, x).refine(signed, 0.5)
     assert torch.isfinite(refined(x)).all()
+
+
+def test_a_candidate_sharing_weights_is_the_deep_copy_and_leaves_the_original_alone():
+    net = _conv_net()
+    x = torch.rand(32, 1, 8, 8)
+    em = ExposureMinimizer(EgemConfig(pca=True)).fit(net, x)
+    deep, shared = em.refine(net, alpha=0.5), em.refine(net, alpha=0.5, share_weights=True)
+    assert shared[0].weight is net[0].weight and deep[0].weight is not net[0].weight  # no second set of weights
+    assert not any(isinstance(m, PcaExposure) for m in net.modules())  # the original's modules are not changed
+    with torch.no_grad():
+        assert torch.equal(shared(x), deep(x))
+
+
+def test_large_images_stream_their_statistics_in_smaller_batches(monkeypatch):
+    from hansgate.nn import training
+
+    net = _conv_net()
+    x = torch.rand(40, 1, 8, 8)
+    seen: list[int] = []
+    handle = net[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    whole = ExposureMinimizer(EgemConfig(pca=True, precision="float64")).fit(net, x)
+    monkeypatch.setattr(training, "FORWARD_VALUES", 64 * 9)  # 9 images of 1 x 8 x 8 per batch
+    seen.clear()
+    small = ExposureMinimizer(EgemConfig(pca=True, precision="float64")).fit(net, x)
+    handle.remove()
+    assert max(seen) == 9  # (the two-image traces of the layer choice aside)
+    for name in whole.layers_:
+        assert torch.allclose(small.moments_[name].second, whole.moments_[name].second, rtol=1e-10)
+    probe = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small.refine(net, alpha=0.5)(probe), whole.refine(net, alpha=0.5)(probe),
+                                   rtol=1e-6, atol=1e-6)
