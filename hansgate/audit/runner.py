@@ -59,10 +59,10 @@ from hansgate.audit.roles import ModelInfo, audit_models
 from hansgate.audit.served import ServedModel, served_model
 from hansgate.audit.sections import (
     Accuracy,
-    Predictions,
     BundleTcavSection,
     CalibrationSection,
     HeadlineRow,
+    Predictions,
     Skipped,
     SubgroupSection,
     bundle_tcav_section,
