@@ -111,9 +111,7 @@ def _nll(logits: np.ndarray, y: np.ndarray, beta: float) -> float:
 
 
 def _brier(logits: np.ndarray, y: np.ndarray, beta: float) -> float:
-    p = np.exp(log_softmax(logits * beta, axis=1))
-    p[np.arange(len(y)), y] -= 1.0
-    return float((p * p).sum(axis=1).mean())
+    return float(_score(np.exp(log_softmax(logits * beta, axis=1)), y, "brier").mean())
 
 
 def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0,

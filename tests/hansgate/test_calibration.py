@@ -21,24 +21,30 @@ from hansgate.calibration import (
 )
 
 
+@pytest.mark.parametrize("objective", ["nll", "brier"])
 @pytest.mark.parametrize("z,p", [(2.0, 0.8), (5.0, 0.6), (0.5, 0.9)])
-def test_binary_optimum_is_the_logit_of_the_hit_rate(z, p):
-    """Logits ``[z, 0]`` on every row, class 0 right on a share ``p``: NLL optimum at ``sigmoid(z / T) = p``."""
+def test_binary_optimum_is_the_logit_of_the_hit_rate(z, p, objective):
+    """Logits ``[z, 0]`` on every row, class 0 right on a share ``p``: the NLL optimum is at
+    ``sigmoid(z / T) = p``, and the Brier-optimal constant probability is the hit rate too."""
     n = 1000
     logits = np.tile([z, 0.0], (n, 1))
     y = (np.arange(n) >= round(p * n)).astype(int)
-    fitted = fit_temperature(logits, y).temperature
+    fitted = fit_temperature(logits, y, objective=objective).temperature
     assert fitted == pytest.approx(z / math.log(p / (1 - p)), rel=1e-4)
 
 
-@settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), scale=st.floats(0.25, 4.0))
-def test_temperature_scales_with_the_logits(seed, scale):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(200, 4)) * 2
-    y = np.array([rng.choice(4, p=row) for row in calibrated_probabilities(logits)])
-    t = fit_temperature(logits, y).temperature
-    assert fit_temperature(logits * scale, y).temperature == pytest.approx(scale * t, rel=1e-3)
+@pytest.mark.parametrize("objective,n,examples", [("nll", 200, 20), ("brier", 300, 10)])
+def test_temperature_scales_with_the_logits(objective, n, examples):
+    @settings(max_examples=examples, deadline=None)
+    @given(seed=st.integers(0, 10_000), scale=st.floats(0.25, 4.0))
+    def check(seed, scale):
+        rng = np.random.default_rng(seed)
+        logits = rng.normal(size=(n, 4)) * 2
+        y = np.array([rng.choice(4, p=row) for row in calibrated_probabilities(logits)])
+        t = fit_temperature(logits, y, objective=objective).temperature
+        assert fit_temperature(logits * scale, y, objective=objective).temperature == pytest.approx(scale * t, rel=1e-3)
+
+    check()
 
 
 def test_overconfident_model_is_cooled_and_ece_drops():
@@ -66,16 +72,6 @@ def test_bad_input_is_one_clear_error():
         fit_temperature(np.zeros((1, 2)), np.array([0]))
 
 
-@pytest.mark.parametrize("z,p", [(2.0, 0.8), (5.0, 0.6), (0.5, 0.9)])
-def test_brier_binary_optimum_is_the_logit_of_the_hit_rate(z, p):
-    """Constant logits ``[z, 0]``: the Brier-optimal constant probability is the hit rate too."""
-    n = 1000
-    logits = np.tile([z, 0.0], (n, 1))
-    y = (np.arange(n) >= round(p * n)).astype(int)
-    fitted = fit_temperature(logits, y, objective="brier").temperature
-    assert fitted == pytest.approx(z / math.log(p / (1 - p)), rel=1e-4)
-
-
 @pytest.mark.parametrize("objective", ["nll", "brier"])
 def test_a_calibrated_set_keeps_temperature_one(objective):
     """Labels drawn from softmax(logits) itself: both objectives find T close to 1 (sampling noise only)."""
@@ -83,16 +79,6 @@ def test_a_calibrated_set_keeps_temperature_one(objective):
     logits = rng.normal(size=(20000, 6)) * 2
     y = np.array([rng.choice(6, p=row) for row in calibrated_probabilities(logits)])
     assert fit_temperature(logits, y, objective=objective).temperature == pytest.approx(1.0, abs=0.05)
-
-
-@settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 10_000), scale=st.floats(0.25, 4.0))
-def test_brier_temperature_scales_with_the_logits(seed, scale):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(300, 4)) * 2
-    y = np.array([rng.choice(4, p=row) for row in calibrated_probabilities(logits)])
-    t = fit_temperature(logits, y, objective="brier").temperature
-    assert fit_temperature(logits * scale, y, objective="brier").temperature == pytest.approx(scale * t, rel=1e-3)
 
 
 def test_brier_is_less_moved_by_a_few_confident_mistakes():
