@@ -109,7 +109,7 @@ class Calibrator:
     them per class. The manifest validated them already; they are checked again here (one
     scale and one bias per class, finite) because a wrong length would broadcast silently.
     The same map as ``calibration.calibrated_probabilities``, in numpy: that module imports
-    scipy, which would add a fifth of a second or more to every worker's start.
+    scipy, which the gateway otherwise never loads and every worker would pay for at start.
     """
 
     def __init__(self, spec: CalibrationSpec, n_classes: int) -> None:
