@@ -131,16 +131,14 @@ class ReceiptSigner:
         tail = f'","t":{round(issued_at, 3)!r}'
         # the C object under hmac.HMAC when OpenSSL provides it: its copy/update/digest skip a Python layer
         mac = getattr(self._hmac, "_hmac", self._hmac).copy
-        b64, urlsafe = binascii.b2a_base64, _URLSAFE
         out = []
         for j, (c, s) in enumerate(zip(classes, signs)):
             a = attributes[j] if attributes else ""
             rest = f',"a":{json.dumps(a)}}}' if a else "}"
-            token = b"v1." + b64(f'{head}{j}","c":{int(c)}{model}{s}{tail}{rest}'.encode(),
-                                 newline=False).translate(urlsafe).rstrip(b"=")
+            token = b"v1." + _b64_bytes(f'{head}{j}","c":{int(c)}{model}{s}{tail}{rest}'.encode())
             h = mac()
             h.update(token)
-            out.append((token + b"." + b64(h.digest(), newline=False).translate(urlsafe).rstrip(b"=")).decode())
+            out.append((token + b"." + _b64_bytes(h.digest())).decode())
         return out
 
     def verify(self, token: str, now: float | None = None) -> Receipt:
