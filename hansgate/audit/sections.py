@@ -26,6 +26,7 @@ from hansgate.calibration import (
     reliability_bins,
 )
 from hansgate.data.streaming import LazyImages
+from hansgate.nn.training import forward_batch_size
 
 __all__ = ["Skipped", "Accuracy", "Predictions", "AuditedImages", "streamed", "predictions_section", "SubgroupSection", "subgroups_section",
            "HeadlineRow", "headline_section", "BundleTcavSection", "bundle_tcav_section", "CalibrationSection",
@@ -34,16 +35,16 @@ __all__ = ["Skipped", "Accuracy", "Predictions", "AuditedImages", "streamed", "p
 
 #: The audited raw pixels: one array in memory, or images on disk read a batch at a time.
 AuditedImages = np.ndarray | LazyImages
-#: images per batch when the audited data are streamed from disk
-STREAM_BATCH = 64
 
 
-def streamed(fn: Callable[[np.ndarray], Any], x: AuditedImages, batch_size: int = STREAM_BATCH) -> Any:
-    """``fn(x)`` for an array; for images on disk, ``fn`` per batch and the outputs concatenated along the
-    samples (a tuple of arrays stays a tuple), so that only one batch of images is ever held."""
+def streamed(fn: Callable[[np.ndarray], Any], x: AuditedImages) -> Any:
+    """``fn(x)`` for an array; for images on disk, ``fn`` per batch (``nn.training.forward_batch_size``,
+    at most 64 images, as refine streams them) and the outputs concatenated along the samples (a tuple
+    of arrays stays a tuple), so that only one batch of images is ever held."""
     if not isinstance(x, LazyImages):
         return fn(x)
-    parts = [fn(b.numpy()) for b in x.iter_batches(batch_size, desc="audit")]
+    batch = forward_batch_size(int(np.prod(tuple(x.shape[1:]))), cap=64)
+    parts = [fn(b.numpy()) for b in x.iter_batches(batch, desc="audit")]
     if not parts:
         return fn(np.zeros((0, *x.shape[1:]), dtype=np.float32))
     if isinstance(parts[0], tuple):
