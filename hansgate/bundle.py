@@ -119,23 +119,106 @@ def read_manifest(path: str | Path) -> Manifest:
     return parse_manifest(_manifest_bytes(root), root / MANIFEST_FILE)
 
 
-def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[int | None]]]:
-    """Input names and ``{output: shape}`` of an ONNX file (symbolic dims as ``None``)."""
-    import onnx
+# field numbers of onnx.proto (ModelProto.graph; GraphProto.initializer, input, output, sparse_initializer;
+# TensorProto.name, external_data, data_location; SparseTensorProto.values, indices)
+_MODEL_GRAPH, _GRAPH_INIT, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_SPARSE = 7, 5, 11, 12, 15
+_TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 8, 13, 14
 
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Any:
+    """``(field number, wire type, value or (begin, end) of the bytes)`` of one protobuf message, in order."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise ValueError(f"field {number} runs past its message")
+            yield number, wire, (pos, pos + length)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise ValueError(f"field {number} runs past its message")
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def _external_tensor(buf: memoryview, span: tuple[int, int]) -> str | None:
+    """A TensorProto's name when it keeps its data in an external file, else ``None`` (payload skipped)."""
+    name, external = "", False
+    for number, wire, value in _fields(buf, *span):
+        if number == _TENSOR_NAME and wire == 2:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif (number == _TENSOR_EXTERNAL and wire == 2) or (number == _TENSOR_LOCATION and wire == 0 and value == 1):
+            external = True
+    return name if external else None
+
+
+def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[int | None]]]:
+    """Input names and ``{output: shape}`` of an ONNX file (symbolic dims as ``None``).
+
+    Walks the protobuf wire format over a memory map and parses only the graph's inputs and
+    outputs: the weights (most of the file) are skipped, not copied, so a bundle of a VGG
+    is checked without holding its graph twice. A tensor kept in an external file is refused.
+    """
+    import mmap
+
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    external: list[str] = []
+    inputs: list[str] = []
+    outputs: dict[str, list[int | None]] = {}
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for a corrupt file
+        with open(onnx_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                for number, wire, graph in _fields(buf, 0, len(buf)):
+                    if number != _MODEL_GRAPH or wire != 2:
+                        continue
+                    for field, kind, span in _fields(buf, *graph):
+                        if kind != 2:
+                            continue
+                        if field in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+                            info = onnx.ValueInfoProto.FromString(bytes(buf[span[0]:span[1]]))
+                            if field == _GRAPH_INPUT:
+                                inputs.append(info.name)
+                            else:
+                                dims = info.type.tensor_type.shape.dim
+                                outputs[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+                        elif field == _GRAPH_INIT:
+                            external.append(_external_tensor(buf, span) or "")
+                        elif field == _GRAPH_SPARSE:
+                            external += [_external_tensor(buf, part) or "" for n, k, part in _fields(buf, *span)
+                                         if k == 2 and n in (1, 2)]  # SparseTensorProto.values, .indices
+            finally:
+                buf.release()
+    except (ValueError, OSError, DecodeError) as exc:
         raise BundleError(f"cannot parse ONNX graph {onnx_path}: {exc}") from exc
-    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [name for name in external if name]
     if external:  # data outside the hashed file would escape both the hash and the signature
         raise BundleError(f"graph {onnx_path} keeps tensors in external files ({external[:3]}); bundles must be "
                           "one self-contained ONNX file")
-    inputs = [i.name for i in model.graph.input]
-    outputs: dict[str, list[int | None]] = {}
-    for out in model.graph.output:
-        dims = out.type.tensor_type.shape.dim
-        outputs[out.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if not outputs:
+        raise BundleError(f"cannot parse ONNX graph {onnx_path}: it declares no graph outputs")
     return inputs, outputs
 
 

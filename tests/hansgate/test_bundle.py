@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hansgate.bundle import load_bundle, read_manifest, write_bundle
@@ -177,3 +179,79 @@ def test_demo_bundle_carries_the_served_model_and_the_signature_covers_it(demo_b
     (b / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(SignatureError):
         load_bundle(b, public_key=tmp_path / "k.pub")
+
+
+def _reference_signature(data: bytes) -> tuple[list[str], dict[str, list[int | None]]]:
+    import onnx
+
+    model = onnx.ModelProto.FromString(data)
+    outputs = {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+               for o in model.graph.output}
+    return [i.name for i in model.graph.input], outputs
+
+
+def _small_graph() -> bytes:
+    """A graph with a symbolic batch axis, two outputs, a dense and a sparse initializer."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, np.float32), "sv"),
+                                       numpy_helper.from_array(np.array([0, 5], np.int64), "si"), [2, 3])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["logits"]), helper.make_node("Relu", ["logits"], ["act"])],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("act", TensorProto.FLOAT, [None, 4])], [w], sparse_initializer=[sparse])
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_graph_signature_walker_reads_what_onnx_reads(demo_bundle, tmp_path):
+    from hansgate.bundle import graph_signature
+
+    for data in (_small_graph(), (demo_bundle / "model.onnx").read_bytes()):
+        path = tmp_path / "g.onnx"
+        path.write_bytes(data)
+        assert graph_signature(path) == _reference_signature(data)
+    assert graph_signature(path)[1]["logits"] == [None, 10]
+
+
+def test_graph_signature_refuses_tensors_kept_outside_the_file(tmp_path):
+    import onnx
+
+    from hansgate.bundle import graph_signature
+
+    model = onnx.ModelProto.FromString(_small_graph())
+    model.graph.initializer[0].data_location = onnx.TensorProto.EXTERNAL
+    path = tmp_path / "g.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError, match=r"external files \(\['w'\]\)"):
+        graph_signature(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(0, 10_000), flip=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_graph_signature_on_damaged_files_gives_onnx_answer_or_bundle_error(tmp_path_factory, cut, flip, byte):
+    """Any truncation or one changed byte: the walker raises ``BundleError`` or answers, and where
+    onnx can parse the file the answer is onnx's (the walker skips nodes and weights, so a file
+    broken only there passes it; onnxruntime refuses that one when the gateway loads it)."""
+    from google.protobuf.message import DecodeError
+
+    from hansgate.bundle import graph_signature
+
+    data = bytearray(_small_graph())
+    data = data[: cut % (len(data) + 1)]
+    if data:
+        data[flip % len(data)] = byte
+    path = tmp_path_factory.mktemp("g") / "g.onnx"
+    path.write_bytes(bytes(data))
+    try:
+        got = graph_signature(path)
+    except BundleError:
+        return
+    try:
+        expected = _reference_signature(bytes(data))
+    except DecodeError:
+        return
+    assert got == expected
