@@ -64,6 +64,7 @@ from zennit.types import Convolution
 
 from hansgate.errors import ConfigError
 from hansgate.nn.hooks import eval_mode
+from hansgate.nn.training import forward_batch_size, gradient_batch_size
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -93,7 +94,8 @@ class AttributionConfig(BaseModel):
     smoothgrad_noise: float = Field(0.15, ge=0)
     ig_steps: int = Field(32, ge=1)
     value_range: tuple[float, float] = (0.0, 1.0)
-    batch_size: int = Field(64, ge=1)
+    #: images per differentiated pass; ``None``: ``nn.training.gradient_batch_size`` of the image size
+    batch_size: int | None = Field(None, ge=1)
     seed: int = 0
     #: what an LRP method becomes on a model LRP has no sound rule for (``lrp_note``)
     lrp_fallback: str = "gradient"
@@ -240,13 +242,14 @@ def attribute(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
     # SmoothGrad's noise is seeded; fork_rng restores the caller's RNG state afterwards
     with torch.random.fork_rng(), eval_mode(model):
         torch.manual_seed(cfg.seed)
-        for start in range(0, len(x), cfg.batch_size):
-            xb = x[start : start + cfg.batch_size].detach().clone()
+        step = cfg.batch_size or gradient_batch_size(int(x[0].numel()) if len(x) else 1)
+        for start in range(0, len(x), step):
+            xb = x[start : start + step].detach().clone()
             composite = _composite(method, model, xb, cfg)
             if output_fn is not None:
                 fn = output_fn
             else:
-                tb = target[start : start + cfg.batch_size]  # type: ignore[index]
+                tb = target[start : start + step]  # type: ignore[index]
 
                 def fn(logits: torch.Tensor, tb: torch.Tensor = tb) -> torch.Tensor:
                     onehot = torch.nn.functional.one_hot(tb, logits.shape[1]).to(logits)
@@ -285,7 +288,8 @@ def verified_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: t
     and at least ``accept_share`` of the true class's absolute relevance inside ``mask`` ``[H, W]``.
     The result selects the verified refinement set, e.g. ``x[idx], y[idx]``."""
     with torch.no_grad(), eval_mode(model):
-        correct = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]) == y
+        step = forward_batch_size(int(x[0].numel()) if len(x) else 1)
+        correct = torch.cat([model(x[i : i + step]).argmax(1) for i in range(0, len(x), step)]) == y
     rel = attribute(model, x, y, method, config)
     return (correct & verify_by_relevance(rel, mask, accept_share)).nonzero().flatten()
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from hansgate.errors import DataError
 from hansgate.nn.hooks import capture, eval_mode
+from hansgate.nn.training import gradient_batch_size
 
 __all__ = ["InfluenceConfig", "layer_embeddings", "softmax_hessian", "LinearStudentInfluence", "Fidelity",
            "TopKShares", "InfluenceReport"]
@@ -62,7 +63,7 @@ def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def layer_embeddings(model: nn.Module, x: torch.Tensor, projection: SparseRandomProjection | None = None,
-                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Outputs of every conv/linear layer, flattened and concatenated, then randomly projected.
 
     Returns ``(features [N, D], logits [N, K])``; ``projection`` must already be fitted on the
@@ -70,6 +71,8 @@ def layer_embeddings(model: nn.Module, x: torch.Tensor, projection: SparseRandom
     ``copy=False``): where an in-place activation follows a layer, its embedding is the activated
     value. Runs in eval mode; the caller's modes come back.
     """
+    # every layer's output of a batch is held at once, as in a backward pass: the gradient bound
+    batch_size = batch_size or gradient_batch_size(int(x[0].numel()) if len(x) else 1, cap=256)
     names = [n for n, _ in _leaf_layers(model)]
     feats, logits = [], []
     with eval_mode(model), capture(model, names, copy=False) as store:

@@ -132,17 +132,22 @@ def normalize(x: np.ndarray, manifest: Manifest) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def onnx_predictor(bundle: Bundle, batch_size: int = 256,
+def onnx_predictor(bundle: Bundle, batch_size: int | None = None,
                    outputs: tuple[str, ...] = ("logits",)) -> Callable[[np.ndarray], np.ndarray]:
     """``x [N, C, H, W]`` (raw, in the manifest's value range) -> logits ``[N, K]`` through onnxruntime (CPU);
-    with several ``outputs`` (e.g. ``("logits", "concept_sensitivity")``) a tuple of arrays in that order."""
+    with several ``outputs`` (e.g. ``("logits", "concept_sensitivity")``) a tuple of arrays in that order.
+    ``batch_size`` ``None``: ``nn.training.forward_batch_size`` of the input (at most 256), so that
+    onnxruntime's activations stay bounded at 224 px."""
     import onnxruntime as ort
+
+    from hansgate.nn.training import forward_batch_size
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(bundle.onnx_path), opts, providers=["CPUExecutionProvider"])
     manifest = bundle.manifest
     expected = tuple(manifest.input.shape)
+    step = batch_size or forward_batch_size(int(np.prod(expected)), cap=256)
 
     def predict(x: np.ndarray) -> np.ndarray:
         if tuple(x.shape[1:]) != expected:
@@ -150,8 +155,8 @@ def onnx_predictor(bundle: Bundle, batch_size: int = 256,
         if len(x) == 0:
             raise DataError("no samples to run the bundle on")
         xn = normalize(np.asarray(x, dtype=np.float32), manifest)
-        parts = [session.run(list(outputs), {manifest.graph.input_name: xn[i : i + batch_size]})
-                 for i in range(0, len(xn), batch_size)]
+        parts = [session.run(list(outputs), {manifest.graph.input_name: xn[i : i + step]})
+                 for i in range(0, len(xn), step)]
         joined = tuple(np.concatenate([p[j] for p in parts]) for j in range(len(outputs)))
         # several outputs come back as a tuple of arrays (callers unpack them)
         return joined[0] if len(outputs) == 1 else joined  # type: ignore[return-value]

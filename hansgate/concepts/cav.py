@@ -49,6 +49,7 @@ from torch import nn
 
 from hansgate.errors import ConfigError, DataError, ModelRunError
 from hansgate.nn.hooks import capture, eval_mode
+from hansgate.nn.training import forward_batch_size
 
 __all__ = [
     "CAV_KINDS",
@@ -140,10 +141,12 @@ def default_concept_layer(model: nn.Module, example: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Output of ``layer`` for every sample of ``x``, eval mode, batched: ``[N, ...]``."""
+def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Output of ``layer`` for every sample of ``x``, eval mode, batched (``batch_size`` ``None``:
+    ``nn.training.forward_batch_size``, at most 256): ``[N, ...]``."""
     if len(x) == 0:
         raise DataError("no samples to compute activations on")
+    batch_size = batch_size or forward_batch_size(int(x[0].numel()), cap=256)
     out = []
     try:
         with eval_mode(model), capture(model, [layer]) as store:
@@ -157,9 +160,10 @@ def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, batch_size:
 
 
 def pooled_activations(model: nn.Module, layer: str, x: torch.Tensor, pooling: str = "mean",
-                       batch_size: int = 256) -> torch.Tensor:
+                       batch_size: int | None = None) -> torch.Tensor:
     """Channel-pooled activations ``[N, C]`` of ``layer`` (see module docstring)."""
     pool_channels(x.new_zeros(1, 1), pooling)  # validates the name before running the model
+    batch_size = batch_size or forward_batch_size(int(x[0].numel()) if len(x) else 1, cap=256)
     parts = []
     for i in range(0, len(x), batch_size):
         parts.append(pool_channels(layer_activations(model, layer, x[i : i + batch_size], batch_size), pooling))

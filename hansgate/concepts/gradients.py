@@ -14,21 +14,24 @@ from torch import nn
 from hansgate.concepts.cav import pool_gradient
 from hansgate.errors import ConfigError, DataError, ModelRunError
 from hansgate.nn.hooks import eval_mode, leaf_outputs
+from hansgate.nn.training import gradient_batch_size
 
 __all__ = ["latent_gradients", "directional_derivatives", "tcav_score"]
 
 
 def latent_gradients(model: nn.Module, layer: str, x: torch.Tensor, classes: list[int] | None = None,
-                     pooling: str = "mean", batch_size: int = 128) -> torch.Tensor:
+                     pooling: str = "mean", batch_size: int | None = None) -> torch.Tensor:
     """``G`` ``[N, K', D]``: ``d logit_k / d a`` at ``layer``, pooled by ``concepts.cav.pool_gradient`` (autograd).
 
     For ``mean``/``max`` pooling the gradient is summed over positions (``D = C``); for
     ``none`` it is flattened (``D = C * H * W``); either way ``G @ h`` is the derivative along the CAV.
 
     ``classes`` selects the logits (default: all, in order). Eval mode; parameters get no gradients.
+    ``batch_size`` ``None``: ``nn.training.gradient_batch_size`` (at most 128).
     """
     if len(x) == 0:
         raise DataError("no target samples for TCAV")
+    batch_size = batch_size or gradient_batch_size(int(x[0].numel()), cap=128)
     parts = []
     try:
         with eval_mode(model), leaf_outputs(model, layer) as store, torch.enable_grad():

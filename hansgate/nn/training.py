@@ -12,11 +12,14 @@ from tqdm.auto import tqdm
 from hansgate.errors import ModelRunError
 
 __all__ = ["TrainConfig", "train_classifier", "predict_logits", "accuracy", "batches", "frozen_batchnorm",
-           "FORWARD_VALUES", "forward_batch_size"]
+           "FORWARD_VALUES", "GRADIENT_VALUES", "forward_batch_size", "gradient_batch_size"]
 
 #: input values per batch of a forward pass without gradients (8 MiB of float32 input): a conv stem that
 #: widens 3 channels to 64 at full resolution (VGG) holds about 21 times the input per activation
 FORWARD_VALUES = 1 << 21
+#: input values per batch of a pass that keeps the graph for a backward pass (attributions, TCAV
+#: gradients): every activation stays alive until the backward pass, so a quarter of ``FORWARD_VALUES``
+GRADIENT_VALUES = FORWARD_VALUES >> 2
 
 
 class TrainConfig(BaseModel):
@@ -61,6 +64,15 @@ def forward_batch_size(sample_numel: int, cap: int = 512) -> int:
     (13 images at 3 x 224 x 224), while small images keep ``cap`` (512 digits of 28 x 28).
     """
     return max(1, min(cap, FORWARD_VALUES // max(1, int(sample_numel))))
+
+
+def gradient_batch_size(sample_numel: int, cap: int = 64) -> int:
+    """Images per pass that is differentiated (``GRADIENT_VALUES`` input values, at most ``cap``, at least 1).
+
+    Why: a backward pass holds every activation of the batch at once (3 images at 3 x 224 x 224,
+    ``cap`` for digits), the bound that keeps the audit's attributions of a ResNet-50 small.
+    """
+    return max(1, min(cap, GRADIENT_VALUES // max(1, int(sample_numel))))
 
 
 @torch.no_grad()

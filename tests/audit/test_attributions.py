@@ -226,3 +226,16 @@ def lrp_note_of(arch: str) -> tuple[bool, str | None]:
     from hansgate.audit.attributions import lrp_note
 
     return lrp_note(torchvision.models.get_model(arch, weights=None, num_classes=10))
+
+
+def test_attributions_do_not_depend_on_the_batch(monkeypatch):
+    """The default batch follows ``nn.training.gradient_batch_size``; maps are the same at any batch."""
+    from hansgate.nn import training
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x, y = torch.rand(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    whole = attribute(model, x, y, "lrp-epsilon-zplus-box", AttributionConfig(batch_size=10))
+    monkeypatch.setattr(training, "GRADIENT_VALUES", 3 * 8 * 8 * 3)  # 3 images per pass
+    assert training.gradient_batch_size(3 * 8 * 8) == 3
+    torch.testing.assert_close(attribute(model, x, y, "lrp-epsilon-zplus-box"), whole, rtol=1e-5, atol=1e-6)

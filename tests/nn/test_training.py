@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from hansgate.nn import training
-from hansgate.nn.training import FORWARD_VALUES, accuracy, forward_batch_size, predict_logits
+from hansgate.nn.training import (
+    FORWARD_VALUES,
+    GRADIENT_VALUES,
+    accuracy,
+    forward_batch_size,
+    gradient_batch_size,
+    predict_logits,
+)
 
 
 def test_forward_batch_is_bounded_by_input_values():
@@ -17,6 +24,16 @@ def test_forward_batch_is_bounded_by_input_values():
     assert forward_batch_size(4 * FORWARD_VALUES) == 1  # never below one image
     for numel in (1, 784, 3 * 224 * 224, 3 * 512 * 512):
         assert forward_batch_size(numel) * numel <= max(FORWARD_VALUES, numel)
+
+
+def test_gradient_batch_is_a_quarter_of_the_forward_bound():
+    assert GRADIENT_VALUES * 4 == FORWARD_VALUES
+    assert gradient_batch_size(28 * 28) == 64  # digits keep the cap
+    assert gradient_batch_size(3 * 224 * 224) == 3
+    assert gradient_batch_size(3 * 224 * 224, cap=2) == 2
+    assert gradient_batch_size(3 * 1024 * 1024) == 1  # never below one image
+    for numel in (1, 784, 3 * 64 * 64, 3 * 224 * 224):
+        assert gradient_batch_size(numel) * numel <= max(GRADIENT_VALUES, numel)
 
 
 def test_predictions_do_not_depend_on_the_batch(monkeypatch):
