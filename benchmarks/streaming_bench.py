@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--held-mb", type=float, default=256.0, help="the audit's bound on held images (--held-mb)")
     p.add_argument("--audit-only", action="store_true",
                    help="re-run the audits on the bundles and folders of an earlier run (--work); refine runs kept")
+    p.add_argument("--results", type=Path, default=RESULTS, help="results file (default: results/streaming.json)")
     p.add_argument("--summarise", action="store_true", help="rewrite the summary of an existing results file")
     args = p.parse_args()
     if args.child:
@@ -153,12 +154,12 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
     if args.summarise:
-        write_summary(args, json.loads(RESULTS.read_text())["runs"])
+        write_summary(args, json.loads(args.results.read_text())["runs"])
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "model.safetensors"
-    runs: dict[str, dict[str, object]] = json.loads(RESULTS.read_text())["runs"] if args.audit_only else {}
+    runs: dict[str, dict[str, object]] = json.loads(args.results.read_text())["runs"] if args.audit_only else {}
     for n in args.sizes:
         if args.audit_only:
             runs[f"audit_{n}"] = run_child("audit", "--data", str(work / f"data{n}"), "--bundle",
@@ -216,8 +217,8 @@ def write_summary(args: argparse.Namespace, runs: dict[str, dict[str, object]]) 
         "cpu_cores": os.cpu_count(),
         "runs": runs,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["peak_rss_difference_mb"]))
 
 

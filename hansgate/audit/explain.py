@@ -46,6 +46,7 @@ from hansgate.audit.sections import Predictions, Skipped
 from hansgate.audit.served import explained_name
 from hansgate.audit.tcav import TcavConfig
 from hansgate.manifest import InputSpec
+from hansgate.nn.training import predict_logits
 
 __all__ = ["sample_indices", "explained_role", "AttributionSample", "AttributionSection", "attributions_section",
            "artifacts_section", "ConceptSection", "concepts_section", "InfluenceSection", "influence_section"]
@@ -140,8 +141,7 @@ def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], p
     used: dict[str, str] = {}
     notes: dict[str, str] = {}
     for m, net in torch_models.items():
-        with torch.no_grad():
-            target = net(xs).argmax(1)
+        target = predict_logits(net, xs).argmax(1)
         used[m], note = method_for(net, cfg.lrp_method, attr_cfg)
         if note:
             notes[m] = note
@@ -154,8 +154,7 @@ def attributions_section(x: torch.Tensor, y: torch.Tensor, classes: list[str], p
     # every method on a few samples of the served model, else the first torch model (paper 003, Fig. 2A)
     first = explained_role(torch_models)
     few = xs[:4]
-    with torch.no_grad():
-        few_t = torch_models[first](few).argmax(1)
+    few_t = predict_logits(torch_models[first], few).argmax(1)
     maps = {meth: attribute(torch_models[first], few, few_t, meth, attr_cfg).sum(1).numpy()
             for meth in ATTRIBUTION_METHODS}
     return AttributionSection(
