@@ -294,7 +294,7 @@ def test_cli_refine_p_clarc_bundle_carries_the_refined_weights(biased_cnn, digit
     state = load_file(str(b.refined_path))
     hp = b.manifest.method.hyperparameters
     assert float(state["conv2.refiner.target"]) == pytest.approx(hp["target_length"], rel=1e-6)
-    assert state["conv2.refiner.cav"].shape == (hp["cav"]["dim"],)
+    assert state["conv2.refiner.cav"].shape == (hp["cav_evidence"]["dim"],)
     rebuilt = rebuild(fresh("mnist_cnn"), [(u.layer, u.kind, dict(u.options)) for u in spec.inserted], state)
     from hansgate.concepts.cav import layer_activations, pool_channels
 
