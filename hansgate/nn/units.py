@@ -2,8 +2,9 @@
 
 What: the pruning family refines a model by inserting a unit after named layers
 (``nn.surgery.insert_after`` wraps each in ``Refined(inner, unit)``): EGEM's ``ExposureScale``
-(paper 000, Eq. 5), PCA-EGEM's ``PcaExposure`` (Eq. 6) and P-ClArC's ``ClarcProjection``
-(paper 001, Eq. 3); other methods change weights and insert nothing. ``inserted_units`` lists each inserted unit as ``(layer, kind, options)``,
+(paper 000, Eq. 5) and PCA-EGEM's ``PcaExposure`` (Eq. 6); P-ClArC inserts a
+``ClarcProjection`` (paper 001, Eq. 3); other methods change weights and insert nothing.
+``inserted_units`` lists each inserted unit as ``(layer, kind, options)``,
 where ``options`` are the constructor shapes and flags (ints, bools, strings: no tensors);
 ``rebuild`` takes a fresh copy of the source model, inserts empty units of those shapes and
 loads the refined model's full state dict into the result (strictly: every tensor must be
@@ -29,7 +30,8 @@ from hansgate.manifest import InsertedUnit, RefinedModelSpec
 from hansgate.nn.hooks import eval_mode
 from hansgate.nn.surgery import Refined, insert_after
 
-__all__ = ["ExposureScale", "PcaExposure", "ClarcProjection", "PROJECTION_POOLINGS", "project_along", "UNIT_KINDS", "UnitOptions", "UnsupportedUnit", "unit_options",
+__all__ = ["ExposureScale", "PcaExposure", "ClarcProjection", "PROJECTION_POOLINGS", "project_along", "UNIT_KINDS",
+           "UnitOptions", "UnsupportedUnit", "unit_options",
            "build_unit", "inserted_units", "strip_units", "skeleton", "rebuild", "state_bytes", "load_state_bytes",
            "state_views", "refined_weights"]
 

@@ -1,4 +1,4 @@
-"""The audit explains a P-ClArC bundle's served model: the projection rebuilt from the bundle, checked against its graph.
+"""The audit explains a P-ClArC bundle's served model: its projection rebuilt from the bundle, checked on the graph.
 
 An ``mnist_cnn`` briefly trained on embedded digits where every class-8 image carries the corner
 (a Clever-Hans model) is refined with P-ClArC through ``hansgate refine``'s pipeline (paper 001,
