@@ -2,8 +2,9 @@
 
 What: the pruning family refines a model by inserting a unit after named layers
 (``nn.surgery.insert_after`` wraps each in ``Refined(inner, unit)``): EGEM's ``ExposureScale``
-(paper 000, Eq. 5) and PCA-EGEM's ``PcaExposure`` (Eq. 6); other methods change weights and
-insert nothing. ``inserted_units`` lists each inserted unit as ``(layer, kind, options)``,
+(paper 000, Eq. 5) and PCA-EGEM's ``PcaExposure`` (Eq. 6); P-ClArC inserts a
+``ClarcProjection`` (paper 001, Eq. 3); other methods change weights and insert nothing.
+``inserted_units`` lists each inserted unit as ``(layer, kind, options)``,
 where ``options`` are the constructor shapes and flags (ints, bools, strings: no tensors);
 ``rebuild`` takes a fresh copy of the source model, inserts empty units of those shapes and
 loads the refined model's full state dict into the result (strictly: every tensor must be
@@ -24,12 +25,13 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from hansgate.errors import ExportError, ModelLoadError
+from hansgate.errors import ConfigError, ExportError, ModelLoadError
 from hansgate.manifest import InsertedUnit, RefinedModelSpec
 from hansgate.nn.hooks import eval_mode
 from hansgate.nn.surgery import Refined, insert_after
 
-__all__ = ["ExposureScale", "PcaExposure", "UNIT_KINDS", "UnitOptions", "UnsupportedUnit", "unit_options",
+__all__ = ["ExposureScale", "PcaExposure", "ClarcProjection", "PROJECTION_POOLINGS", "project_along", "UNIT_KINDS",
+           "UnitOptions", "UnsupportedUnit", "unit_options",
            "build_unit", "inserted_units", "strip_units", "skeleton", "rebuild", "state_bytes", "load_state_bytes",
            "state_views", "refined_weights"]
 
@@ -105,8 +107,66 @@ class PcaExposure(nn.Module):
         return centred.movedim(-1, 1) + pixel_mean
 
 
+#: how a projection pools the concept layer (``concepts.cav.POOLINGS``; ``concepts`` sits above ``nn``)
+PROJECTION_POOLINGS: tuple[str, ...] = ("mean", "max", "none")
+
+
+def project_along(a: torch.Tensor, cav: torch.Tensor, target: float | torch.Tensor,
+                  pooling: str = "mean") -> torch.Tensor:
+    """Paper 001 (Dreyer, Pahde et al.), Eq. 3: ``a' = a + gamma(x) h`` with ``gamma = (z - pool(a) . h) / (h . h)``.
+
+    ``a`` ``[N, C, *spatial]`` (or ``[N, D]``, taken as it is). ``mean``/``max``: ``pool`` is the
+    per-channel spatial mean or max and ``h`` (length ``C``) is added at every position; a constant
+    offset moves a channel's mean and its maximum alike, so the pooled length ``pool(a') . h``
+    becomes ``z`` exactly. ``none``: ``h`` spans the full map (length ``C * H * W``). The pooling
+    is that of ``concepts.cav.pool_channels`` and ``lift_cav``, with which the CAV was fitted.
+    """
+    if pooling not in PROJECTION_POOLINGS:
+        raise ConfigError(f"unknown pooling {pooling!r}; choose from {list(PROJECTION_POOLINGS)}")
+    h = cav.to(a)
+    if a.dim() == 2:
+        pooled, lifted = a, h.view(1, -1)
+    elif pooling == "none":
+        pooled, lifted = a.flatten(1), h.view(1, *a.shape[1:])
+    else:
+        flat = a.flatten(2)
+        pooled, lifted = (flat.amax(2) if pooling == "max" else flat.mean(2)), h.view(1, -1, *(1,) * (a.dim() - 2))
+    gamma = (target - pooled @ h) / (h @ h)  # [N]
+    return a + gamma.view(-1, *(1,) * (a.dim() - 1)) * lifted
+
+
+class ClarcProjection(nn.Module):
+    """Paper 001, Eq. 3 as a module after the concept layer: each activation's pooled length along ``cav``
+    becomes ``target`` (P-ClArC at test time: the mean length over clean samples; A-ClArC while fine-tuning).
+
+    The CAV and the target are buffers (they travel in the state dict); ``pooling`` is a flag.
+    """
+
+    cav: torch.Tensor
+    target: torch.Tensor
+
+    def __init__(self, cav: torch.Tensor, target: float | torch.Tensor, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in PROJECTION_POOLINGS:
+            raise ConfigError(f"unknown pooling {pooling!r}; choose from {list(PROJECTION_POOLINGS)}")
+        if cav.dim() != 1 or cav.numel() == 0:
+            raise ConfigError(f"a projection needs a non-empty CAV vector, got shape {list(cav.shape)}")
+        self.register_buffer("cav", cav.detach().to(torch.float32).clone())
+        self.register_buffer("target", torch.as_tensor(target, dtype=torch.float32).detach().clone().reshape(()))
+        self.pooling = pooling
+
+    @classmethod
+    def empty(cls, dim: int, pooling: str = "mean") -> "ClarcProjection":
+        """A projection along a zero CAV of length ``dim``, to be filled by ``load_state_dict``."""
+        return cls(torch.zeros(dim, dtype=torch.float32), 0.0, pooling)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return project_along(a, self.cav, self.target, self.pooling)
+
+
 #: the kinds a manifest may name (``manifest.InsertedUnit.kind``) and their classes
-UNIT_KINDS: dict[str, type[nn.Module]] = {"exposure_scale": ExposureScale, "pca_exposure": PcaExposure}
+UNIT_KINDS: dict[str, type[nn.Module]] = {"exposure_scale": ExposureScale, "pca_exposure": PcaExposure,
+                                          "clarc_projection": ClarcProjection}
 
 
 def unit_options(unit: nn.Module) -> tuple[str, UnitOptions]:
@@ -116,6 +176,8 @@ def unit_options(unit: nn.Module) -> tuple[str, UnitOptions]:
     if type(unit) is PcaExposure:
         return "pca_exposure", {"dim": int(unit.mean.shape[0]), "spatial_size": int(unit.spatial_size),
                                 "conv_mode": str(unit.conv_mode), "per_element": bool(unit.per_element)}
+    if type(unit) is ClarcProjection:
+        return "clarc_projection", {"dim": int(unit.cav.shape[0]), "pooling": str(unit.pooling)}
     raise UnsupportedUnit(f"cannot record an inserted {type(unit).__name__}; rebuildable units are "
                           f"{sorted(UNIT_KINDS)}")
 
@@ -141,6 +203,11 @@ def build_unit(kind: str, options: Mapping[str, object]) -> nn.Module:
                                  f"{mode!r} and {options.get('per_element')!r}")
         return PcaExposure.empty(_int(options, "dim"), _int(options, "spatial_size"),
                                  "linear" if mode == "linear" else "ratio", bool(options["per_element"]))
+    if kind == "clarc_projection":
+        pooling = options.get("pooling")
+        if pooling not in PROJECTION_POOLINGS:
+            raise ModelLoadError(f"clarc_projection needs pooling in {list(PROJECTION_POOLINGS)}, got {pooling!r}")
+        return ClarcProjection.empty(_int(options, "dim"), str(pooling))
     raise UnsupportedUnit(f"unknown refinement unit kind {kind!r}; known: {sorted(UNIT_KINDS)}")
 
 
@@ -291,8 +358,8 @@ def state_views(data: bytes) -> dict[str, torch.Tensor]:
 def refined_weights(model: nn.Module, x_model: torch.Tensor) -> tuple[bytes, RefinedModelSpec] | None:
     """The served model's state dict (safetensors) and its rebuild recipe, checked by rebuilding it here.
 
-    ``None`` when the model holds an inserted module that ``nn.units`` cannot rebuild (P-ClArC's
-    projection): the bundle then carries no refined weights and is audited by its predictions.
+    ``None`` when the model holds an inserted module that is none of ``UNIT_KINDS``: the bundle
+    then carries no refined weights and is audited by its predictions.
     """
     try:
         units = inserted_units(model)

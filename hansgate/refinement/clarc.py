@@ -10,7 +10,9 @@ defaults are the authors' reference setup, the project's earlier choices are nam
   express *where* a localized artifact sits.
 - **P-ClArC** (Eq. 3, no training): a ``ClarcProjection`` after the concept layer moves
   every activation along ``h`` so that its pooled length ``pool(a) . h`` equals the mean
-  length over clean samples: ``a' = a + (z - pool(a) . h) / (h . h) * h``.
+  length over clean samples: ``a' = a + (z - pool(a) . h) / (h . h) * h``. The projection is
+  an ``nn.units`` unit: the bundle carries it (CAV and target in ``refined.safetensors``), so
+  the audit rebuilds and explains the served model.
 - **A-ClArC**: the same projection with ``z`` = the mean length over samples *with* the
   concept, applied to every sample while the layers after the concept layer are
   fine-tuned; the returned model is the fine-tuned one *without* the projection (the

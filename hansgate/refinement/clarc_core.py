@@ -1,7 +1,10 @@
 """ClArC's options, concept data and closed-form pieces (paper 001, Eq. 3 and Eq. 5).
 
-Split from ``refinement.clarc`` (the methods) and ``refinement.clarc_tuning`` (the
-fine-tuner) so that each stays readable; ``refinement.clarc`` re-exports every name.
+Eq. 3 itself (``project_along``, ``ClarcProjection``) lives in ``nn.units``, re-exported here: a
+bundle carries a P-ClArC model's projection as a unit that the audit, which may not import
+``refinement``, rebuilds. Split from ``refinement.clarc`` (the methods) and
+``refinement.clarc_tuning`` (the fine-tuner) so that each stays readable;
+``refinement.clarc`` re-exports every name.
 
 Defaults follow the authors' reference setup wherever paper 001 is silent
 (``seeds/IMPLEMENTATION-NOTES.md``): channel CAVs from the spatial **max** of the concept
@@ -25,9 +28,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from hansgate.concepts.cav import lift_cav, pool_channels, pool_gradient
+from hansgate.concepts.cav import pool_gradient
 from hansgate.errors import ConfigError, DataError
 from hansgate.nn.surgery import insert_after
+from hansgate.nn.units import ClarcProjection, project_along  # Eq. 3 is a rebuildable unit (nn.units)
 
 __all__ = [
     "CLARC_METHODS",
@@ -121,17 +125,6 @@ class ConceptData:
                 ConceptData(self.x[val], self.y[val], self.concept[val]))
 
 
-def project_along(a: torch.Tensor, cav: torch.Tensor, target: float | torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """Paper 001, Eq. 3: ``a + (z - pool(a) . h) / (h . h) * h`` at every position; ``a`` ``[N, C, ...]``.
-
-    For ``max`` pooling the same offset at every position moves each channel's maximum by
-    exactly that offset, so the pooled length becomes ``z``, as it does for ``mean``/``none``.
-    """
-    length = pool_channels(a, pooling) @ cav.to(a)  # [N]
-    gamma = (target - length) / (cav.to(a) @ cav.to(a))
-    return a + gamma.view((-1,) + (1,) * (a.dim() - 1)) * lift_cav(cav, a, pooling)
-
-
 def annotation_vector(n: int, k: int, mode: str, target_class: int | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """``m`` ``[N, K]`` of Eq. 5: random +-1 per sample and logit, all ones, or one-hot on ``target_class``."""
@@ -166,22 +159,6 @@ def class_weights(y: torch.Tensor, k: int) -> torch.Tensor:
     """
     counts = torch.bincount(y, minlength=k).float()[:k]
     return torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
-
-
-class ClarcProjection(nn.Module):
-    """Eq. 3 as a module, inserted after the concept layer (P-ClArC; A-ClArC while training)."""
-
-    cav: torch.Tensor
-    target: torch.Tensor
-
-    def __init__(self, cav: torch.Tensor, target: float, pooling: str = "mean") -> None:
-        super().__init__()
-        self.register_buffer("cav", cav.float().clone())
-        self.register_buffer("target", torch.tensor(float(target)))
-        self.pooling = pooling
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return project_along(a, self.cav, self.target, self.pooling)
 
 
 def with_projection(model: nn.Module, layer: str, cav: torch.Tensor, target: float, pooling: str = "mean") -> nn.Module:

@@ -7,17 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from hansgate.errors import ModelLoadError
+from hansgate.errors import ConfigError, ModelLoadError
 from hansgate.nn.models import build_builtin
 from hansgate.nn.surgery import insert_after
 from hansgate.nn.units import (
+    PROJECTION_POOLINGS,
     UNIT_KINDS,
+    ClarcProjection,
     ExposureScale,
     PcaExposure,
     UnsupportedUnit,
     build_unit,
     inserted_units,
     load_state_bytes,
+    project_along,
     rebuild,
     refined_weights,
     skeleton,
@@ -55,9 +58,11 @@ def test_manifest_kinds_are_the_rebuildable_units():
 
 
 def test_refinement_re_exports_the_same_classes():
-    from hansgate.refinement import egem, pca
+    from hansgate.refinement import clarc, clarc_core, egem, pca
 
     assert egem.ExposureScale is ExposureScale and pca.PcaExposure is PcaExposure and egem.PcaExposure is PcaExposure
+    assert clarc.ClarcProjection is ClarcProjection and clarc_core.ClarcProjection is ClarcProjection
+    assert clarc.project_along is project_along
 
 
 def test_rebuild_from_source_recipe_and_state_is_exact():
@@ -96,6 +101,9 @@ def test_state_that_does_not_fit_is_one_error():
     ("exposure_scale", {"shape": [True]}, "shape"),
     ("pca_exposure", {"dim": 3, "spatial_size": 1, "conv_mode": "cubic", "per_element": False}, "conv_mode"),
     ("pca_exposure", {"dim": 0, "spatial_size": 1, "conv_mode": "ratio", "per_element": False}, "dim"),
+    ("clarc_projection", {"dim": 3, "pooling": "median"}, "pooling"),
+    ("clarc_projection", {"dim": 0, "pooling": "max"}, "dim"),
+    ("clarc_projection", {"pooling": "max"}, "dim"),
 ])
 def test_bad_unit_options_are_refused(kind, options, needle):
     with pytest.raises(ModelLoadError, match=needle):
@@ -172,3 +180,63 @@ def test_state_views_read_the_same_tensors_as_safetensors_without_copying():
     assert start <= big.data_ptr() < start + len(data)  # a view into the bytes, not a copy
     with pytest.raises(ModelLoadError, match="safetensors"):
         state_views(b"\x08" + bytes(7) + b"not json")
+
+
+@pytest.mark.parametrize("pooling, expected", [
+    # a = [[1, 3], [0, 2]] (2 channels, 2 positions), h = [1, 1], z = 0
+    ("mean", [[-0.5, 1.5], [-1.5, 0.5]]),  # pool = [2, 1], length 3, gamma = -3 / 2
+    ("max", [[-1.5, 0.5], [-2.5, -0.5]]),  # pool = [3, 2], length 5, gamma = -5 / 2
+    ("none", [[-0.5, 3.0], [0.0, 0.5]]),   # h = [1, 0, 0, 1] over the map, length 3, gamma = -3 / 2
+])
+def test_projection_is_eq3_in_closed_form(pooling, expected):
+    """Paper 001, Eq. 3 by hand: ``a' = a + (z - pool(a) . h) / (h . h) * lift(h)``."""
+    a = torch.tensor([[[1.0, 3.0], [0.0, 2.0]]])
+    h = torch.tensor([1.0, 0.0, 0.0, 1.0]) if pooling == "none" else torch.tensor([1.0, 1.0])
+    unit = ClarcProjection(h, 0.0, pooling)
+    assert torch.equal(unit(a), torch.tensor([expected]))
+    assert torch.equal(unit(a), project_along(a, h, 0.0, pooling))
+    flat = ClarcProjection(torch.tensor([0.0, 2.0]), 1.0, pooling)  # [N, D]: length 4, gamma = -3 / 4
+    assert torch.equal(flat(torch.tensor([[1.0, 2.0]])), torch.tensor([[1.0, 0.5]]))
+
+
+def test_projection_pools_as_the_cav_was_fitted():
+    """The unit's pooling is ``concepts.cav``'s (it cannot import it: ``concepts`` sits above ``nn``)."""
+    from hansgate.concepts.cav import POOLINGS, lift_cav, pool_channels
+
+    assert PROJECTION_POOLINGS == POOLINGS
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    for pooling in POOLINGS:
+        h = torch.randn(100 if pooling == "none" else 4, generator=g, dtype=torch.float64)
+        z = 0.3
+        gamma = (z - pool_channels(a, pooling) @ h) / (h @ h)
+        want = a + gamma.view(3, 1, 1, 1) * lift_cav(h, a, pooling)
+        assert torch.allclose(project_along(a, h, z, pooling), want, atol=1e-12)
+    with pytest.raises(ConfigError, match="pooling"):
+        ClarcProjection(torch.ones(4), 0.0, "median")
+    with pytest.raises(ConfigError, match="CAV"):
+        ClarcProjection(torch.ones(2, 2), 0.0, "max")
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean", "none"])
+def test_projection_unit_rebuilds_to_the_refined_module(pooling):
+    """A P-ClArC model: recipe ``(layer, "clarc_projection", {dim, pooling})``, CAV and target in the state dict."""
+    torch.manual_seed(0)
+    source = build_builtin("small_resnet", num_classes=3, in_channels=3, image_size=16).eval()
+    refined = build_builtin("small_resnet", num_classes=3, in_channels=3, image_size=16).eval()
+    refined.load_state_dict(source.state_dict())
+    g = torch.Generator().manual_seed(1)
+    dim = 16 * 16 * 16 if pooling == "none" else 16  # layer1's output: 16 channels at 16 x 16
+    insert_after(refined, {"layer1": ClarcProjection(torch.randn(dim, generator=g), 0.25, pooling)})
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    units = inserted_units(refined)
+    assert units == [("layer1", "clarc_projection", {"dim": dim, "pooling": pooling})]
+    state = load_state_bytes(state_bytes(refined))
+    assert state["layer1.refiner.target"].dim() == 0 and float(state["layer1.refiner.target"]) == 0.25
+    rebuilt = rebuild(source, units, state)
+    with torch.no_grad():
+        out, want = rebuilt(x), refined(x)
+        assert torch.equal(out, want) and not torch.allclose(want, source(x))
+    assert refined_weights(refined, x) is not None  # rebuilt on a weightless skeleton too
+    with pytest.raises(ModelLoadError, match="size mismatch"):
+        rebuild(source, [("layer1", "clarc_projection", {"dim": dim + 1, "pooling": pooling})], state)

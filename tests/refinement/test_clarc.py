@@ -265,3 +265,38 @@ def test_cli_refine_rr_clarc_writes_a_bundle_with_heads(biased_cnn, digits_data,
     missing = [*args[:-3], "--out", str(tmp_path / "b2"), "--quiet"]
     missing[missing.index("--concept") + 1] = "corner=/nonexistent.npz"
     assert main(missing) == 2 and not (tmp_path / "b2").exists()
+
+
+def test_cli_refine_p_clarc_bundle_carries_the_refined_weights(biased_cnn, digits_data, tmp_path):
+    """P-ClArC's projection is a rebuildable unit: the bundle carries the refined state dict and its recipe,
+    and the projection's CAV and target in it are the ones the method fitted."""
+    from safetensors.torch import load_file, save_file
+
+    from hansgate.bundle import load_bundle, sha256_file
+    from hansgate.cli import main
+    from hansgate.nn.models import build_builtin as fresh
+    from hansgate.nn.units import rebuild
+
+    model, x, y = biased_cnn
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "data.npz", x=x[:150].numpy(), y=y[:150].numpy())
+    c = _concept(digits_data, 20)
+    np.savez(tmp_path / "corner.npz", x=c.x.numpy(), y=c.y.numpy(), concept=c.concept.numpy())
+    args = ["refine", "--model", "mnist_cnn", "--weights", str(tmp_path / "w.safetensors"), "--data",
+            str(tmp_path / "data.npz"), "--method", "p-clarc", "--concept", f"corner={tmp_path / 'corner.npz'}",
+            "--force", "--out", str(tmp_path / "bundle"), "--quiet"]
+    assert main(args) == 0
+    b = load_bundle(tmp_path / "bundle")
+    spec = b.manifest.refined
+    assert spec is not None and b.refined_path is not None and sha256_file(b.refined_path) == spec.sha256
+    assert [(u.layer, u.kind, u.options) for u in spec.inserted] == [
+        ("conv2", "clarc_projection", {"dim": 16, "pooling": "max"})]
+    state = load_file(str(b.refined_path))
+    hp = b.manifest.method.hyperparameters
+    assert float(state["conv2.refiner.target"]) == pytest.approx(hp["target_length"], rel=1e-6)
+    assert state["conv2.refiner.cav"].shape == (hp["cav_evidence"]["dim"],)
+    rebuilt = rebuild(fresh("mnist_cnn"), [(u.layer, u.kind, dict(u.options)) for u in spec.inserted], state)
+    from hansgate.concepts.cav import layer_activations, pool_channels
+
+    lengths = pool_channels(layer_activations(rebuilt, "conv2", x[:20]), "max") @ state["conv2.refiner.cav"]
+    assert torch.allclose(lengths, torch.full_like(lengths, float(state["conv2.refiner.target"])), atol=1e-4)
