@@ -42,9 +42,10 @@ __all__ = [
 
 #: 1.1 adds ``calibration`` (temperature scaling); 1.2 adds ``verified_share``, each concept's
 #: ``layer_reason`` and ``refined`` (the served model's torch weights); 1.3 adds vector scaling to
-#: ``calibration`` (``family``, per-class ``scales`` and ``biases``, the fit's evidence); older bundles load unchanged
-SCHEMA_VERSION = "1.3"
-KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1", "1.2", "1.3"})
+#: ``calibration`` (``family``, per-class ``scales`` and ``biases``, the fit's evidence); 1.4 adds the
+#: ``clarc_projection`` unit (P-ClArC bundles carry their served weights); older bundles load unchanged
+SCHEMA_VERSION = "1.4"
+KNOWN_SCHEMA_VERSIONS = frozenset({"1.0", "1.1", "1.2", "1.3", "1.4"})
 
 
 #: names served in responses and exported as label values: letters, digits, ``_ . + -`` and single
@@ -266,7 +267,7 @@ class GraphSpec(_Strict):
 
 
 #: the refinement units a bundle can ask to rebuild (``nn.units.UNIT_KINDS``)
-UnitKind = Literal["exposure_scale", "pca_exposure"]
+UnitKind = Literal["exposure_scale", "pca_exposure", "clarc_projection"]
 _FILE_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"
 #: files a bundle reserves for itself (``bundle.MANIFEST_FILE``, ``signing.SIGNATURE_FILE``)
 _RESERVED_FILES = frozenset({"manifest.json", "signature.json"})
@@ -284,7 +285,7 @@ class InsertedUnit(_Strict):
     kind: UnitKind
     options: dict[Annotated[str, Field(pattern=_OPTION_KEY)],
                   Annotated[bool, Field(strict=True)] | Annotated[int, Field(strict=True, ge=0, le=1 << 31)]
-                  | Literal["linear", "ratio"]
+                  | Literal["linear", "ratio", "mean", "max", "none"]
                   | Annotated[list[Annotated[int, Field(strict=True, ge=1, le=1 << 31)]], Field(max_length=8)]
                   ] = Field(default_factory=dict, max_length=16)
 
@@ -363,6 +364,9 @@ class Manifest(_Strict):
             raise ValueError("verified_share and layer_reason need manifest schema 1.2 or later")
         if self.refined is not None and self.schema_version in ("1.0", "1.1"):
             raise ValueError("refined (the served model's weights) needs manifest schema 1.2 or later")
+        if self.refined is not None and self.schema_version in ("1.2", "1.3") and \
+                any(u.kind == "clarc_projection" for u in self.refined.inserted):
+            raise ValueError("a clarc_projection unit needs manifest schema 1.4 or later")
         if self.refined is not None and self.refined.file == self.graph.file:
             raise ValueError(f"refined.file and graph.file are both {self.graph.file!r}")
         names = [c.name for c in self.concepts]

@@ -20,7 +20,10 @@ stacked in front, ``[M, N, ...]``) by its derivative:
   and into the next ``Linear`` (one matrix product ``mask @ (W * u)^T`` for all M). This
   avoids onnxruntime's slow ``MaxPool`` with indices, which alone cost more than the rest
   of the heads, and the ``[M, N, D]`` tangent before the first linear layer;
-- ``+``/``-``/``*`` between values: sum and product rules.
+- ``+``/``-``/``*`` between values: sum and product rules;
+- P-ClArC's projection (``nn.units.ClarcProjection``, paper 001 Eq. 3, ``a + (z - pool(a) . h) / (h . h) h``):
+  ``t - (pool'(t) . h) / (h . h) h``, where ``pool'`` is the spatial mean of ``t``, ``t`` at each
+  channel's first maximum of ``a`` (``max``; autograd splits ties evenly) or ``t`` itself (``none``).
 
 So the result equals autograd up to float32 rounding (no step size, unlike finite
 differences), it exports to ONNX as plain ops, and a penalty on it trains with a
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hansgate.errors import ConfigError
+from hansgate.nn.units import ClarcProjection
 
 __all__ = ["Linearized", "UnsupportedOp", "linearizable"]
 
@@ -54,7 +58,7 @@ _MULS = (operator.mul, operator.imul, torch.mul)
 _FLATTENS = (torch.flatten,)
 _MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d,
                               nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.BatchNorm1d,
-                              nn.BatchNorm2d, nn.Sigmoid, nn.Tanh)
+                              nn.BatchNorm2d, nn.Sigmoid, nn.Tanh, ClarcProjection)
 _METHODS = ("relu", "relu_", "flatten", "view", "reshape", "size", "dim", "add", "add_", "mul", "mul_", "contiguous")
 
 
@@ -100,7 +104,7 @@ class Linearized(nn.Module):
         self.window_pools = window_pools
         try:
             self.graph_module = head if isinstance(head, torch.fx.GraphModule) and _is_flat(head) \
-                else torch.fx.symbolic_trace(head)
+                else torch.fx.GraphModule(head, _RuleTracer().trace(head))
         except Exception as exc:  # fx raises TraceError, TypeError, ... for dynamic control flow
             raise UnsupportedOp(f"cannot trace the head: {str(exc).splitlines()[0]}") from exc
         self.modules_by_name = dict(self.graph_module.named_modules())
@@ -146,6 +150,13 @@ class Linearized(nn.Module):
         if node.op == "call_method":
             return _method_rule(str(node.target), args, kwargs, targs)
         return _function_rule(node.target, args, kwargs, targs)
+
+
+class _RuleTracer(torch.fx.Tracer):
+    """fx's tracer, but modules with a rule of their own here (the projection) stay one call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ClarcProjection) or super().is_leaf_module(m, module_qualified_name)
 
 
 def linearizable(head: nn.Module) -> bool:
@@ -323,11 +334,30 @@ def _module_rule(mod: nn.Module, p: torch.Tensor, t: torch.Tensor | None,
         if mod.weight is not None:
             scale = scale * mod.weight
         return out, t * scale.view((1, 1, -1) + (1,) * (p.dim() - 2))
+    if isinstance(mod, ClarcProjection):
+        return out, _projection_tangent(mod, p, t)
     if isinstance(mod, nn.Sigmoid):
         return out, t * out * (1 - out)
     if isinstance(mod, nn.Tanh):
         return out, t * (1 - out * out)
     raise UnsupportedOp(f"no derivative rule for {type(mod).__name__}")
+
+
+def _projection_tangent(mod: ClarcProjection, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The JVP of Eq. 3 of paper 001 (see the module docstring); ``t`` ``[M, N, ...]``."""
+    h = mod.cav.to(p)
+    t = _full(t, p)
+    m = t.shape[0]
+    if p.dim() == 2 or mod.pooling == "none":
+        dpool, lifted = t.flatten(2), h.view(1, 1, *p.shape[1:])
+    elif mod.pooling == "max":
+        first = p.flatten(2).argmax(2)  # [N, C]: torch's first maximum
+        dpool = t.flatten(3).gather(3, first.unsqueeze(0).unsqueeze(-1).expand(m, -1, -1, 1)).squeeze(3)
+        lifted = h.view(1, 1, -1, *(1,) * (p.dim() - 2))
+    else:
+        dpool, lifted = t.flatten(3).mean(3), h.view(1, 1, -1, *(1,) * (p.dim() - 2))
+    gamma = -(dpool @ h) / (h @ h)  # [M, N]
+    return t + gamma.view(m, -1, *(1,) * (p.dim() - 1)) * lifted
 
 
 def _combine(op: str, args: Any, targs: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -7,8 +7,8 @@ projection's CAV and target; the audit rebuilds that module, compares it with ``
 explains it. A changed byte of the weights, or a re-hashed projection target that no longer
 matches the graph, refuses the audit (mirrors ``test_served.py`` for PCA-EGEM).
 
-100 refinement samples: the watched concept's finite-difference heads (the projection has no
-``nn.jvp`` rule) cross ReLU kinks on a few of 200 samples of this model and refuse the export.
+200 refinement samples: with finite-difference heads (before the projection had an ``nn.jvp``
+rule) a few of them crossed ReLU kinks within the step and the export was refused.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def pclarc(tmp_path_factory, digits_data) -> dict[str, Path]:
     model = train_classifier(build_builtin("mnist_cnn"), d.artifact.apply_where(x, y == 8), y, TrainConfig(epochs=3))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
     classes = [str(c) for c in d.classes]
-    save_npz(root / "refine.npz", d.x_refine[:100], d.y_refine[:100], classes)
+    save_npz(root / "refine.npz", d.x_refine[:200], d.y_refine[:200], classes)
     clean = d.x_refine[200:220]
     np.savez(root / "corner.npz", x=torch.cat([clean, d.artifact.apply(clean)]).numpy(),
              y=torch.cat([d.y_refine[200:220]] * 2).numpy(), concept=np.arange(40) >= 20)
@@ -79,6 +79,8 @@ def test_p_clarc_bundle_carries_the_projection(pclarc):
     state = load_file(str(b.refined_path))
     target = b.manifest.method.hyperparameters["target_length"]
     assert float(state["conv2.refiner.target"]) == pytest.approx(target, rel=1e-6)
+    # the watched concept sits before the projection: its heads differentiate through it exactly
+    assert [c.sensitivity_method for c in b.manifest.concepts] == ["jvp"]
 
 
 def test_audit_explains_the_served_p_clarc_model(pclarc):

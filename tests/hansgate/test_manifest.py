@@ -130,7 +130,7 @@ def test_external_tensor_data_is_refused(bundle):
 
 def test_schema_1_0_manifests_written_before_these_checks_still_load(tiny):
     raw = json.loads((tiny / "manifest.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == "1.3"
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.4"
     raw["schema_version"] = "1.0"
     assert Manifest.model_validate(raw).classes == ["cat", "dog", "fox"]
 
@@ -210,7 +210,8 @@ def test_refined_weights_round_trip(tiny):
     ({"sha256": "A" * 64}, "sha256"),
     ({"format": "pickle"}, "format"),
     ({"inserted": [{"layer": "../x", "kind": "pca_exposure", "options": {}}]}, "layer"),
-    ({"inserted": [{"layer": "fc", "kind": "clarc_projection", "options": {}}]}, "kind"),
+    ({"inserted": [{"layer": "fc", "kind": "pickle", "options": {}}]}, "kind"),
+    ({"inserted": [{"layer": "fc", "kind": "clarc_projection", "options": {"pooling": "sum"}}]}, "options"),
     ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {"shape": [0]}}]}, "options"),
     ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {"shape": [1.5]}}]}, "options"),
     ({"inserted": [{"layer": "fc", "kind": "exposure_scale", "options": {"Bad Key": 1}}]}, "options"),
@@ -227,6 +228,16 @@ def test_refined_weights_need_schema_1_2(tiny):
     for old in ("1.0", "1.1"):
         with pytest.raises(ValueError, match="schema 1.2"):
             Manifest.model_validate({**raw, "schema_version": old, "refined": _REFINED})
+
+
+def test_clarc_projection_units_need_schema_1_4(tiny):
+    raw = json.loads((tiny / "manifest.json").read_text())
+    projection = {**_REFINED, "inserted": [{"layer": "fc", "kind": "clarc_projection",
+                                            "options": {"dim": 8, "pooling": "mean"}}]}
+    assert Manifest.model_validate({**raw, "refined": projection}).refined.inserted[0].options["pooling"] == "mean"
+    for old in ("1.2", "1.3"):
+        with pytest.raises(ValueError, match="schema 1.4"):
+            Manifest.model_validate({**raw, "schema_version": old, "refined": projection})
 
 
 def test_refined_file_outside_the_bundle_or_tampered_is_refused(bundle, tmp_path):

@@ -150,3 +150,23 @@ def test_batch_norm_in_training_mode_is_refused():
     head = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
     with pytest.raises(UnsupportedOp, match="training"):
         Linearized(head)(torch.randn(5, 4), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "none"])
+def test_clarc_projection_matches_autograd(pooling):
+    """P-ClArC's projection (paper 001, Eq. 3) in a head: the JVP rule equals autograd's JVP."""
+    from hansgate.nn.units import ClarcProjection
+
+    torch.manual_seed(0)
+    c, hw = 4, 5
+    d = c * hw * hw if pooling == "none" else c
+    head = nn.Sequential(ClarcProjection(torch.randn(d), 0.7, pooling), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(c * hw * hw, 3)).eval()
+    a = torch.randn(6, c, hw, hw)
+    directions = torch.randn(2, 1, c, hw, hw)
+    with torch.no_grad():
+        out, sens = Linearized(head)(a, directions)
+    torch.testing.assert_close(out, head(a))
+    ref = reference_jvp(head, a, directions)
+    assert sens.shape == ref.shape == (6, 2, 3)
+    assert torch.allclose(sens, ref, rtol=1e-5, atol=1e-5 * (1 + float(ref.abs().max())))

@@ -28,6 +28,7 @@ from hansgate.refinement.pipeline import (
     verified_subset,
 )
 from hansgate.refinement.selection import Candidate, RuleSelection
+from tests.grey_models import self_labelled_grey
 
 MEAN, STD = [0.3], [0.2]
 
@@ -110,15 +111,8 @@ def test_verified_and_per_class_subsets():
 def grey_files(tmp_path_factory):
     """An .npz of raw grey 28x28 pixels labelled by a random mnist_cnn's own normalised predictions."""
     root = tmp_path_factory.mktemp("grey")
-    torch.manual_seed(0)
-    model = load_model("mnist_cnn", num_classes=3)
-    with torch.no_grad():
-        model.fc2.weight *= 20
-    x = torch.rand(90, 1, 28, 28)
-    with torch.no_grad():
-        y = Normalised(model, MEAN, STD)(x).argmax(1)
+    model, x, y = self_labelled_grey(root, 90, MEAN[0], STD[0])
     assert len(y.unique()) >= 2  # labels from the model's own decisions, not one class
-    save_file(model.state_dict(), str(root / "w.safetensors"))
     np.savez(root / "data.npz", x=x.numpy(), y=y.numpy(), classes=np.array(["a", "b", "c"]))
     return root, model, x
 
@@ -171,7 +165,7 @@ def test_refine_records_the_calibration_of_the_refined_model(grey_files, tmp_pat
     cal = bundle.manifest.calibration
     assert cal is not None and cal.samples == 27 and summary["n_verified"] == 63
     assert cal.nll_after <= cal.nll_before + 1e-9 and cal.temperature > 0
-    assert bundle.manifest.schema_version == "1.3" and summary["calibration"]["temperature"] == cal.temperature
+    assert bundle.manifest.schema_version == "1.4" and summary["calibration"]["temperature"] == cal.temperature
     assert cal.family in ("temperature", "vector") and cal.cv_scores is not None and "temperature" in cal.cv_scores
 
 
