@@ -11,6 +11,7 @@ import pytest
 
 from hansgate.bundle import load_bundle
 from hansgate.cli import main
+from tests.grey_models import self_labelled_grey
 
 
 def test_demo_writes_the_contracted_files(demo_dir):
@@ -102,21 +103,14 @@ GUARD_MEAN, GUARD_STD = 0.3, 0.2
 def guard_files(tmp_path_factory):
     """Random grey images and a random mnist_cnn; labels the model's own (normalised) predictions."""
     import torch
-    from safetensors.torch import save_file
 
-    from hansgate.nn.models import load_model
     from hansgate.nn.normalisation import Normalised
 
     root = tmp_path_factory.mktemp("guards")
-    torch.manual_seed(0)
-    model = load_model("mnist_cnn", num_classes=3)
+    model, x, y = self_labelled_grey(root, 60, GUARD_MEAN, GUARD_STD)
     with torch.no_grad():
-        model.fc2.weight *= 20
-        x = torch.rand(60, 1, 28, 28)
-        y = Normalised(model, [GUARD_MEAN], [GUARD_STD])(x).argmax(1)
         y_bad_norm = Normalised(model, [0.5], [0.01])(x).argmax(1)
         y_dim = Normalised(model, [GUARD_MEAN], [GUARD_STD])(x * 0.05).argmax(1)
-    save_file(model.state_dict(), str(root / "w.safetensors"))
     classes = np.array(["a", "b", "c"])
     np.savez(root / "right.npz", x=x.numpy(), y=y.numpy(), classes=classes)
     wrong = y.clone()
