@@ -5,7 +5,7 @@ never pickle) and the units to insert into the source architecture (``manifest.r
 ``rebuild_served`` verifies the file's sha256 against the manifest, rebuilds the module
 (``nn.units.rebuild``) on the source model (or, without its weights, on a fresh model of the
 source's architecture: every tensor comes from the refined state dict), and runs it beside
-``model.onnx`` on audited samples. More than ``nn.export.LOGIT_TOLERANCE`` (the tolerance
+``model.onnx`` on audited samples. More than ``nn.export.allowed_difference`` (the bound
 the export was held to) between the two refuses the audit: heatmaps of a module that is not
 the served one would explain the wrong model.
 
@@ -28,7 +28,7 @@ from hansgate.audit.inputs import onnx_predictor
 from hansgate.audit.roles import torch_predictor
 from hansgate.bundle import Bundle, verify_refined
 from hansgate.errors import BundleError, ModelLoadError
-from hansgate.nn.export import LOGIT_TOLERANCE
+from hansgate.nn.export import LOGIT_TOLERANCE, allowed_difference
 
 __all__ = ["SERVED", "SOURCE", "ServedModel", "explained_name", "rebuild_served", "served_model"]
 
@@ -53,6 +53,7 @@ class ServedModel:
     reason: str = ""
     max_abs_logit_diff: float | None = None
     samples: int = 0
+    #: the largest difference allowed on these samples (``nn.export.allowed_difference``)
     tolerance: float = LOGIT_TOLERANCE
 
     @property
@@ -98,7 +99,7 @@ def served_model(bundle: Bundle, x: torch.Tensor, source_model: nn.Module | None
     """The served model for the audit: ``given`` (a caller's refined module), else rebuilt and checked.
 
     ``x``: audited raw pixels; the first ``PARITY_SAMPLES`` compare the rebuilt module with
-    ``model.onnx``. A disagreement above ``LOGIT_TOLERANCE`` raises ``BundleError``.
+    ``model.onnx``. A disagreement above ``nn.export.allowed_difference`` raises ``BundleError``.
     """
     if given is not None:
         return ServedModel("given", given, "the refined torch module was passed in by the caller")
@@ -115,9 +116,10 @@ def served_model(bundle: Bundle, x: torch.Tensor, source_model: nn.Module | None
     got = torch_predictor(module, m.input)(xs)
     want = onnx_predictor(bundle)(xs)
     diff = float(np.abs(got - want).max())
-    if not np.isfinite(diff) or diff > LOGIT_TOLERANCE:
+    allowed = allowed_difference(want)
+    if not np.isfinite(diff) or diff > allowed:
         raise BundleError(f"the served model rebuilt from {m.refined.file} disagrees with {m.graph.file}: max "
-                          f"|logit difference| {diff:.3g} > {LOGIT_TOLERANCE:g} on {len(xs)} audited samples; "
+                          f"|logit difference| {diff:.3g} > {allowed:.3g} on {len(xs)} audited samples; "
                           "refusing to explain a model that is not the one served")
     return ServedModel("rebuilt", module, f"rebuilt from {m.refined.file} and checked against {m.graph.file}",
-                       diff, len(xs))
+                       diff, len(xs), allowed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from hansgate.nn.export import (
     LOGIT_TOLERANCE,
+    allowed_difference,
     OPSET,
     export_checked,
     export_onnx,
@@ -84,6 +85,7 @@ __all__ = [
     "frozen_batchnorm",
     "OPSET",
     "LOGIT_TOLERANCE",
+    "allowed_difference",
     "export_onnx",
     "run_onnx",
     "export_checked",

@@ -83,3 +83,23 @@ def test_single_file_writer_keeps_every_initializer_and_the_graph(tmp_path):
     want = {t.name: onnx.numpy_helper.to_array(t) for t in ref.graph.initializer}
     assert arrays.keys() == want.keys() and all(np.array_equal(arrays[k], want[k]) for k in want)
     assert [n.op_type for n in ours.graph.node] == [n.op_type for n in ref.graph.node]
+
+
+def test_allowed_difference_grows_with_the_logits_size():
+    from hansgate.nn.export import allowed_difference
+
+    assert allowed_difference(np.array([[0.5, -0.9]])) == LOGIT_TOLERANCE  # small logits: the plain tolerance
+    assert allowed_difference(np.array([[300.0, -1200.0]])) == pytest.approx(1200 * LOGIT_TOLERANCE)
+    assert allowed_difference(np.array([[np.nan, 1.0]])) == 0.0  # nothing passes a non-finite reference
+
+
+def test_export_check_scales_with_large_logits():
+    """A model whose logits are in the thousands passes: its float32 rounding is judged at their size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.mul_(5000)
+    x = torch.rand(8, 3, 2, 2)
+    _, diff = export_checked(model, x, ["logits"])
+    with torch.no_grad():
+        assert diff <= LOGIT_TOLERANCE * float(model(x).abs().max())
