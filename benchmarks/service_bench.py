@@ -35,6 +35,7 @@ Every figure is measured in this run; nothing is hard-coded.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -317,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"workers": args.workers, "seconds": args.seconds, "rounds": args.rounds,
                    "connections": args.connections, "load_generator": "wrk -t1 (keep-alive), .npy bodies",
                    "onnxruntime_threads_per_process": 1, "gateway_microbatch_rows": 64,
+                   # uvicorn's HTTP/1.1 parser in all three servers: httptools (C) when installed, else h11
+                   "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
+                   # bare runs onnxruntime's default session (memory patterns on); the gateway turns them off
+                   # (micro-batches vary in size, and each size would keep its own pattern)
+                   "bare_onnxruntime_mem_pattern": True, "gateway_onnxruntime_mem_pattern": False,
                    "bare_onnxruntime_outputs": [o.name for o in ort.InferenceSession(
                        str(bundle.onnx_path), providers=["CPUExecutionProvider"]).get_outputs()]},
         "gpu": {"measured": False, "note": "no CUDA device on this machine: every figure is CPU"},

@@ -45,6 +45,7 @@ ENV: dict[str, str] = {
     "HANSGATE_BUNDLE": "bundle",
     "HANSGATE_PROVIDER": "provider",
     "HANSGATE_ORT_THREADS": "ort_threads",
+    "HANSGATE_ORT_MEMORY_PATTERNS": "ort_memory_patterns",
     "HANSGATE_MAX_BATCH": "max_batch",
     "HANSGATE_MAX_BODY_BYTES": "max_body_bytes",
     "HANSGATE_MICROBATCH_ROWS": "microbatch_rows",
@@ -98,6 +99,10 @@ class GatewayConfig(BaseModel):
     bundle: Path
     provider: Literal["auto", "cuda", "cpu"] = "auto"
     ort_threads: int = Field(0, ge=0, le=256, description="intra-op threads; 0 = cores / workers")
+    #: onnxruntime's memory patterns: the intermediate tensors of a run are planned once per input shape and
+    #: placed in one block, which makes runs faster but keeps that block (at the largest batch seen) in the
+    #: arena beside the per-tensor allocations: off by default, where memory matters more (large models)
+    ort_memory_patterns: bool = False
     max_batch: int = Field(256, ge=1, le=65536)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     microbatch_rows: int = Field(64, ge=1, le=65536)

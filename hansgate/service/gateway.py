@@ -103,7 +103,8 @@ class Gateway:
         self.bundle: Bundle = load_bundle(cfg.bundle, public_key=cfg.public_key)
         self.manifest = self.bundle.manifest
         self.model_sha256 = self.manifest.graph.sha256
-        self.runtime = OnnxRuntime(self.bundle, cfg.provider, cfg.threads(workers), cfg.monitoring, cuda_devices)
+        self.runtime = OnnxRuntime(self.bundle, cfg.provider, cfg.threads(workers), cfg.monitoring, cuda_devices,
+                                   memory_patterns=cfg.ort_memory_patterns)
         self.provider = self.runtime.provider_
         self.preprocessor = Preprocessor(self.manifest.input, cfg.max_batch)
         self.thresholds = ComplianceThresholds(cfg.recall_margin, cfg.tcav_margin, cfg.min_samples)

@@ -1,9 +1,10 @@
-"""A header deadline for uvicorn's HTTP/1.1 protocol (slow-header clients, "slowloris").
+"""A header deadline for uvicorn's HTTP/1.1 protocols (slow-header clients, "slowloris").
 
 uvicorn times out a keep-alive connection only while it is idle after a response, and
 any byte re-arms nothing: a client that sends one header byte every few seconds, or that
 opens a connection and sends nothing, holds it (a file descriptor, a task, buffers)
-forever. ``GuardedH11Protocol`` gives every request's headers ``header_timeout_s`` from
+forever. ``GuardedH11Protocol`` and ``GuardedHttpToolsProtocol`` (the same deadline over uvicorn's
+h11 and httptools protocols) give every request's headers ``header_timeout_s`` from
 the moment the connection opens or the previous response completes; a connection that
 has not delivered complete headers by then is answered ``408`` and closed, and the
 refusal is reported through ``on_refusal`` (the gateway counts it as
@@ -17,10 +18,14 @@ while the other idled for the whole run (half the machine unused, and the benchm
 run-to-run swings). One accept per wake-up lets the next pending connection go to
 whichever worker wakes next.
 
+The gateway serves with httptools' protocol when httptools is installed (``guarded_protocol``):
+it parses requests and writes responses in C; h11 does both in Python, a large share of the CPU
+a single-row request costs.
+
 Bodies are bounded in ``service.app`` (a read deadline per request), which knows the route.
 
 BentoML builds the uvicorn ``Config`` of each worker itself; ``install`` points uvicorn's
-``http="auto"`` at this protocol, and must run in the worker before uvicorn starts
+``http="auto"`` at the guarded protocol, and must run in the worker before uvicorn starts
 (``service.service`` does it when BentoML imports the service).
 """
 
@@ -32,7 +37,8 @@ from typing import Any, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["GuardedH11Protocol", "install", "settings", "spread_accepts"]
+__all__ = ["GuardedH11Protocol", "GuardedHttpToolsProtocol", "guarded_protocol", "install", "settings",
+           "spread_accepts"]
 
 log = logging.getLogger("hansgate.service")
 
@@ -49,8 +55,13 @@ class _Settings:
 settings = _Settings()
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's headers."""
+class _HeaderDeadline(asyncio.Protocol):
+    """A deadline for each request's headers, over either of uvicorn's HTTP/1.1 protocols (mixed in
+    before it: every method calls the protocol's own)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -85,8 +96,11 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.transport.is_closing():
+        # httptools parses pipelined requests as they arrive and queues them; h11 parses the next
+        # one only now (inside this call): either way a request with complete headers runs next
+        queued = bool(getattr(self, "pipeline", None))
+        super().on_response_complete()  # type: ignore[misc]
+        if self.transport.is_closing() or queued:
             return
         if self.cycle is not None and self.cycle is not self._seen_cycle:
             self._seen_cycle = self.cycle  # a pipelined request's headers were already buffered
@@ -110,6 +124,27 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with a deadline for each request's headers."""
+
+
+GuardedHttpToolsProtocol: type[asyncio.Protocol] | None
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class _GuardedHttpTools(_HeaderDeadline, HttpToolsProtocol):
+        """uvicorn's httptools protocol (the C parser llhttp) with a deadline for each request's headers."""
+
+    GuardedHttpToolsProtocol = _GuardedHttpTools
+except ImportError:  # httptools is not installed
+    GuardedHttpToolsProtocol = None
+
+
+def guarded_protocol() -> type[asyncio.Protocol]:
+    """The protocol the gateway serves with: httptools' when it is installed (module doc), else h11's."""
+    return GuardedHttpToolsProtocol or GuardedH11Protocol
+
+
 def spread_accepts(per_wake: int = 1) -> None:
     """Accept at most ``per_wake`` connections per wake-up of this process's asyncio loops (module doc).
 
@@ -130,11 +165,12 @@ def spread_accepts(per_wake: int = 1) -> None:
 
 
 def install(header_timeout_s: float, on_refusal: Callable[[str], None] | None = None) -> None:
-    """Make uvicorn's ``http="auto"`` use ``GuardedH11Protocol`` in this process, and spread new
+    """Make uvicorn's ``http="auto"`` use ``guarded_protocol()`` in this process, and spread new
     connections over the workers (``spread_accepts``)."""
     import uvicorn.config
 
     spread_accepts()
     settings.header_timeout_s = header_timeout_s
     settings.on_refusal = on_refusal
-    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedH11Protocol"
+    name = "GuardedH11Protocol" if GuardedHttpToolsProtocol is None else "_GuardedHttpTools"
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{name}"

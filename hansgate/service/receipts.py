@@ -244,15 +244,34 @@ class PredictionStore:
                 self._prune()
 
     def _prune(self, now: float | None = None) -> None:
+        """Evict in one transaction: rows past the TTL, then the oldest beyond ``max_size``."""
         cutoff = (time.time() if now is None else now) - self.ttl_s
-        self._db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
-        self._db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
-                         "LIMIT -1 OFFSET ?)", (self.max_size,))
-        self._db.execute("DELETE FROM requests WHERE issued < ?", (cutoff,))
-        # newest first, keep whole requests while their rows fit in max_size
-        self._db.execute("DELETE FROM requests WHERE rowid IN (SELECT rowid FROM (SELECT rowid, SUM(n) OVER "
-                         "(ORDER BY issued DESC, rowid DESC) AS kept FROM requests) WHERE kept > ?)", (self.max_size,))
-        self._db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
+            db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
+                       "LIMIT -1 OFFSET ?)", (self.max_size,))
+            db.execute("DELETE FROM requests WHERE issued < ?", (cutoff,))
+            # newest first, keep whole requests while their rows fit in max_size: walked from the oldest
+            # end, a request goes while the rows it and all newer ones hold are over max_size (usually a
+            # few requests: no window over the whole table)
+            kept = int(db.execute("SELECT coalesce(sum(n), 0) FROM requests").fetchone()[0])
+            doomed: list[tuple[int]] = []
+            if kept > self.max_size:
+                cursor = db.execute("SELECT rowid, n FROM requests ORDER BY issued, rowid")
+                for rowid, n in cursor:
+                    if kept <= self.max_size:
+                        break
+                    doomed.append((rowid,))
+                    kept -= n
+                cursor.close()
+            db.executemany("DELETE FROM requests WHERE rowid = ?", doomed)
+            db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def prune(self, now: float | None = None) -> None:
         """Evict now (normally every ``_PRUNE_EVERY`` insertions)."""

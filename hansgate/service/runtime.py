@@ -102,11 +102,11 @@ class OnnxRuntime:
 
     ``monitoring=False`` runs the graph cut down to ``logits`` (the concept heads' nodes are
     removed, not merely left unfetched), the "monitoring off" configuration of the overhead
-    benchmark.
+    benchmark. ``memory_patterns``: onnxruntime's per-shape memory plans (``GatewayConfig.ort_memory_patterns``).
     """
 
     def __init__(self, bundle: Bundle, preference: Literal["auto", "cuda", "cpu"] = "auto", threads: int = 1,
-                 monitoring: bool = True, cuda_devices: int | None = None) -> None:
+                 monitoring: bool = True, cuda_devices: int | None = None, memory_patterns: bool = False) -> None:
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -118,8 +118,8 @@ class OnnxRuntime:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        # micro-batches vary in size: memory patterns are cached per input shape and only add memory
-        opts.enable_mem_pattern = False
+        # off by default: faster runs, more memory held (config.GatewayConfig.ort_memory_patterns)
+        opts.enable_mem_pattern = memory_patterns
         opts.log_severity_level = 3
         self.has_concepts = bool(self.manifest.concepts)
         graph: str | bytes = str(bundle.onnx_path)

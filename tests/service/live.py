@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(gw, options=None) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` serving ``gw`` until the block ends (bounded start and stop)."""
+def serving(gw, options=None, http=None) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` serving ``gw`` until the block ends (bounded start and stop); ``http``: the
+    protocol class (default: the one the gateway serves with, ``protocol.guarded_protocol()``)."""
     import uvicorn
 
     from hansgate.service import protocol
@@ -31,7 +32,7 @@ def serving(gw, options=None) -> Iterator[str]:
     protocol.settings.on_refusal = lambda reason: gw.metrics.reject("connection", reason)
     app = create_app(lambda: gw, opts)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol.GuardedH11Protocol, lifespan="off",
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http or protocol.guarded_protocol(), lifespan="off",
                             log_level="error", timeout_keep_alive=5, backlog=2048)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -1,10 +1,14 @@
-"""hansgate.service.protocol.spread_accepts: one new connection per wake-up, so workers sharing a socket share them."""
+"""hansgate.service.protocol: one new connection per wake-up (``spread_accepts``), so workers sharing a socket
+share them; ``install`` serves with the guarded httptools protocol when httptools is there."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
+import pytest
+
+from hansgate.service import protocol
 from hansgate.service.protocol import spread_accepts
 
 
@@ -50,3 +54,23 @@ def test_spread_accepts_is_idempotent():
     original = asyncio.selector_events.BaseSelectorEventLoop._hansgate_accept  # type: ignore[attr-defined]
     spread_accepts()
     assert asyncio.selector_events.BaseSelectorEventLoop._hansgate_accept is original  # type: ignore[attr-defined]
+
+
+def test_install_serves_with_the_guarded_protocol(monkeypatch):
+    """uvicorn's ``http="auto"`` resolves to the guarded protocol: httptools' (parsing in C) when it is
+    installed, h11's otherwise; both carry the header deadline."""
+    import uvicorn.config
+    from uvicorn.importer import import_from_string
+
+    monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, "auto", uvicorn.config.HTTP_PROTOCOLS["auto"])
+    monkeypatch.setattr(protocol.settings, "header_timeout_s", protocol.settings.header_timeout_s)
+    monkeypatch.setattr(protocol.settings, "on_refusal", protocol.settings.on_refusal)
+    protocol.install(3.0)
+    chosen = import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"])
+    assert chosen is protocol.guarded_protocol()
+    assert issubclass(chosen, protocol._HeaderDeadline) and protocol.settings.header_timeout_s == 3.0
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        pytest.skip("httptools is not installed: h11's protocol is the only one")
+    assert chosen is protocol.GuardedHttpToolsProtocol

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hansgate.errors import RequestError
@@ -109,6 +109,30 @@ def test_sign_rows_equals_sign_per_row(rid, rows, t):
                 for j, (c, g, a) in enumerate(rows)]
     assert tokens == expected
     assert s.verify(tokens[-1], now=t + 1).class_index == classes[-1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.sampled_from([1000.0, 1001.0, 1002.0, 1050.0])), max_size=12),
+       st.integers(1, 20))
+def test_prune_keeps_the_newest_whole_requests_that_fit(tmp_path_factory, requests, max_size):
+    """Eviction keeps, newest first (issue time, then insertion), whole requests while their rows fit in
+    ``max_size``, and drops every request past the TTL: the rule written out over the store's rows."""
+    store = PredictionStore(tmp_path_factory.mktemp("s") / "s.sqlite", max_size=max_size, ttl_s=100)
+    store._PRUNE_EVERY = 10**9  # only the explicit prune below
+    rows = [(f"r{i}", [1] * n, ["+"] * n, t) for i, (n, t) in enumerate(requests)]
+    store.add_requests(rows)
+    store.prune(now=1101.5)  # 1000.0 and 1001.0 are past the TTL
+    expected, kept = set(), 0
+    for i, (n, t) in sorted(enumerate(requests), key=lambda it: (it[1][1], it[0]), reverse=True):
+        if t < 1001.5:
+            continue
+        kept += n
+        if kept <= max_size:
+            expected.add(f"r{i}")
+    held = {rid for (rid,) in store._db.execute("SELECT id FROM requests")}
+    assert held == expected
+    assert store.size() == sum(n for i, (n, _) in enumerate(requests) if f"r{i}" in expected)
+    store.close()
 
 
 def test_store_packs_a_request_into_one_row(tmp_path):

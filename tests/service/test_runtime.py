@@ -67,6 +67,26 @@ def test_runtime_matches_plain_onnxruntime(concept_bundle):
     assert [o.name for o in off_rt.session_.get_outputs()] == ["logits"]  # the heads are cut from the graph
 
 
+def test_memory_patterns_are_a_setting_off_by_default(concept_bundle):
+    """``HANSGATE_ORT_MEMORY_PATTERNS`` reaches onnxruntime's session (off unless set); runs give the same
+    outputs either way, at every batch size."""
+    from hansgate.service.config import GatewayConfig
+
+    bundle = load_bundle(concept_bundle)
+    assert GatewayConfig(bundle=concept_bundle).ort_memory_patterns is False
+    assert GatewayConfig.from_env({"HANSGATE_BUNDLE": str(concept_bundle),
+                                   "HANSGATE_ORT_MEMORY_PATTERNS": "1"}).ort_memory_patterns is True
+    plain = OnnxRuntime(bundle, "cpu", threads=1)
+    planned = OnnxRuntime(bundle, "cpu", threads=1, memory_patterns=True)
+    assert not plain.session_.get_session_options().enable_mem_pattern
+    assert planned.session_.get_session_options().enable_mem_pattern
+    x = np.random.default_rng(1).random((7, 1, 8, 8), dtype=np.float32)
+    for n in (7, 1, 3, 7):
+        a, b = plain.run(x[:n]), planned.run(x[:n])
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.concept_sensitivity, b.concept_sensitivity)
+
+
 def test_service_package_is_torch_free():
     import subprocess
 

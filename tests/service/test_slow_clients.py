@@ -12,10 +12,16 @@ import httpx
 import numpy as np
 import pytest
 
+from hansgate.service import protocol
 from hansgate.service.limits import ServingOptions
 from tests.service.live import serving
 
 pytestmark = pytest.mark.timeout(180)
+#: the header deadline over both of uvicorn's HTTP/1.1 protocols (httptools' when it is installed)
+PROTOCOLS = pytest.mark.parametrize("http", [protocol.GuardedH11Protocol, pytest.param(
+    protocol.GuardedHttpToolsProtocol, marks=pytest.mark.skipif(protocol.GuardedHttpToolsProtocol is None,
+                                                                reason="httptools is not installed"))],
+    ids=["h11", "httptools"])
 
 
 def npy(arr) -> bytes:
@@ -79,9 +85,10 @@ def test_slow_bodies_do_not_deny_service(gateway_factory, concept_bundle):
             time.sleep(0.1)
 
 
-def test_slow_headers_are_timed_out_and_counted(gateway_factory, concept_bundle):
+@PROTOCOLS
+def test_slow_headers_are_timed_out_and_counted(gateway_factory, concept_bundle, http):
     gw = gateway_factory(concept_bundle)
-    with serving(gw, ServingOptions(header_timeout_s=1.0)) as base:
+    with serving(gw, ServingOptions(header_timeout_s=1.0), http) as base:
         port = int(base.rsplit(":", 1)[1])
         s = _connect(port, b"POST /predict HTTP/1.1\r\nhost: x\r\n")  # headers never complete
         idle = _connect(port, b"")  # never sends anything: closed without an answer
@@ -129,12 +136,22 @@ def test_in_flight_limit_refuses_with_429_and_counts(gateway_factory, concept_bu
     assert counter(gw, "hansgate_rejected_requests_total", route="predict", reason="overloaded") == 1
 
 
-def test_pipelined_requests_are_not_cut_by_the_header_deadline(gateway_factory, concept_bundle):
+@PROTOCOLS
+def test_pipelined_requests_are_not_cut_by_the_header_deadline(gateway_factory, concept_bundle, http):
+    """Each run outlasts the header deadline: the second request, whose headers came with the first,
+    must not be timed out while it runs (httptools parses it at once and queues it; h11 later)."""
     gw = gateway_factory(concept_bundle)
+    original = gw.runtime.run
+
+    def slow_run(x):
+        time.sleep(1.3)
+        return original(x)
+
+    gw.runtime.run = slow_run
     body = npy(np.full((1, 1, 8, 8), 0.5, np.float32))
     one = (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-npy\r\n"
            b"content-length: %d\r\n\r\n" % len(body)) + body
-    with serving(gw, ServingOptions(header_timeout_s=1.0)) as base:
+    with serving(gw, ServingOptions(header_timeout_s=1.0), http) as base:
         s = _connect(int(base.rsplit(":", 1)[1]), one + one)  # two requests in one write
         try:
             s.settimeout(10)
