@@ -59,13 +59,21 @@ def make_folder(root: Path, n: int, spec: str, weights: Path, seed: int = 0) -> 
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     for c in range(CLASSES):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+
     rng = np.random.default_rng(seed)
     counts = [0] * CLASSES
+    done = {f.stem: int(f.parent.name[1:]) for f in root.glob("c*/*.png")}  # a stopped run resumes
+    last = max((int(k) for k in done), default=-1)  # the file a stopped run may have left half-written
     for start in range(0, n, 64):
         imgs = []
         for _ in range(min(64, n - start)):
             small = (rng.random((14, 14, 3)) * 255).astype(np.uint8)
             imgs.append(np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.Resampling.BILINEAR)))
+        names = [f"{start + i:05d}" for i in range(len(imgs))]
+        if start > 0 and all(name in done for name in names) and not start <= last < start + len(names):
+            for name in names:
+                counts[done[name]] += 1
+            continue
         x = torch.from_numpy(np.stack(imgs).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
         if start == 0:  # a random-init head answers one class on these images: centre its logits once
             with torch.no_grad():
@@ -78,6 +86,7 @@ def make_folder(root: Path, n: int, spec: str, weights: Path, seed: int = 0) -> 
         for i, (img, p) in enumerate(zip(imgs, pred)):
             Image.fromarray(img).save(root / f"c{p}" / f"{start + i:05d}.png")
             counts[p] += 1
+    root.with_name(root.name + ".complete").touch()
     return {f"c{c}": k for c, k in enumerate(counts)}
 
 
@@ -169,7 +178,8 @@ def main() -> None:
             continue
         folder = work / f"data{n}"
         t0 = time.perf_counter()
-        counts = make_folder(folder, n, args.model_spec, weights) if not folder.exists() else {}
+        ready = folder.with_name(folder.name + ".complete").exists()
+        counts = make_folder(folder, n, args.model_spec, weights) if not ready else {}
         print(f"{n} images ready ({time.perf_counter() - t0:.0f} s) {counts}", flush=True)
         for mode in ["streamed"] + ([] if args.skip_eager else ["eager"]):
             bundle = work / f"bundle{n}_{mode}"
