@@ -48,6 +48,7 @@ STATUS_BY_REASON: dict[str, int] = {
     "expired": 410,
     "slow_body": 408,
     "slow_headers": 408,
+    "large_headers": 431,
     "overloaded": 429,
     "timeout": 504,
     "not_ready": 503,

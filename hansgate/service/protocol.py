@@ -45,10 +45,16 @@ log = logging.getLogger("hansgate.service")
 _BODY_408 = b'{"error":"slow_headers","detail":"request headers did not arrive in time"}'
 _RESPONSE_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(_BODY_408), _BODY_408))
+_BODY_431 = b'{"error":"large_headers","detail":"request headers are larger than the gateway accepts"}'
+_RESPONSE_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY_431), _BODY_431))
 
 
 class _Settings:
     header_timeout_s: float = 10.0
+    #: bytes a request's headers may take (h11's own default bound; httptools has none, so without it
+    #: a client could stream headers into memory for the whole deadline)
+    max_header_bytes: int = 16 * 1024
     on_refusal: Callable[[str], None] | None = None
 
 
@@ -68,10 +74,13 @@ class _HeaderDeadline(asyncio.Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._seen_cycle: object = None
         self._partial = False
+        self._header_bytes = 0
+        self._too_large = False
 
     def _arm(self) -> None:
         self._disarm()
         self._partial = False
+        self._header_bytes = 0
         self._header_timer = self.loop.call_later(settings.header_timeout_s, self._header_timeout)
 
     def _disarm(self) -> None:
@@ -88,12 +97,26 @@ class _HeaderDeadline(asyncio.Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is not None:
+        waiting = self._header_timer is not None
+        if waiting:
             self._partial = True
+            self._header_bytes += len(data)
         super().data_received(data)
-        if self.cycle is not None and self.cycle is not self._seen_cycle:
+        complete = self.cycle is not None and self.cycle is not self._seen_cycle
+        if complete:
             self._seen_cycle = self.cycle  # a new request's headers are complete
             self._disarm()
+        if waiting and not complete and self._header_bytes > settings.max_header_bytes \
+                and not self.transport.is_closing():
+            self._refuse(_RESPONSE_431, "large_headers")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error: 431 (counted) where the error is the header bound
+        (h11's own, equal to ours, or the httptools count below), else uvicorn's 400."""
+        if self._too_large or (self._header_timer is not None and self._header_bytes > settings.max_header_bytes):
+            self._refuse(_RESPONSE_431, "large_headers")
+        else:
+            super().send_400_response(msg)  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         # httptools parses pipelined requests as they arrive and queues them; h11 parses the next
@@ -112,15 +135,23 @@ class _HeaderDeadline(asyncio.Protocol):
         if self.transport.is_closing():
             return
         if self._partial:
+            self._refuse(_RESPONSE_408, "slow_headers")
+        else:
+            self.transport.close()
+
+    def _refuse(self, response: bytes, reason: str) -> None:
+        """Count ``reason``, answer ``response`` and close the connection (counted first: a client
+        that reads the answer finds the refusal already counted)."""
+        self._disarm()
+        if settings.on_refusal is not None:
             try:
-                self.transport.write(_RESPONSE_408)
-            except (OSError, RuntimeError):
-                pass
-            if settings.on_refusal is not None:
-                try:
-                    settings.on_refusal("slow_headers")
-                except Exception:  # counting must never break the server
-                    log.exception("counting a slow-header refusal failed")
+                settings.on_refusal(reason)
+            except Exception:  # counting must never break the server
+                log.exception("counting a %s refusal failed", reason)
+        try:
+            self.transport.write(response)
+        except (OSError, RuntimeError):
+            pass
         self.transport.close()
 
 
@@ -128,12 +159,38 @@ class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
     """uvicorn's h11 protocol (pure Python) with a deadline for each request's headers."""
 
 
+class _HeadersTooLarge(Exception):
+    """Raised inside the parser's callbacks to stop it at the header bound."""
+
+
 GuardedHttpToolsProtocol: type[asyncio.Protocol] | None
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class _GuardedHttpTools(_HeaderDeadline, HttpToolsProtocol):
-        """uvicorn's httptools protocol (the C parser llhttp) with a deadline for each request's headers."""
+        """uvicorn's httptools protocol (the C parser llhttp) with a deadline for each request's headers,
+        and a bound on their size, counted as the parser reads them (llhttp has none of its own; a
+        pipelined request's headers are parsed while the one before it runs)."""
+
+        _message_header_bytes = 0
+
+        def _count(self, n: int) -> None:
+            self._message_header_bytes += n
+            if self._message_header_bytes > settings.max_header_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # stops the parser; uvicorn answers through send_400_response
+
+        def on_message_begin(self) -> None:
+            self._message_header_bytes = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value))
+            super().on_header(name, value)
 
     GuardedHttpToolsProtocol = _GuardedHttpTools
 except ImportError:  # httptools is not installed

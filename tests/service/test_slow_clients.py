@@ -112,6 +112,35 @@ def test_slow_headers_are_timed_out_and_counted(gateway_factory, concept_bundle,
                 time.sleep(0.6)
 
 
+@PROTOCOLS
+@pytest.mark.parametrize("where", ["one_header", "many_headers", "url"])
+def test_oversized_headers_are_refused_and_counted(gateway_factory, concept_bundle, http, where):
+    """Headers past ``max_header_bytes`` get 431 and a closed connection, before any body is read,
+    whether sent at once or trickled (httptools has no bound of its own); the server keeps serving."""
+    gw = gateway_factory(concept_bundle)
+    big = b"a" * (protocol.settings.max_header_bytes + 1)
+    head = {"one_header": b"POST /predict HTTP/1.1\r\nhost: x\r\nx-big: " + big + b"\r\n",
+            "many_headers": b"POST /predict HTTP/1.1\r\nhost: x\r\n" + b"x-h: 0123456789abcdef\r\n" * 2000,
+            "url": b"POST /predict?" + big + b" HTTP/1.1\r\nhost: x\r\n"}[where]
+    with serving(gw, ServingOptions(header_timeout_s=30.0), http) as base:
+        port = int(base.rsplit(":", 1)[1])
+        s = _connect(port, head)  # the headers never end: only their size can end the wait
+        try:
+            s.settimeout(10)
+            t0 = time.perf_counter()
+            reply = s.recv(200)
+            assert reply.startswith(b"HTTP/1.1 431"), reply
+            assert time.perf_counter() - t0 < 5  # not the 30 s deadline
+            while s.recv(4096):  # then closed
+                pass
+        finally:
+            s.close()
+        assert counter(gw, "hansgate_rejected_requests_total", route="connection", reason="large_headers") == 1
+        assert counter(gw, "hansgate_predictions_total") == 0
+        r = httpx.post(base + "/predict", json={"tensor": np.zeros((1, 8, 8)).tolist()}, headers={"x-ok": "a" * 4000})
+        assert r.status_code == 200
+
+
 def test_in_flight_limit_refuses_with_429_and_counts(gateway_factory, concept_bundle):
     gw = gateway_factory(concept_bundle)
     release = []
