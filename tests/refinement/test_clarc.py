@@ -240,17 +240,22 @@ def test_concept_files_are_read_without_pickle(tmp_path):
             parse_concept_args(bad_arg)
 
 
-def test_cli_refine_rr_clarc_writes_a_bundle_with_heads(biased_cnn, digits_data, tmp_path):
+def _cli_files(biased_cnn, digits_data, tmp_path) -> None:
+    """The CLI's inputs: the biased model's weights, 150 of its samples and 20 corner concept pairs."""
     from safetensors.torch import save_file
-
-    from hansgate.bundle import load_bundle
-    from hansgate.cli import main
 
     model, x, y = biased_cnn
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     np.savez(tmp_path / "data.npz", x=x[:150].numpy(), y=y[:150].numpy())
     c = _concept(digits_data, 20)
     np.savez(tmp_path / "corner.npz", x=c.x.numpy(), y=c.y.numpy(), concept=c.concept.numpy())
+
+
+def test_cli_refine_rr_clarc_writes_a_bundle_with_heads(biased_cnn, digits_data, tmp_path):
+    from hansgate.bundle import load_bundle
+    from hansgate.cli import main
+
+    _cli_files(biased_cnn, digits_data, tmp_path)
     # a one-epoch model: most samples are wrong, so the verified-share guard is overridden
     args = ["refine", "--model", "mnist_cnn", "--weights", str(tmp_path / "w.safetensors"), "--data",
             str(tmp_path / "data.npz"), "--method", "rr-clarc", "--concept", f"corner={tmp_path / 'corner.npz'}",
@@ -270,18 +275,14 @@ def test_cli_refine_rr_clarc_writes_a_bundle_with_heads(biased_cnn, digits_data,
 def test_cli_refine_p_clarc_bundle_carries_the_refined_weights(biased_cnn, digits_data, tmp_path):
     """P-ClArC's projection is a rebuildable unit: the bundle carries the refined state dict and its recipe,
     and the projection's CAV and target in it are the ones the method fitted."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from hansgate.bundle import load_bundle, sha256_file
     from hansgate.cli import main
     from hansgate.nn.models import build_builtin as fresh
     from hansgate.nn.units import rebuild
 
-    model, x, y = biased_cnn
-    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    np.savez(tmp_path / "data.npz", x=x[:150].numpy(), y=y[:150].numpy())
-    c = _concept(digits_data, 20)
-    np.savez(tmp_path / "corner.npz", x=c.x.numpy(), y=c.y.numpy(), concept=c.concept.numpy())
+    _cli_files(biased_cnn, digits_data, tmp_path)
     args = ["refine", "--model", "mnist_cnn", "--weights", str(tmp_path / "w.safetensors"), "--data",
             str(tmp_path / "data.npz"), "--method", "p-clarc", "--concept", f"corner={tmp_path / 'corner.npz'}",
             "--force", "--out", str(tmp_path / "bundle"), "--quiet"]
@@ -298,5 +299,5 @@ def test_cli_refine_p_clarc_bundle_carries_the_refined_weights(biased_cnn, digit
     rebuilt = rebuild(fresh("mnist_cnn"), [(u.layer, u.kind, dict(u.options)) for u in spec.inserted], state)
     from hansgate.concepts.cav import layer_activations, pool_channels
 
-    lengths = pool_channels(layer_activations(rebuilt, "conv2", x[:20]), "max") @ state["conv2.refiner.cav"]
+    lengths = pool_channels(layer_activations(rebuilt, "conv2", biased_cnn[1][:20]), "max") @ state["conv2.refiner.cav"]
     assert torch.allclose(lengths, torch.full_like(lengths, float(state["conv2.refiner.target"])), atol=1e-4)
