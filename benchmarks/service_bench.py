@@ -256,7 +256,7 @@ def wrk(base: str, body_file: Path, seconds: float, connections: int, script: Pa
 BARE = '''
 import sys, time, numpy as np, onnxruntime as ort
 path, batch, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-o = ort.SessionOptions(); o.intra_op_num_threads = 1
+o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.enable_mem_pattern = sys.argv[4] == "1"
 s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).random((batch, *[d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape[1:]]),
                                     dtype=np.float32)
@@ -268,10 +268,12 @@ print(n / (time.perf_counter() - t0), (time.process_time() - c0) / (n / batch))
 '''
 
 
-def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int) -> tuple[float, float]:
+def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int,
+                     memory_patterns: bool = True) -> tuple[float, float]:
     """Rows/s of ``processes`` bare loops (one thread each) at ``batch``, all at once (summed), and the
-    mean CPU milliseconds of one run."""
-    procs = [subprocess.Popen([sys.executable, "-c", BARE, str(onnx), str(batch), str(seconds)],
+    mean CPU milliseconds of one run. ``memory_patterns``: onnxruntime's default (on); the gateway's is off."""
+    procs = [subprocess.Popen([sys.executable, "-c", BARE, str(onnx), str(batch), str(seconds),
+                               "1" if memory_patterns else "0"],
                               stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     outs = [p.communicate(timeout=seconds + 120)[0].split() for p in procs]
     return float(sum(float(o[0]) for o in outs)), 1e3 * float(np.mean([float(o[1]) for o in outs]))
@@ -346,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             rows_s, cpu_ms = bare_onnxruntime(bundle.onnx_path, 64, args.seconds, args.workers)
             r["bare_onnxruntime_batch64_rows_per_s"] = rows_s
             r["bare_onnxruntime_cpu_ms_per_batch64"] = cpu_ms
+            # the same loop with the gateway's session options: how much of the gap is onnxruntime's setting
+            r["bare_onnxruntime_gateway_options_cpu_ms_per_batch64"] = bare_onnxruntime(
+                bundle.onnx_path, 64, args.seconds, args.workers, memory_patterns=False)[1]
             r["load_average_1m"] = os.getloadavg()[0]
             rounds.append(r)
         sat = median([r["single_row"]["gateway"]["requests_per_s"] for r in rounds])
@@ -394,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                                        for n in rounds[0]["batch64"]}
         | {"bare_onnxruntime": median(per_round(lambda r: r["bare_onnxruntime_cpu_ms_per_batch64"]))},
         "batch64_cpu_bare_over_gateway": median(cpu_ratio),
+        "batch64_cpu_bare_gateway_options_over_gateway": median(per_round(
+            lambda r: r["bare_onnxruntime_gateway_options_cpu_ms_per_batch64"]
+            / r["batch64"]["gateway"]["server_cpu_ms_per_request"])),
         "single_row_cpu_ms_per_request": {n: median(per_round(
             lambda r, n=n: r["single_row"][n]["server_cpu_ms_per_request"])) for n in rounds[0]["single_row"]},
         "monitoring_cpu_off_over_on_single_row": median(per_round(
