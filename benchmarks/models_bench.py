@@ -7,8 +7,8 @@ CLI will read back (so every sample is verified), saves the weights as safetenso
 the real command line in subprocesses:
 
 - ``hansgate refine --model torchvision:ARCH --method pca-egem`` with ImageNet
-  ``--mean/--std``: wall time and peak RSS of that process (``os.wait4``, the child's own
-  ``ru_maxrss``), the automatic layers and the export's max |logit difference| from the
+  ``--mean/--std``: wall time and peak RSS of that process (read by a small wrapper process
+  that starts it: an exec'd child's ``ru_maxrss`` starts at its parent's, and this one is large), the automatic layers and the export's max |logit difference| from the
   manifest;
 - the gateway's inference runtime in-process (``service.runtime.OnnxRuntime`` on the
   bundle, CPU, the threads given) at batch 1 and 32, rows/s, with a bare onnxruntime
@@ -112,19 +112,31 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
         Image.fromarray(im).save(root / f"c{int(y)}" / f"{i:04d}.png")
 
 
+_WRAPPER = ("import json, resource, subprocess, sys\n"
+            "rc = subprocess.call(sys.argv[1:])\n"
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print(json.dumps({'cpu_s': u.ru_utime + u.ru_stime, 'maxrss_kib': u.ru_maxrss}), flush=True)\n"
+            "sys.exit(rc)\n")
+
+
 def timed(cmd: list[str], log: Path) -> dict:
     """Run ``cmd``; wall seconds, the child's own peak RSS (MiB), return code, output tail, load averages."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     load_before = os.getloadavg()
     start = time.perf_counter()
+    # through a small wrapper process: Linux starts an exec'd child's peak RSS at its parent's (the
+    # exec'd image inherits the forking image's high-water mark), and this process holds models and graphs
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # inherits our nice
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *cmd], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # inherits our nice
+        _, status, _ = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     text = log.read_text(errors="replace")
-    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+    usage = json.loads(text.strip().splitlines()[-1]) if text.strip() else {"cpu_s": 0.0, "maxrss_kib": 0}
+    text = "\n".join(text.strip().splitlines()[:-1])
+    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(usage["cpu_s"], 1),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(usage["maxrss_kib"] / 1024, 1),
             "returncode": os.waitstatus_to_exitcode(status),
             "output_tail": text.strip().splitlines()[-3:] if text.strip() else []}
 
