@@ -162,14 +162,15 @@ def _fields(buf: memoryview, start: int, end: int) -> Any:
 
 
 def _external_tensor(buf: memoryview, span: tuple[int, int]) -> str | None:
-    """A TensorProto's name when it keeps its data in an external file, else ``None`` (payload skipped)."""
+    """A TensorProto's name (``"<unnamed>"`` without one) when it keeps its data in an external file,
+    else ``None`` (payload skipped)."""
     name, external = "", False
     for number, wire, value in _fields(buf, *span):
         if number == _TENSOR_NAME and wire == 2:
             name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
         elif (number == _TENSOR_EXTERNAL and wire == 2) or (number == _TENSOR_LOCATION and wire == 0 and value == 1):
             external = True
-    return name if external else None
+    return (name or "<unnamed>") if external else None
 
 
 def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[int | None]]]:
@@ -184,7 +185,7 @@ def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[in
     import onnx
     from google.protobuf.message import DecodeError
 
-    external: list[str] = []
+    external: list[str | None] = []  # per tensor: its name when its data lie outside the file
     inputs: list[str] = []
     outputs: dict[str, list[int | None]] = {}
     try:
@@ -205,17 +206,17 @@ def graph_signature(onnx_path: str | Path) -> tuple[list[str], dict[str, list[in
                                 dims = info.type.tensor_type.shape.dim
                                 outputs[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
                         elif field == _GRAPH_INIT:
-                            external.append(_external_tensor(buf, span) or "")
+                            external.append(_external_tensor(buf, span))
                         elif field == _GRAPH_SPARSE:
-                            external += [_external_tensor(buf, part) or "" for n, k, part in _fields(buf, *span)
+                            external += [_external_tensor(buf, part) for n, k, part in _fields(buf, *span)
                                          if k == 2 and n in (1, 2)]  # SparseTensorProto.values, .indices
             finally:
                 buf.release()
     except (ValueError, OSError, DecodeError) as exc:
         raise BundleError(f"cannot parse ONNX graph {onnx_path}: {exc}") from exc
-    external = [name for name in external if name]
-    if external:  # data outside the hashed file would escape both the hash and the signature
-        raise BundleError(f"graph {onnx_path} keeps tensors in external files ({external[:3]}); bundles must be "
+    outside = [name for name in external if name is not None]
+    if outside:  # data outside the hashed file would escape both the hash and the signature
+        raise BundleError(f"graph {onnx_path} keeps tensors in external files ({outside[:3]}); bundles must be "
                           "one self-contained ONNX file")
     if not outputs:
         raise BundleError(f"cannot parse ONNX graph {onnx_path}: it declares no graph outputs")

@@ -228,6 +228,10 @@ def test_graph_signature_refuses_tensors_kept_outside_the_file(tmp_path):
     path.write_bytes(model.SerializeToString())
     with pytest.raises(BundleError, match=r"external files \(\['w'\]\)"):
         graph_signature(path)
+    model.graph.initializer[0].name = ""  # an unnamed tensor is refused all the same
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError, match=r"external files \(\['<unnamed>'\]\)"):
+        graph_signature(path)
 
 
 @settings(max_examples=60, deadline=None)
