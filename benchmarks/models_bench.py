@@ -46,6 +46,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import run_with_usage  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 ARCHS = ("resnet18", "vit_b_16", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vgg11_bn", "resnet50")
 AUDIT_FLAGS = ("--no-pdf", "--no-influence", "--no-concepts", "--heatmaps", "16", "--artifacts")  # no artifact tests
@@ -112,33 +114,20 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
         Image.fromarray(im).save(root / f"c{int(y)}" / f"{i:04d}.png")
 
 
-_WRAPPER = ("import json, resource, subprocess, sys\n"
-            "rc = subprocess.call(sys.argv[1:])\n"
-            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-            "print(json.dumps({'cpu_s': u.ru_utime + u.ru_stime, 'maxrss_kib': u.ru_maxrss}), flush=True)\n"
-            "sys.exit(rc)\n")
-
-
 def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd``; wall seconds, the child's own peak RSS (MiB), return code, output tail, load averages."""
+    """Run ``cmd``; wall seconds, its own CPU seconds and peak RSS (MiB), return code, output tail, load
+    averages (through ``timing.run_with_usage``: this process holds models and graphs)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     load_before = os.getloadavg()
     start = time.perf_counter()
-    # through a small wrapper process: Linux starts an exec'd child's peak RSS at its parent's (the
-    # exec'd image inherits the forking image's high-water mark), and this process holds models and graphs
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *cmd], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)  # inherits our nice
-        _, status, _ = os.wait4(proc.pid, 0)
+        proc, usage = run_with_usage(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # inherits nice
     wall = time.perf_counter() - start
-    text = log.read_text(errors="replace")
-    usage = json.loads(text.strip().splitlines()[-1]) if text.strip() else {"cpu_s": 0.0, "maxrss_kib": 0}
-    text = "\n".join(text.strip().splitlines()[:-1])
-    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(usage["cpu_s"], 1),
+    text = log.read_text(errors="replace").strip()
+    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(usage["cpu_seconds"], 1),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "peak_rss_mib": round(usage["maxrss_kib"] / 1024, 1),
-            "returncode": os.waitstatus_to_exitcode(status),
-            "output_tail": text.strip().splitlines()[-3:] if text.strip() else []}
+            "peak_rss_mib": round(usage["peak_rss_mib"], 1), "returncode": proc.returncode,
+            "output_tail": text.splitlines()[-3:] if text else []}
 
 
 def rows_per_second(run: Callable[[np.ndarray], object], x: np.ndarray, budget: float = 3.0) -> float:

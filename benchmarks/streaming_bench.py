@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from timing import run_with_usage  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 RESULTS = HERE / "results" / "streaming.json"
 SIZE = 224
 CLASSES = 4
@@ -130,16 +132,13 @@ def child_audit(args: argparse.Namespace) -> dict[str, object]:
 def run_child(kind: str, *extra: str) -> dict[str, object]:
     """One measured run in a fresh process (through a wrapper that reads its RUSAGE_CHILDREN)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    wrapper = ("import json, resource, subprocess, sys\n"
-               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-               "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-               "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], 'peak': peak}))\n")
-    cmd = [sys.executable, "-c", wrapper, sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
-    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
-    if res["rc"] != 0:
-        return {"error": res["err"].strip().splitlines()[-1] if res["err"].strip() else f"exit {res['rc']}"}
-    out = json.loads(res["out"].strip().splitlines()[-1])
-    out["peak_rss_mb_outside"] = round(res["peak"], 1)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
+    proc, usage = run_with_usage(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        err = proc.stderr.strip()
+        return {"error": err.splitlines()[-1] if err else f"exit {proc.returncode}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["peak_rss_mb_outside"] = round(usage["peak_rss_mib"], 1)
     return out
 
 
