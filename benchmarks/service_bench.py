@@ -25,7 +25,9 @@ Latency at half the gateway's saturation rate: wrk with a per-connection think t
 (``delay()``) chosen so that 16 connections offer half the measured single-row rate.
 For every run the server's CPU time per request (the server process and all its
 descendants, from /proc) is recorded beside bare onnxruntime's CPU time per batch-64 run: where the machine is
-CPU-bound (2 cores, 2 workers, wrk), their ratio bounds the throughput ratio. On a machine shared with
+CPU-bound (2 cores, 2 workers, wrk), their ratio bounds the throughput ratio. The server's CPU is also split by
+thread (the gateway names its threads in the kernel, ``service.threads``), and ``medians.batch64_gap`` says
+where a 64-row request's CPU beyond bare onnxruntime's goes. On a machine shared with
 other work, throughput ratios swing from round to round (two tight loops and a server with several
 threads are starved differently); CPU time per request is the steadier figure, and the load average
 is recorded with every round.
@@ -206,25 +208,52 @@ def start_echo(work: Path, workers: int) -> Server:
     return Server("echo", argv, env, d, port, work / "echo.log", "/readyz")
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system) of process ``root`` and all its live descendants (Linux /proc; BentoML
-    starts its workers in sessions of their own, so a process group would miss them)."""
-    stats: dict[int, tuple[int, float]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid ... utime stime
-        except OSError:
-            continue
-        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+def _proc_stat(path: Path) -> tuple[str, int, float] | None:
+    """``(comm, ppid, user + system CPU seconds)`` from a /proc ``stat`` file (``None`` when it is gone)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after "(comm)": state ppid ... utime stime
+    return (text[text.index("(") + 1:text.rindex(")")], int(fields[1]),
+            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+
+
+def tree_pids(root: int) -> list[int]:
+    """Process ``root`` and all its live descendants (Linux /proc; BentoML starts its workers in sessions of
+    their own, so a process group would miss them)."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        info = _proc_stat(stat)
+        if info is not None:
+            children.setdefault(info[1], []).append(int(stat.parent.name))
+    pids, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, (0, 0.0))[1]
+        pids.append(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return pids
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of process ``root`` and all its live descendants."""
+    return sum(info[2] for pid in tree_pids(root) if (info := _proc_stat(Path(f"/proc/{pid}/stat"))) is not None)
+
+
+def cpu_by_thread(root: int) -> dict[str, float]:
+    """CPU seconds of the threads of ``root`` and its descendants, by role: the gateway names its threads
+    in the kernel (``service.threads``: ``hansgate-infer``, ``hansgate-decode``, ``hansgate-io``); each
+    process's main thread runs its event loop; everything else (onnxruntime's, anyio's) is ``other``."""
+    roles: dict[str, float] = {}
+    for pid in tree_pids(root):
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            info = _proc_stat(stat)
+            if info is None:
+                continue
+            comm, tid = info[0], int(stat.parent.name)
+            role = comm if comm.startswith("hansgate-") else "main (event loop)" if tid == pid else "other"
+            roles[role] = roles.get(role, 0.0) + info[2]
+    return roles
 
 
 def wrk(base: str, body_file: Path, seconds: float, connections: int, script: Path, think_ms: float = 0.0,
@@ -236,6 +265,7 @@ def wrk(base: str, body_file: Path, seconds: float, connections: int, script: Pa
         subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{warmup_s:.0f}s", "-s", str(script),
                         f"{base}/predict"], env=env, capture_output=True, timeout=60)
     cpu0 = tree_cpu_s(cpu_root) if cpu_root is not None else 0.0
+    threads0 = cpu_by_thread(cpu_root) if cpu_root is not None else {}
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "10s", "-s",
                           str(script), f"{base}/predict"], env=env, capture_output=True, text=True,
                          timeout=seconds + 60).stdout
@@ -250,6 +280,9 @@ def wrk(base: str, body_file: Path, seconds: float, connections: int, script: Pa
            "latency_ms_p99": r["p99_us"] / 1e3, "latency_ms_max": r["max_us"] / 1e3}
     if cpu_root is not None:
         run["server_cpu_ms_per_request"] = (tree_cpu_s(cpu_root) - cpu0) * 1e3 / max(1, r["requests"])
+        run["server_cpu_ms_per_request_by_thread"] = {
+            role: (cpu - threads0.get(role, 0.0)) * 1e3 / max(1, r["requests"])
+            for role, cpu in sorted(cpu_by_thread(cpu_root).items())}
     return run
 
 
@@ -281,6 +314,32 @@ def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int,
 
 def median(xs: list[float]) -> float:
     return float(np.median(xs))
+
+
+def batch64_gap(rounds: list[dict]) -> dict[str, float]:
+    """Where the gateway's CPU per 64-row request goes beyond bare onnxruntime's run (medians over rounds,
+    milliseconds; the parts add up to the gap): onnxruntime's memory patterns (bare with the gateway's
+    session options minus bare), the rest of the inference thread (its CPU minus that bare run: Python
+    after each run, hand-offs, colder caches), the event loop (HTTP, body, reply) and the other threads."""
+    def part(f) -> float:
+        return median([f(r) for r in rounds])
+
+    def role(r: dict, name: str) -> float:
+        return r["batch64"]["gateway"]["server_cpu_ms_per_request_by_thread"].get(name, 0.0)
+
+    infer = "hansgate-infer"
+    return {
+        "gateway_minus_bare_ms": part(lambda r: r["batch64"]["gateway"]["server_cpu_ms_per_request"]
+                                     - r["bare_onnxruntime_cpu_ms_per_batch64"]),
+        "memory_patterns_ms": part(lambda r: r["bare_onnxruntime_gateway_options_cpu_ms_per_batch64"]
+                                   - r["bare_onnxruntime_cpu_ms_per_batch64"]),
+        "inference_thread_beyond_onnxruntime_ms": part(
+            lambda r: role(r, infer) - r["bare_onnxruntime_gateway_options_cpu_ms_per_batch64"]),
+        "event_loop_ms": part(lambda r: role(r, "main (event loop)")),
+        "other_threads_ms": part(lambda r: sum(v for k, v in r["batch64"]["gateway"]
+                                               ["server_cpu_ms_per_request_by_thread"].items()
+                                               if k not in (infer, "main (event loop)"))),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             / r["batch64"]["gateway"]["server_cpu_ms_per_request"])),
         **med,
     }
+    result["medians"]["batch64_gap"] = batch64_gap(rounds)
     result["half_saturation"] = {"gateway_saturation_requests_per_s": float(np.median(g1)), "target_rate": 0.5 * sat,
                                  "gateway": half, "naive_same_offered_load": naive_half}
     medians = result["medians"]

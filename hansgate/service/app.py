@@ -52,6 +52,7 @@ from hansgate.service.schemas import (
     feedback_json_schema,
     predict_json_schema,
 )
+from hansgate.service.threads import name_os_thread
 
 __all__ = ["create_app", "GatewayAPI"]
 
@@ -110,8 +111,9 @@ class _Guard:
         self.options = options
         self.readers = 0
         self.inflight = 0
-        self.decode_pool = concurrent.futures.ThreadPoolExecutor(options.decode_threads,
-                                                                 thread_name_prefix="hansgate-decode")
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            options.decode_threads, thread_name_prefix="hansgate-decode", initializer=name_os_thread,
+            initargs=("hansgate-decode",))
 
     async def read_body(self, headers: list[tuple[bytes, bytes]], receive: Receive, limit: int) -> bytes:
         declared = _header(headers, b"content-length")

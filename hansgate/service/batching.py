@@ -22,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
+from hansgate.service.threads import name_os_thread
+
 __all__ = ["MicroBatcher"]
 
 T = TypeVar("T")
@@ -92,6 +94,7 @@ class MicroBatcher(Generic[T, R]):
             return batch
 
     def _serve(self) -> None:
+        name_os_thread("hansgate-infer")
         while True:
             batch = self._next_batch()
             if batch is None:

@@ -43,6 +43,7 @@ from hansgate.service.metrics import GatewayMetrics, batch_stats
 from hansgate.service.receipts import PredictionStore, ReceiptSigner
 from hansgate.service.runtime import OnnxRuntime
 from hansgate.service.schemas import FeedbackRequest
+from hansgate.service.threads import name_os_thread
 
 __all__ = ["Gateway"]
 
@@ -131,7 +132,8 @@ class Gateway:
         self.fairness_thresholds = FairnessThresholds(cfg.disparate_impact_ratio, cfg.min_samples, cfg.presence_bound)
         # feedback touches SQLite (may wait on the other workers' writes): a small fixed pool keeps
         # it off the event loop without growing a thread (and a malloc arena) per concurrent request
-        self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io")
+        self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io",
+                                                                 initializer=name_os_thread, initargs=("hansgate-io",))
         self.batcher: MicroBatcher[_Job, bytes | RequestError] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
                                                                     cfg.microbatch_wait_ms / 1000.0)
         # one dry run so that the first request does not pay for onnxruntime's lazy set-up
