@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -224,6 +225,8 @@ def main() -> None:
     ap.add_argument("--audit-images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-audit", action="store_true", help="refine, export and serve only")
+    ap.add_argument("--keep-bundles", type=Path, help="copy each architecture's bundle to KEEP_BUNDLES/ARCH "
+                    "(e.g. for benchmarks/gateway_model_bench.py)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "models.json"))
     args = ap.parse_args()
     result: dict = {
@@ -244,6 +247,8 @@ def main() -> None:
             except Exception as exc:  # record and go on
                 rec = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             rec["total_seconds"] = round(time.perf_counter() - start, 1)
+            if args.keep_bundles is not None and (Path(tmp) / "bundle" / "manifest.json").exists():
+                shutil.copytree(Path(tmp) / "bundle", args.keep_bundles / arch, dirs_exist_ok=True)
         result["architectures"][arch] = rec
         print(arch, json.dumps(rec)[:400], flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

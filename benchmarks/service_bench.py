@@ -175,9 +175,10 @@ def base_env(work: Path, name: str) -> dict[str, str]:
     return env
 
 
-def start_gateway(bundle: Path, work: Path, name: str, workers: int, monitoring: bool) -> Server:
+def start_gateway(bundle: Path, work: Path, name: str, workers: int, monitoring: bool,
+                  extra_env: dict[str, str] | None = None) -> Server:
     port = free_port()
-    env = base_env(work, name) | {"HANSGATE_STATE_DIR": str(work / f"state-{name}"),
+    env = base_env(work, name) | (extra_env or {}) | {"HANSGATE_STATE_DIR": str(work / f"state-{name}"),
                                   "HANSGATE_MONITORING": "1" if monitoring else "0", "HANSGATE_PROVIDER": "cpu",
                                   "HANSGATE_ORT_THREADS": "1", "HANSGATE_MAX_CONCURRENCY": "1024",
                                   "HANSGATE_MICROBATCH_ROWS": "64"}

@@ -9,6 +9,8 @@ layers it runs (settings ``HANSGATE_*``, read once per worker; one line per bad 
 ``HANSGATE_DECODE_THREADS``      2         threads decoding images and large bodies per worker
 ``HANSGATE_ACCESS_LOG``          0         BentoML's access log (one log line per request)
 ``HANSGATE_TRACING``             0         BentoML's OpenTelemetry spans for the gateway's routes
+``HANSGATE_REUSE_BUFFERS``       1         body-sized buffers from the heap, kept for reuse
+                                           (``service.allocator``; glibc)
 ===============================  ========  =====================================================
 
 Why a body deadline and a concurrency limit of its own: BentoML's ``max_concurrency``
@@ -43,6 +45,7 @@ ENV: dict[str, str] = {
     "HANSGATE_DECODE_THREADS": "decode_threads",
     "HANSGATE_ACCESS_LOG": "access_log",
     "HANSGATE_TRACING": "tracing",
+    "HANSGATE_REUSE_BUFFERS": "reuse_buffers",
 }
 
 
@@ -60,6 +63,7 @@ class ServingOptions(BaseModel):
     decode_threads: int = Field(2, ge=1, le=64)
     access_log: bool = False
     tracing: bool = False
+    reuse_buffers: bool = True
     max_inflight: int = Field(256, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
 

@@ -22,6 +22,8 @@ What of BentoML runs, and why (``service.limits`` has the settings):
   context and Starlette's routing (the gateway uses neither) when nothing else is configured there.
 * new connections are spread over the workers (``protocol.spread_accepts``).
 * uvicorn's HTTP protocol gets a header deadline (``service.protocol``).
+* body-sized buffers come from the heap and are reused (``service.allocator``,
+  ``HANSGATE_REUSE_BUFFERS``).
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ class Gateway:
     """hansgate gateway: serves one bundle with onnxruntime and monitors it into Prometheus."""
 
     def __init__(self) -> None:
-        from hansgate.service import multiproc, protocol
+        from hansgate.service import allocator, multiproc, protocol
 
         try:
             cfg = GatewayConfig.from_env()
+            if _SERVING.reuse_buffers:  # the largest body, plus its .npy or JSON framing
+                allocator.reuse_large_buffers(cfg.max_body_bytes + 2**20)
             # before the first metric value exists: this gateway's own multiprocess directory
             _, started = multiproc.use_own_directory(cfg.state_dir)
             self.gateway = _GatewayState(cfg, workers=_OPTIONS.workers, started_at=started)
