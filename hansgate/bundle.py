@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,18 +288,21 @@ def load_bundle(path: str | Path, public_key: "Ed25519PublicKey | str | Path | N
     return Bundle(root, manifest, signed_by)
 
 
-def write_bundle(out: str | Path, onnx_bytes: bytes, manifest: Manifest, overwrite: bool = False,
+def write_bundle(out: str | Path, onnx_bytes: bytes | Path, manifest: Manifest, overwrite: bool = False,
                  extra_files: dict[str, bytes] | None = None,
                  signing_key: "Ed25519PrivateKey | str | Path | None" = None) -> Bundle:
     """Write ``model.onnx`` + ``manifest.json`` (+ extras) atomically and verify the result.
 
-    ``signing_key`` (a key or a key file): sign the bundle as it is written (``signature.json``).
+    ``onnx_bytes``: the graph, or a file holding it (copied in chunks: a large model's graph need
+    not be in memory). ``signing_key`` (a key or a key file): sign the bundle as it is written
+    (``signature.json``).
     """
     out = Path(out)
     if out.exists() and not overwrite:
         if any(out.iterdir()) if out.is_dir() else True:
             raise BundleError(f"refusing to overwrite existing {out}")
-    if sha256_bytes(onnx_bytes) != manifest.graph.sha256:
+    graph_sha = sha256_file(onnx_bytes) if isinstance(onnx_bytes, Path) else sha256_bytes(onnx_bytes)
+    if graph_sha != manifest.graph.sha256:
         raise BundleHashError("manifest hash does not match the graph being written")
     for name in extra_files or {}:
         if not _PLAIN_FILE.fullmatch(name) or name in (MANIFEST_FILE, manifest.graph.file, "signature.json"):
@@ -306,7 +310,10 @@ def write_bundle(out: str | Path, onnx_bytes: bytes, manifest: Manifest, overwri
     if manifest.refined is not None and manifest.refined.file not in (extra_files or {}):
         raise BundleError(f"the manifest names refined weights {manifest.refined.file!r}, but none are written")
     with atomic_directory(out) as tmp:
-        (tmp / manifest.graph.file).write_bytes(onnx_bytes)
+        if isinstance(onnx_bytes, Path):
+            shutil.copyfile(onnx_bytes, tmp / manifest.graph.file)
+        else:
+            (tmp / manifest.graph.file).write_bytes(onnx_bytes)
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

@@ -22,7 +22,8 @@ from torch import nn
 from hansgate.errors import ExportError
 from hansgate.nn.training import forward_batch_size
 
-__all__ = ["OPSET", "LOGIT_TOLERANCE", "allowed_difference", "export_onnx", "run_onnx", "export_checked"]
+__all__ = ["OPSET", "LOGIT_TOLERANCE", "allowed_difference", "export_onnx", "run_onnx", "export_checked",
+           "export_checked_to"]
 
 OPSET = 18
 LOGIT_TOLERANCE = 1e-4
@@ -151,31 +152,39 @@ def _trim_heap() -> None:
         pass
 
 
-def export_checked(graph: nn.Module, x_check: torch.Tensor, output_names: list[str],
-                   tolerance: float = LOGIT_TOLERANCE) -> tuple[bytes, float]:
-    """Export, then compare logits with torch on ``x_check``; returns ``(onnx_bytes, max_abs_diff)``.
+def export_checked_to(path: Path, graph: nn.Module, x_check: torch.Tensor, output_names: list[str],
+                      tolerance: float = LOGIT_TOLERANCE) -> float:
+    """Export to ``path``, then compare logits with torch on ``x_check``; returns the max |logit difference|.
 
-    onnxruntime reads the graph from its file and the bytes are read after the check, so the
-    session's copy of the weights and the bytes are never in memory together.
+    The graph stays a file: onnxruntime reads it from there, and a caller that writes a bundle
+    copies it from there, so a large model's serialized weights are never held in memory.
     """
     if len(x_check) == 0:
         raise ExportError("no samples to check the export on")
     batch = forward_batch_size(int(x_check[0].numel()), cap=256)
+    _export_file(graph, x_check, output_names, path)
+    parts = []
+    with torch.no_grad():
+        graph.eval()
+        for i in range(0, len(x_check), batch):  # batched: activation memory bounded at large image sizes
+            ref = graph(x_check[i : i + batch])
+            parts.append((ref[0] if isinstance(ref, (tuple, list)) else ref).numpy())
+    ref_logits = np.concatenate(parts)
+    got = run_onnx(path, x_check.numpy().astype(np.float32, copy=False))[0]
+    _trim_heap()  # the session's freed weights and arena go back to the system
+    diff = float(np.abs(got - ref_logits).max())
+    allowed = allowed_difference(ref_logits, tolerance)
+    if not np.isfinite(diff) or diff > allowed:
+        raise ExportError(f"exported graph disagrees with torch: max |logit difference| {diff:.3g} > "
+                          f"{allowed:.3g} ({tolerance:g} x max(1, max |logit|)); no bundle written")
+    return diff
+
+
+def export_checked(graph: nn.Module, x_check: torch.Tensor, output_names: list[str],
+                   tolerance: float = LOGIT_TOLERANCE) -> tuple[bytes, float]:
+    """``export_checked_to`` a temporary file; returns ``(onnx_bytes, max_abs_diff)`` (the bytes are read
+    after the check, so the session's copy of the weights and the bytes are never in memory together)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        _export_file(graph, x_check, output_names, path)
-        parts = []
-        with torch.no_grad():
-            graph.eval()
-            for i in range(0, len(x_check), batch):  # batched: activation memory bounded at large image sizes
-                ref = graph(x_check[i : i + batch])
-                parts.append((ref[0] if isinstance(ref, (tuple, list)) else ref).numpy())
-        ref_logits = np.concatenate(parts)
-        got = run_onnx(path, x_check.numpy().astype(np.float32, copy=False))[0]
-        _trim_heap()  # the session's freed weights and arena go back to the system before the bytes are read
-        diff = float(np.abs(got - ref_logits).max())
-        allowed = allowed_difference(ref_logits, tolerance)
-        if not np.isfinite(diff) or diff > allowed:
-            raise ExportError(f"exported graph disagrees with torch: max |logit difference| {diff:.3g} > "
-                              f"{allowed:.3g} ({tolerance:g} x max(1, max |logit|)); no bundle written")
+        diff = export_checked_to(path, graph, x_check, output_names, tolerance)
         return path.read_bytes(), diff

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -202,7 +203,7 @@ class ConceptHeads:
                            "sign_agreement": float((np.sign(got[:, m]) == np.sign(ref[:, m])).mean())}
         return out
 
-    def check(self, onnx_bytes: bytes, model: nn.Module, x: torch.Tensor,
+    def check(self, onnx_bytes: bytes | Path, model: nn.Module, x: torch.Tensor,
               x_model: torch.Tensor | None = None) -> dict[str, Any]:
         """Run the graph with onnxruntime on ``x`` and compare with autograd; ``ExportError`` past tolerance.
 

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import hansgate
-from hansgate.bundle import Bundle, sha256_bytes, write_bundle
+from hansgate.bundle import Bundle, sha256_file, write_bundle
 from hansgate.data.datasets import LabelledImages, LazyLabelled, load_labelled, open_labelled
 from hansgate.data.streaming import LazyImages
 from hansgate.errors import ConfigError, DataError
@@ -54,7 +55,7 @@ from hansgate.manifest import (
     SourceModel,
     SubgroupAttribute,
 )
-from hansgate.nn.export import OPSET, export_checked
+from hansgate.nn.export import OPSET, export_checked_to
 from hansgate.nn.models import load_model, source_sha256
 from hansgate.nn.normalisation import Normalised
 from hansgate.nn.training import accuracy, predict_logits
@@ -294,35 +295,39 @@ def build_bundle(
     if norm is not None:
         graph = Normalised(graph, input_spec.mean, input_spec.std)
     input_spec = input_spec.model_copy(update={"normalization_in_graph": baked})
-    onnx_bytes, diff = export_checked(graph.eval(), x_check, names)
-    x_seen = x_check if concepts is not None else x_check[:8]  # the refined-weights check reads 8
-    with torch.no_grad():
-        x_model = norm(x_seen) if norm is not None else x_seen
-    if concepts is not None:  # the heads' sensitivity must match autograd (refinement.concept_heads)
-        concepts.check(onnx_bytes, result.model, x_check, x_model=x_model)
-        concept_specs = concept_specs if concept_specs is not None else concepts.specs()
-    refined = refined_weights(result.model, x_model[:8])
-    k, m = len(classes), len(concept_specs or [])
-    shapes: dict[str, list[int | None]] = {"logits": [None, k], "concept_scores": [None, m],
-                                           "concept_sensitivity": [None, m, k]}
-    manifest = Manifest(
-        hansgate_version=hansgate.__version__,
-        classes=classes,
-        input=input_spec,
-        source_model=source,
-        method=MethodSpec(name=result.method, layers=result.layers, hyperparameters=to_jsonable(result.hyperparameters)
-                          | {"selection": to_jsonable(result.selection.as_dict())}, seed=None),
-        evaluation=evaluation,
-        concepts=concept_specs or [],
-        subgroups=subgroups or [],
-        calibration=calibration,
-        verified_share=verified_share,
-        refined=refined[1] if refined is not None else None,
-        graph=GraphSpec(sha256=sha256_bytes(onnx_bytes), opset=OPSET,
-                        outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff),
-    )
-    extra = {refined[1].file: refined[0]} if refined is not None else None
-    return write_bundle(out, onnx_bytes, manifest, overwrite=overwrite, extra_files=extra, signing_key=signing_key)
+    # the graph stays a file until the bundle's atomic write copies it: a large model's serialized weights
+    # are never in memory beside the model and its refined.safetensors bytes
+    with tempfile.TemporaryDirectory(prefix="hansgate-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        diff = export_checked_to(onnx_path, graph.eval(), x_check, names)
+        x_seen = x_check if concepts is not None else x_check[:8]  # the refined-weights check reads 8
+        with torch.no_grad():
+            x_model = norm(x_seen) if norm is not None else x_seen
+        if concepts is not None:  # the heads' sensitivity must match autograd (refinement.concept_heads)
+            concepts.check(onnx_path, result.model, x_check, x_model=x_model)
+            concept_specs = concept_specs if concept_specs is not None else concepts.specs()
+        refined = refined_weights(result.model, x_model[:8])
+        k, m = len(classes), len(concept_specs or [])
+        shapes: dict[str, list[int | None]] = {"logits": [None, k], "concept_scores": [None, m],
+                                               "concept_sensitivity": [None, m, k]}
+        manifest = Manifest(
+            hansgate_version=hansgate.__version__,
+            classes=classes,
+            input=input_spec,
+            source_model=source,
+            method=MethodSpec(name=result.method, layers=result.layers, hyperparameters=to_jsonable(result.hyperparameters)
+                              | {"selection": to_jsonable(result.selection.as_dict())}, seed=None),
+            evaluation=evaluation,
+            concepts=concept_specs or [],
+            subgroups=subgroups or [],
+            calibration=calibration,
+            verified_share=verified_share,
+            refined=refined[1] if refined is not None else None,
+            graph=GraphSpec(sha256=sha256_file(onnx_path), opset=OPSET,
+                            outputs=[GraphOutput(name=n, shape=shapes[n]) for n in names], max_abs_logit_diff=diff),
+        )
+        extra = {refined[1].file: refined[0]} if refined is not None else None
+        return write_bundle(out, onnx_path, manifest, overwrite=overwrite, extra_files=extra, signing_key=signing_key)
 
 
 def _scores(model: nn.Module, inputs: Inputs[Any], x: Images, y: torch.Tensor, train_key: str) -> dict[str, float]:

@@ -91,6 +91,22 @@ def test_write_bundle_is_atomic(demo_bundle, tmp_path):
         write_bundle(tmp_path / "out", onnx_bytes, manifest, extra_files=extra)
 
 
+def test_write_bundle_copies_a_graph_file_and_checks_its_hash(demo_bundle, tmp_path):
+    b = load_bundle(demo_bundle)
+    refined = b.refined_path
+    assert refined is not None
+    extra = {refined.name: refined.read_bytes()}
+    edited = tmp_path / "edited.onnx"
+    edited.write_bytes(b.onnx_path.read_bytes() + b"x")
+    with pytest.raises(BundleHashError):  # the file is hashed as it is, not trusted
+        write_bundle(tmp_path / "out", edited, b.manifest, extra_files=extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.onnx"]
+    written = write_bundle(tmp_path / "out", b.onnx_path, b.manifest, extra_files=extra)
+    assert (written.path / "model.onnx").read_bytes() == b.onnx_path.read_bytes()
+    assert b.onnx_path.exists()  # copied, not moved
+    assert load_bundle(tmp_path / "out").manifest == b.manifest
+
+
 class _ExportsDifferently(nn.Module):
     """Computes something else while being exported: a stand-in for an op the exporter lowers wrongly."""
 
