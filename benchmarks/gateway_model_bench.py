@@ -11,7 +11,7 @@ monitoring on, ``--workers`` workers, one onnxruntime thread each, micro-batches
 wrk posting 64-row ``.npy`` bodies (uniform random pixels in the manifest's value range), and
 ``--workers`` bare onnxruntime loops at batch 64 with every graph output fetched, in interleaved
 rounds. It records rows/s, CPU per 64-row request (server process tree vs bare run), the CPU split by
-thread and ``batch64_gap`` (``service_bench.batch64_gap``). Every figure is measured in this run.
+thread and ``batch64_gap`` (``load.batch64_gap``). Every figure is measured in this run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from service_bench import (  # noqa: E402  (benchmarks/service_bench.py, beside this script)
+from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
     WRK_SCRIPT,
     bare_onnxruntime,
     batch64_gap,
