@@ -13,6 +13,7 @@ from hansgate.nn.export import (
     allowed_difference,
     OPSET,
     export_checked,
+    export_checked_to,
     export_onnx,
     run_onnx,
 )
@@ -89,4 +90,5 @@ __all__ = [
     "export_onnx",
     "run_onnx",
     "export_checked",
+    "export_checked_to",
 ]
