@@ -11,12 +11,8 @@ refusal is reported through ``on_refusal`` (the gateway counts it as
 ``hansgate_rejected_requests_total{route="connection", reason="slow_headers"}``). An idle
 keep-alive connection that sent nothing is closed silently, as uvicorn does.
 
-``spread_accepts`` makes each worker take one new connection per event-loop wake-up. The
-workers share one listening socket, and asyncio accepts every pending connection at once:
-a client opening 8 keep-alive connections together often had all 8 land on one worker
-while the other idled for the whole run (half the machine unused, and the benchmark's
-run-to-run swings). One accept per wake-up lets the next pending connection go to
-whichever worker wakes next.
+Each connection's start and end is reported to ``service.accepts``, which paces how fast a
+worker takes new connections by how many it holds.
 
 The gateway serves with httptools' protocol when httptools is installed (``guarded_protocol``):
 it parses requests and writes responses in C; h11 does both in Python, a large share of the CPU
@@ -37,8 +33,9 @@ from typing import Any, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["GuardedH11Protocol", "GuardedHttpToolsProtocol", "guarded_protocol", "install", "settings",
-           "spread_accepts"]
+from hansgate.service import accepts
+
+__all__ = ["GuardedH11Protocol", "GuardedHttpToolsProtocol", "guarded_protocol", "install", "settings"]
 
 log = logging.getLogger("hansgate.service")
 
@@ -89,10 +86,12 @@ class _HeaderDeadline(asyncio.Protocol):
             self._header_timer = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        accepts.connection_opened()
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        accepts.connection_closed()
         self._disarm()
         super().connection_lost(exc)
 
@@ -202,31 +201,10 @@ def guarded_protocol() -> type[asyncio.Protocol]:
     return GuardedHttpToolsProtocol or GuardedH11Protocol
 
 
-def spread_accepts(per_wake: int = 1) -> None:
-    """Accept at most ``per_wake`` connections per wake-up of this process's asyncio loops (module doc).
-
-    asyncio's selector loop accepts up to ``backlog`` pending connections each time the listening
-    socket is readable; only that count changes here (``listen``'s backlog is separate). Idempotent.
-    """
-    from asyncio import selector_events
-
-    cls: Any = selector_events.BaseSelectorEventLoop
-    original = getattr(cls, "_hansgate_accept", None) or cls._accept_connection
-    cls._hansgate_accept = original
-
-    def _accept_connection(self: Any, protocol_factory: Any, sock: Any, sslcontext: Any = None, server: Any = None,
-                           backlog: int = 100, *args: Any, **kwargs: Any) -> None:
-        original(self, protocol_factory, sock, sslcontext, server, min(backlog, per_wake), *args, **kwargs)
-
-    cls._accept_connection = _accept_connection
-
-
 def install(header_timeout_s: float, on_refusal: Callable[[str], None] | None = None) -> None:
-    """Make uvicorn's ``http="auto"`` use ``guarded_protocol()`` in this process, and spread new
-    connections over the workers (``spread_accepts``)."""
+    """Make uvicorn's ``http="auto"`` use ``guarded_protocol()`` in this process."""
     import uvicorn.config
 
-    spread_accepts()
     settings.header_timeout_s = header_timeout_s
     settings.on_refusal = on_refusal
     name = "GuardedH11Protocol" if GuardedHttpToolsProtocol is None else "_GuardedHttpTools"

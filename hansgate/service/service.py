@@ -20,7 +20,7 @@ What of BentoML runs, and why (``service.limits`` has the settings):
   pass straight through it (``_own_deadlines``): the gateway bounds their body reads and run
   time itself; every other route keeps BentoML's timeout. Past it they skip BentoML's request
   context and Starlette's routing (the gateway uses neither) when nothing else is configured there.
-* new connections are spread over the workers (``protocol.spread_accepts``).
+* new connections are spread over the workers (``service.accepts``).
 * uvicorn's HTTP protocol gets a header deadline (``service.protocol``).
 * body-sized buffers come from the heap and are reused (``service.allocator``,
   ``HANSGATE_REUSE_BUFFERS``).
@@ -131,12 +131,21 @@ def _own_deadlines() -> None:
     cls.__call__ = __call__
 
 
+#: after an accept, a worker pauses this long per connection it holds, at most ``_ACCEPT_MAX_PAUSE_S``
+#: (``service.accepts``): long enough for a late-woken worker to take its share of a burst of new
+#: connections, short enough that a connection storm is still accepted at hundreds per second per worker
+_ACCEPT_PAUSE_PER_CONNECTION_S = 0.00025
+_ACCEPT_MAX_PAUSE_S = 0.002
+
+
 def _install_protocol() -> None:
     """The header deadline and the spread of connections over workers, installed when a worker
     imports this module (before uvicorn starts); BentoML's timeout off the gateway's own routes."""
-    from hansgate.service import protocol
+    from hansgate.service import accepts, protocol
 
     protocol.install(_SERVING.header_timeout_s)
+    accepts.spread_accepts(pause_per_connection_s=_ACCEPT_PAUSE_PER_CONNECTION_S if _OPTIONS.workers > 1 else 0.0,
+                           max_pause_s=_ACCEPT_MAX_PAUSE_S)
     _own_deadlines()
 
 

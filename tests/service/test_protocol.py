@@ -1,59 +1,11 @@
-"""hansgate.service.protocol: one new connection per wake-up (``spread_accepts``), so workers sharing a socket
-share them; ``install`` serves with the guarded httptools protocol when httptools is there."""
+"""hansgate.service.protocol: ``install`` serves with the guarded httptools protocol when httptools is there
+(the header deadline itself is tested over HTTP in ``test_slow_clients``)."""
 
 from __future__ import annotations
-
-import asyncio
-import socket
 
 import pytest
 
 from hansgate.service import protocol
-from hansgate.service.protocol import spread_accepts
-
-
-class _Closing(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
-def _pending(listener: socket.socket) -> int:
-    """Accept (and close) whatever is still queued on ``listener``."""
-    listener.setblocking(False)
-    n = 0
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            return n
-        conn.close()
-        n += 1
-
-
-def test_one_accept_per_wake_leaves_the_rest_queued_for_other_workers():
-    """Five connections queued: a wake-up of the patched loop takes one (asyncio's own took all five)."""
-    spread_accepts()
-    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
-    listener.setblocking(False)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
-    loop = asyncio.new_event_loop()
-    try:
-        loop._accept_connection(_Closing, listener, None, None, 100)  # type: ignore[attr-defined]
-        loop.run_until_complete(asyncio.sleep(0.05))
-        assert _pending(listener) == 4
-    finally:
-        for c in clients:
-            c.close()
-        loop.close()
-        listener.close()
-
-
-def test_spread_accepts_is_idempotent():
-    """A second call wraps asyncio's own method again, not the first wrapper (one accept, not nested ones)."""
-    spread_accepts()
-    original = asyncio.selector_events.BaseSelectorEventLoop._hansgate_accept  # type: ignore[attr-defined]
-    spread_accepts()
-    assert asyncio.selector_events.BaseSelectorEventLoop._hansgate_accept is original  # type: ignore[attr-defined]
 
 
 def test_install_serves_with_the_guarded_protocol(monkeypatch):
