@@ -6,11 +6,14 @@ monitoring with per-request ids. The gateway validates each request alone and th
 the valid ones here.
 
 One inference thread per worker forms each batch at the moment it becomes free: it takes
-every request waiting, waits at most ``max_wait_s`` for more while it has fewer than
-``max_rows`` rows, runs the batch (onnxruntime releases the GIL and parallelises inside a
+every request waiting (up to ``max_rows`` rows), waits at most ``max_wait_s`` for more while
+it has fewer than ``fill_rows`` rows, runs the batch (onnxruntime releases the GIL and parallelises inside a
 run) and hands each request its result on its event loop. Forming the batch in the thread
 rather than on the event loop leaves no gap between runs under load (the next batch is
 whatever queued during the last one), and batches stay at one request when idle.
+
+``fill_rows`` below ``max_rows`` lets requests that are each a full batch still merge when they
+queue up (the costs paid once per batch are then shared), without making a lone one wait.
 """
 
 from __future__ import annotations
@@ -42,14 +45,17 @@ class MicroBatcher(Generic[T, R]):
     """Runs ``run(list of payloads) -> list of results`` (same order) on batches of queued requests.
 
     ``max_rows``: rows per batch (a single larger request runs alone); ``max_wait_s``: how long
-    a batch waits for company. A result that is an exception is raised to its own request
-    only; an exception from ``run`` goes to every request of that batch.
+    a batch with fewer than ``fill_rows`` rows (default ``max_rows``) waits for company. A result
+    that is an exception is raised to its own request only; an exception from ``run`` goes to
+    every request of that batch.
     """
 
-    def __init__(self, run: Callable[[Sequence[T]], list[R]], max_rows: int, max_wait_s: float) -> None:
+    def __init__(self, run: Callable[[Sequence[T]], list[R]], max_rows: int, max_wait_s: float,
+                 fill_rows: int | None = None) -> None:
         self._run = run
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
+        self.fill_rows = max_rows if fill_rows is None else min(fill_rows, max_rows)
         self._items: deque[_Item[T]] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -87,6 +93,8 @@ class MicroBatcher(Generic[T, R]):
                     batch.append(item)
                     rows += item.rows
                     continue
+                if rows >= self.fill_rows:
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -90,7 +90,8 @@ class GatewayConfig(BaseModel):
     ``provider``: ``auto`` (CUDA when usable, else CPU), ``cuda`` (refuse to start without it)
     or ``cpu``. ``max_batch``: rows one request may carry. ``microbatch_rows`` /
     ``microbatch_wait_ms``: adaptive batching across concurrent requests of a worker (a batch
-    runs when it has this many rows or its first request waited this long). ``monitoring``:
+    runs when it has this many rows or its first request waited this long; requests already
+    queued join it up to ``merge_rows``). ``monitoring``:
     concept heads and metrics on (off only for the overhead benchmark).
     """
 
@@ -149,6 +150,13 @@ class GatewayConfig(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise _first_error(exc, ENV) from exc
+
+    def merge_rows(self, row_bytes: int) -> int:
+        """Rows queued requests may merge into (at least ``microbatch_rows``): up to the largest request the
+        gateway accepts, by rows (``max_batch``) and by input bytes (``max_body_bytes`` over ``row_bytes``),
+        so that merging never builds a batch larger than one request may be (memory), while requests that
+        are each a full micro-batch (64-row ones) still share what a batch costs once."""
+        return max(self.microbatch_rows, min(self.max_batch, self.max_body_bytes // max(1, row_bytes)))
 
     def threads(self, workers: int, cores: int | None = None) -> int:
         """Intra-op threads for one worker: the setting, or the cores shared out among workers."""

@@ -134,8 +134,9 @@ class Gateway:
         # it off the event loop without growing a thread (and a malloc arena) per concurrent request
         self.io_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hansgate-io",
                                                                  initializer=name_os_thread, initargs=("hansgate-io",))
-        self.batcher: MicroBatcher[_Job, bytes | RequestError] = MicroBatcher(self._run_batch, cfg.microbatch_rows,
-                                                                    cfg.microbatch_wait_ms / 1000.0)
+        row_bytes = 4 * int(np.prod(self.manifest.input.shape))  # float32
+        self.batcher: MicroBatcher[_Job, bytes | RequestError] = MicroBatcher(
+            self._run_batch, cfg.merge_rows(row_bytes), cfg.microbatch_wait_ms / 1000.0, fill_rows=cfg.microbatch_rows)
         # one dry run so that the first request does not pay for onnxruntime's lazy set-up
         self.runtime.run(np.zeros((1, *self.manifest.input.shape), np.float32))
         self.ready = True

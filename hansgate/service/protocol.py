@@ -52,6 +52,11 @@ class _Settings:
     #: bytes a request's headers may take (h11's own default bound; httptools has none, so without it
     #: a client could stream headers into memory for the whole deadline)
     max_header_bytes: int = 16 * 1024
+    #: body bytes buffered before reading from the socket pauses (uvicorn's own limit is 64 KiB: a 200 KB
+    #: body paused and resumed the socket, two epoll changes, on every request). The gateway's routes read
+    #: the whole body at once anyway, bounded by ``HANSGATE_MAX_BODY_BYTES``, so this only decides
+    #: how much of it waits in the protocol rather than in the route's buffer.
+    body_high_water_bytes: int = 1024 * 1024
     on_refusal: Callable[[str], None] | None = None
 
 
@@ -182,6 +187,15 @@ try:
         def on_message_begin(self) -> None:
             self._message_header_bytes = 0
             super().on_message_begin()
+
+        def on_body(self, body: bytes) -> None:
+            """uvicorn's, with ``settings.body_high_water_bytes`` as the pause limit."""
+            if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
+                return
+            self.cycle.body += body
+            if len(self.cycle.body) > settings.body_high_water_bytes:
+                self.flow.pause_reading()
+            self.cycle.message_event.set()
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))

@@ -27,6 +27,43 @@ def test_joins_concurrent_requests_and_keeps_order():
     assert sum(seen) == 20 and max(seen) <= 8 and len(seen) < 10  # batched, never over the limit
 
 
+def test_full_requests_run_at_once_alone_and_merge_when_they_queue():
+    """fill_rows 4, max_rows 8, a 5 s wait: a lone 4-row request runs at once; 4-row requests queued
+    behind a running batch merge two by two."""
+    import threading
+    import time
+
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def run(payloads):
+        gate.wait(10)
+        seen.append(sum(len(p) for p in payloads))
+        return payloads
+
+    async def main():
+        b = MicroBatcher(run, max_rows=8, max_wait_s=5.0, fill_rows=4)
+        gate.set()
+        t0 = time.monotonic()
+        await b.submit([0] * 4, 4)
+        lone = time.monotonic() - t0
+        gate.clear()
+        first = asyncio.ensure_future(b.submit([1] * 4, 4))  # runs alone and blocks on the gate
+        while not seen and b._items:  # wait until the thread took it
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit([i] * 4, 4)) for i in range(2, 6)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        b.close()
+        return lone
+
+    lone = asyncio.run(main())
+    assert lone < 2.0  # no 5 s wait for company
+    assert seen == [4, 4, 8, 8]
+
+
 def test_error_reaches_only_its_batch():
     def run(payloads):
         if any(p == "bad" for p in payloads):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ast
 import os
 import threading
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hansgate.errors import ConfigError
 from hansgate.service.config import GatewayConfig, ServiceOptions, load_receipt_key
@@ -35,6 +38,22 @@ def test_threads_share_the_cores(tmp_path):
     assert cfg.threads(workers=2, cores=8) == 4
     assert cfg.threads(workers=4, cores=2) == 1
     assert GatewayConfig(bundle=tmp_path, ort_threads=3).threads(workers=2, cores=8) == 3
+
+
+@given(st.integers(1, 1024), st.integers(1, 4096), st.integers(1024, 2**30), st.integers(1, 2**24))
+def test_merged_batches_are_never_larger_than_the_largest_request_nor_smaller_than_a_micro_batch(
+        fill, max_batch, max_body, row_bytes):
+    cfg = GatewayConfig(bundle=Path("b"), microbatch_rows=fill, max_batch=max_batch, max_body_bytes=max_body)
+    rows = cfg.merge_rows(row_bytes)
+    assert rows >= fill
+    assert rows == fill or (rows <= max_batch and rows * row_bytes <= max_body)
+
+
+def test_merged_batches_by_model_size():
+    """Defaults: digits (28 x 28 grey) merge four 64-row requests; 224 px RGB stays at 64 rows (16 MiB bodies)."""
+    cfg = GatewayConfig(bundle=Path("b"))
+    assert cfg.merge_rows(4 * 28 * 28) == 256
+    assert cfg.merge_rows(4 * 3 * 224 * 224) == 64
 
 
 def test_receipt_key_shared_by_concurrent_workers(tmp_path):

@@ -8,7 +8,8 @@ from hansgate import service
 def test_all_is_public_and_importable():
     public = {n for n in dir(service) if not n.startswith("_")}
     modules = {"app", "batching", "config", "errors", "gateway", "inputs", "metrics", "receipts", "runtime", "schemas",
-               "limits", "multiproc", "protocol", "fairness", "fairness_metrics", "threads", "allocator"}
+               "limits", "multiproc", "protocol", "fairness", "fairness_metrics", "threads", "allocator",
+               "accepts"}
     assert set(service.__all__) == public - modules
     for name in service.__all__:
         assert getattr(service, name) is not None
