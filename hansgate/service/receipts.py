@@ -3,10 +3,16 @@
 Feedback must know what was predicted, and it may reach another worker or replica than
 the prediction did. Each prediction therefore returns a **receipt**::
 
-    v1.<base64url(payload)>.<base64url(HMAC-SHA256(key, "v1." + base64url(payload)))>
+    v2.<base64url(payload)>.<base64url(BLAKE2b-240(key=K, "v2." + base64url(payload)))>
     payload = {"r": request id, "c": predicted class index, "m": model sha256,
                "s": concept signs of the predicted class ("+"/"-" per concept), "t": issued (unix s),
                "a": subgroup attributes sent with the prediction, "name=value,..." (only when there are any)}
+              followed by spaces, to a multiple of 3 bytes (the rows of one request to a common length)
+
+BLAKE2b's keyed mode is a MAC (RFC 7693); ``K`` is derived from the receipt key. Payloads a whole
+number of base64 groups long (and of one length within a request) and 30-byte tags let the receipts
+of a request's rows be encoded by one encoder call each, instead of three calls per row. Receipts ``v1`` (HMAC-SHA256, 32 bytes, unpadded
+payload), issued before this format, still verify until they expire.
 
 Any gateway holding the key verifies it without shared state. Feedback rules, in order:
 
@@ -53,17 +59,13 @@ from hansgate.errors import RequestError
 
 __all__ = ["Receipt", "ReceiptSigner", "PredictionStore"]
 
-_VERSION = "v1"
+_TAG_BYTES = 30  # 240 bits; a multiple of 3: 40 base64 characters, no padding
 #: how far in the future a receipt's issue time may lie (clock differences between replicas)
 MAX_CLOCK_SKEW_S = 300.0
 _PLAIN_ID = re.compile(r"[0-9a-zA-Z_-]+")  # ids the gateway mints: JSON needs no escaping for them
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
-
-
-def _b64(data: bytes) -> str:
-    return _b64_bytes(data).decode()
 
 
 def _b64_bytes(data: bytes) -> bytes:
@@ -101,9 +103,18 @@ class ReceiptSigner:
         self.ttl_s = ttl_s
         self.n_classes = n_classes
         self.n_concepts = n_concepts
-        self._hmac = hmac.new(key, digestmod=hashlib.sha256)
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # v1 receipts
+        # keyed once: a copy per tag skips hashing the key block again
+        self._blake = hashlib.blake2b(key=hashlib.blake2b(key, digest_size=64, person=b"hansgate-rcpt-v2").digest(),
+                                      digest_size=_TAG_BYTES)
 
     def _mac(self, message: bytes) -> bytes:
+        """The v2 tag of ``message``."""
+        h = self._blake.copy()
+        h.update(message)
+        return h.digest()
+
+    def _mac_v1(self, message: bytes) -> bytes:
         h = self._hmac.copy()  # the keyed state is computed once; copying it is cheaper than hmac.new
         h.update(message)
         return h.digest()
@@ -115,13 +126,13 @@ class ReceiptSigner:
         payload = (f'{{"r":{quoted},"c":{int(r.class_index)},"m":"{r.model_sha256}",'
                    f'"s":"{r.concept_signs}","t":{round(r.issued_at, 3)!r}'
                    + (f',"a":{json.dumps(r.attributes)}}}' if r.attributes else "}")).encode()
-        head = f"{_VERSION}.{_b64(payload)}"
-        return f"{head}.{_b64(self._mac(head.encode()))}"
+        head = b"v2." + _b64_bytes(payload.ljust(-(-len(payload) // 3) * 3))
+        return (head + b"." + _b64_bytes(self._mac(head))).decode()
 
     def sign_rows(self, request_id: str, classes: list[int], signs: list[str], issued_at: float,
                   attributes: list[str] | None = None) -> list[str]:
-        """``sign`` for rows ``0..n-1`` of one request (ids ``request_id-j``), the shared parts built once:
-        the same tokens, byte for byte, for a fraction of the per-row cost."""
+        """``sign`` for rows ``0..n-1`` of one request (ids ``request_id-j``): the shared parts built once,
+        the payloads padded to one length, every row's payload and tag encoded together."""
         if not _PLAIN_ID.fullmatch(request_id):
             return [self.sign(Receipt(f"{request_id}-{j}", c, self.model_sha256, s, issued_at,
                                       attributes[j] if attributes else ""))
@@ -129,29 +140,35 @@ class ReceiptSigner:
         head = f'{{"r":"{request_id}-'
         model = f',"m":"{self.model_sha256}","s":"'
         tail = f'","t":{round(issued_at, 3)!r}'
-        # the C object under hmac.HMAC when OpenSSL provides it: its copy/update/digest skip a Python layer
-        mac = getattr(self._hmac, "_hmac", self._hmac).copy
-        out = []
-        for j, (c, s) in enumerate(zip(classes, signs)):
-            a = attributes[j] if attributes else ""
-            rest = f',"a":{json.dumps(a)}}}' if a else "}"
-            token = b"v1." + _b64_bytes(f'{head}{j}","c":{int(c)}{model}{s}{tail}{rest}'.encode())
-            h = mac()
-            h.update(token)
-            out.append((token + b"." + _b64_bytes(h.digest())).decode())
-        return out
+        rests = [f',"a":{json.dumps(a)}}}' if a else "}" for a in attributes] if attributes else ["}"] * len(classes)
+        payloads = [f'{head}{j}","c":{c}{model}{s}{tail}{rest}'
+                    for j, c, s, rest in zip(range(len(classes)), classes, signs, rests)]  # ASCII: plain id, JSON
+        width = -(-max(map(len, payloads)) // 3) * 3
+        text = binascii.b2a_base64("".join([p.ljust(width) for p in payloads]).encode(),
+                                   newline=False).translate(_URLSAFE)
+        step = width // 3 * 4
+        heads = [b"v2." + text[i:i + step] for i in range(0, len(text), step)]
+        copy, tags = self._blake.copy, []
+        for h in heads:
+            m = copy()
+            m.update(h)
+            tags.append(m.digest())
+        encoded = binascii.b2a_base64(b"".join(tags), newline=False).translate(_URLSAFE)
+        step = _TAG_BYTES // 3 * 4
+        return [(h + b"." + encoded[i:i + step]).decode() for h, i in zip(heads, range(0, len(encoded), step))]
 
     def verify(self, token: str, now: float | None = None) -> Receipt:
         """The receipt's content, or a ``RequestError`` (forged, wrong model, expired)."""
         parts = token.split(".")
-        if len(parts) != 3 or parts[0] != _VERSION:
+        if len(parts) != 3 or parts[0] not in ("v1", "v2"):
             raise RequestError("receipt is malformed", "forged_receipt")
-        head = f"{parts[0]}.{parts[1]}"
+        head = f"{parts[0]}.{parts[1]}".encode()
         try:
             sig = _unb64(parts[2])
         except (ValueError, TypeError):
             raise RequestError("receipt is malformed", "forged_receipt") from None
-        if not hmac.compare_digest(sig, self._mac(head.encode())):
+        expected = self._mac(head) if parts[0] == "v2" else self._mac_v1(head)
+        if not hmac.compare_digest(sig, expected):
             raise RequestError("receipt signature does not verify", "forged_receipt")
         try:
             p = json.loads(_unb64(parts[1]))

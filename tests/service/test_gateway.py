@@ -41,12 +41,12 @@ def reference(gw, job: _Job, logits, scores, sens) -> dict:
                       "probabilities": probs[j].tolist(),
                       "concept_scores": {c: scores[j, m] for m, c in enumerate(concepts)} if scores is not None
                       else {},
-                      "receipt": gw.signer.sign(Receipt(f"{job.request_id}-{j}", k, gw.model_sha256, signs, T,
-                                                        attrs))})
+                      "receipt": Receipt(f"{job.request_id}-{j}", k, gw.model_sha256, signs, round(T, 3), attrs)})
     return {"request_id": job.request_id, "model_sha256": gw.model_sha256, "predictions": preds}
 
 
-def assert_same_reply(raw: bytes, expected: dict) -> None:
+def assert_same_reply(raw: bytes, expected: dict, signer) -> None:
+    """The reply equals the reference; each receipt verifies to the reference's receipt."""
     got = json.loads(raw)
     assert list(got) == list(expected)
     assert (got["request_id"], got["model_sha256"]) == (expected["request_id"], expected["model_sha256"])
@@ -57,8 +57,9 @@ def assert_same_reply(raw: bytes, expected: dict) -> None:
         assert list(g["concept_scores"]) == list(e["concept_scores"])
         for name, v in e["concept_scores"].items():
             assert np.float32(g["concept_scores"][name]) == v  # float32 written as float32
-        assert {k: g[k] for k in ("request_id", "class_index", "class", "receipt")} == \
-            {k: e[k] for k in ("request_id", "class_index", "class", "receipt")}
+        assert {k: g[k] for k in ("request_id", "class_index", "class")} == \
+            {k: e[k] for k in ("request_id", "class_index", "class")}
+        assert signer.verify(g["receipt"], now=T + 1) == e["receipt"]
 
 
 def run_recorded(gw, jobs, monkeypatch, poison_rows=()):
@@ -98,7 +99,7 @@ def test_replies_match_a_reference_built_from_dicts(request, gateway_factory, bu
         start += len(job.x)
         sens = out.concept_sensitivity[rows] if out.concept_sensitivity is not None else None
         scores = out.concept_scores[rows] if out.concept_scores is not None else None
-        assert_same_reply(raw, reference(gw, job, out.logits[rows], scores, sens))
+        assert_same_reply(raw, reference(gw, job, out.logits[rows], scores, sens), gw.signer)
     # every row is in the store, with the receipt's class and signs, and counted once
     for job, raw in zip(jobs, replies):
         for p in json.loads(raw)["predictions"]:
@@ -118,9 +119,9 @@ def test_attributes_and_non_finite_rows_in_one_batch(gateway_factory, concept_bu
     replies, out = run_recorded(gw, jobs, monkeypatch, poison_rows=[6])  # a row of the third request
     assert isinstance(replies[2], RequestError) and replies[2].reason == "non_finite_output"
     assert_same_reply(replies[0], reference(gw, jobs[0], out.logits[:2], out.concept_scores[:2],
-                                            out.concept_sensitivity[:2]))
+                                            out.concept_sensitivity[:2]), gw.signer)
     assert_same_reply(replies[1], reference(gw, jobs[1], out.logits[2:5], out.concept_scores[2:5],
-                                            out.concept_sensitivity[2:5]))
+                                            out.concept_sensitivity[2:5]), gw.signer)
     receipt = json.loads(replies[1])["predictions"][1]["receipt"]
     assert gw.signer.verify(receipt, now=T + 1).attributes == "site=B,stroke=thin"
     counted = sum(gw.metrics.registry.get_sample_value("hansgate_predictions_total", {"class": c})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +12,7 @@ from hansgate.errors import RequestError
 from hansgate.service.receipts import PredictionStore, Receipt, ReceiptSigner
 
 SHA = "a" * 64
+_PLAIN = re.compile(r"[0-9a-zA-Z_-]+")
 
 
 def reason(fn, *args, **kw):
@@ -60,14 +63,32 @@ def test_store_lookup_claim_and_bounds(tmp_path):
     other.close()
 
 
-def _signed_payload(s: ReceiptSigner, payload: dict) -> str:
-    """A token over an arbitrary payload with the signer's key (what a leaked key allows)."""
+def _b64(data: bytes) -> str:
     import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _signed_payload(s: ReceiptSigner, payload: dict, version: str = "v2") -> str:
+    """A token over an arbitrary payload with the signer's key (what a leaked key allows); ``v1``: the
+    format before this one (HMAC-SHA256, unpadded)."""
     import json
 
-    body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
-    head = f"v1.{body}"
-    return f"{head}.{base64.urlsafe_b64encode(s._mac(head.encode())).rstrip(b'=').decode()}"
+    head = f"{version}.{_b64(json.dumps(payload).encode())}"
+    tag = s._mac(head.encode()) if version == "v2" else s._mac_v1(head.encode())
+    return f"{head}.{_b64(tag)}"
+
+
+def test_receipts_issued_in_the_v1_format_still_verify_until_they_expire():
+    s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60, n_classes=3, n_concepts=2)
+    token = _signed_payload(s, {"r": "abc-0", "c": 2, "m": SHA, "s": "+-", "t": 1000.0}, version="v1")
+    assert s.verify(token, now=1001.0).class_index == 2
+    assert reason(s.verify, token, now=1061.0) == "expired"
+    head, payload, tag = token.split(".")
+    assert reason(s.verify, f"v2.{payload}.{tag}", now=1001.0) == "forged_receipt"  # a v1 tag is no v2 tag
+    v2 = s.sign(Receipt("abc-0", 2, SHA, "+-", 1000.0))
+    assert reason(s.verify, "v1." + v2.split(".", 1)[1], now=1001.0) == "forged_receipt"
+    assert reason(s.verify, v2[:-4], now=1001.0) == "forged_receipt"  # a shortened tag
 
 
 @pytest.mark.parametrize("field, value", [
@@ -91,8 +112,10 @@ def test_sign_writes_the_same_payload_as_json_dumps():
     s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60)
     for rid, t in [('we"ird\\id', 1700000000.1234567), ("r", 5.0)]:
         token = s.sign(Receipt(rid, 1, SHA, "+-", t))
-        raw = base64.urlsafe_b64decode(token.split(".")[1] + "==")
-        assert raw == json.dumps({"r": rid, "c": 1, "m": SHA, "s": "+-", "t": round(t, 3)},
+        assert "=" not in token and token.startswith("v2.") and len(token.split(".")[2]) == 40
+        raw = base64.urlsafe_b64decode(token.split(".")[1])
+        assert len(raw) % 3 == 0 and len(raw) - len(raw.rstrip(b" ")) <= 2  # padded with at most two spaces
+        assert raw.rstrip(b" ") == json.dumps({"r": rid, "c": 1, "m": SHA, "s": "+-", "t": round(t, 3)},
                                  separators=(",", ":")).encode()
 
 
@@ -101,14 +124,16 @@ def test_sign_writes_the_same_payload_as_json_dumps():
                           st.sampled_from(["", "site=A", "site=B,stroke=thin"])), min_size=1, max_size=5),
        st.floats(1e9, 2e9))
 def test_sign_rows_equals_sign_per_row(rid, rows, t):
-    """The batch path writes the very tokens ``sign`` writes for ids ``rid-j`` (and they verify)."""
+    """The batch path signs what ``sign`` signs for ids ``rid-j``: every token verifies to that receipt."""
     s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60, n_classes=10, n_concepts=2)
     classes, signs, attrs = (list(c) for c in zip(*rows))
     tokens = s.sign_rows(rid, classes, signs, t, attrs if any(attrs) else None)
-    expected = [s.sign(Receipt(f"{rid}-{j}", c, SHA, g, t, a if any(attrs) else ""))
+    expected = [Receipt(f"{rid}-{j}", c, SHA, g, round(t, 3), a if any(attrs) else "")
                 for j, (c, g, a) in enumerate(rows)]
-    assert tokens == expected
-    assert s.verify(tokens[-1], now=t + 1).class_index == classes[-1]
+    assert [s.verify(token, now=t + 1) for token in tokens] == expected
+    assert len({len(token) for token in tokens}) == 1 or not _PLAIN.fullmatch(rid)  # one padded length a request
+    if len(rows) == 1:
+        assert tokens == [s.sign(expected[0])]
 
 
 @settings(max_examples=40, deadline=None)
