@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 
     from hansgate.bundle import load_bundle
+    from hansgate.service.config import GatewayConfig
 
     work = Path(tempfile.mkdtemp(prefix="hansgate-bench-"))
     demo = args.demo_dir
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"workers": args.workers, "seconds": args.seconds, "rounds": args.rounds,
                    "connections": args.connections, "load_generator": "wrk -t1 (keep-alive), .npy bodies",
                    "onnxruntime_threads_per_process": 1, "gateway_microbatch_rows": 64,
+                   # queued requests merge up to this many rows (GatewayConfig.merge_rows, defaults)
+                   "gateway_merge_rows": GatewayConfig(bundle=demo / "bundle").merge_rows(
+                       4 * int(np.prod(bundle.manifest.input.shape))),
                    # uvicorn's HTTP/1.1 parser in all three servers: httptools (C) when installed, else h11
                    "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
                    # bare runs onnxruntime's default session (memory patterns on); the gateway turns them off
