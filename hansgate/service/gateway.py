@@ -215,8 +215,9 @@ class Gateway:
             b = a + len(job.x)
             rid = job.request_id
             classes = pred_list[a:b]
-            row_signs = [signs[i:i + m] for i in range(a * m, b * m, m)] if m > 1 else \
-                list(signs[a:b]) if m == 1 else [""] * (b - a)
+            # no signs where the graph computed no sensitivities (monitoring off, or no concepts)
+            row_signs = [""] * (b - a) if not signs else list(signs[a:b]) if m == 1 else \
+                [signs[i:i + m] for i in range(a * m, b * m, m)]
             store_rows.append((rid, classes, row_signs, now))
             attrs = [",".join(f"{k}={v}" for k, v in sorted(r.items())) for r in row_attrs[a:b]] \
                 if row_attrs else None

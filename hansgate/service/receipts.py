@@ -20,9 +20,9 @@ Any gateway holding the key verifies it without shared state. Feedback rules, in
 * a receipt for another model (``m`` differs from the served bundle) -> 409 ``wrong_model``;
 * a receipt older than ``receipt_ttl_s`` -> 410 ``expired``;
 * a verified receipt whose fields do not fit the model (class index outside ``[0, K)``,
-  concept signs not one ``+``/``-`` per concept, an issue time that is not finite or lies
-  more than ``MAX_CLOCK_SKEW_S`` in the future, a request id that is empty or over 128
-  characters) -> 403 ``forged_receipt``: only a leaked key produces one, and a future or NaN
+  concept signs neither one ``+``/``-`` per concept nor empty (not computed: monitoring off),
+  an issue time that is not finite or lies more than ``MAX_CLOCK_SKEW_S`` in the future, a
+  request id that is empty or over 128 characters) -> 403 ``forged_receipt``: only a leaked key produces one, and a future or NaN
   time would otherwise never expire;
 * only a ``request_id``: looked up in the store of recent predictions of this machine
   (shared by its workers); not there (never issued here, evicted, or older than the TTL)
@@ -133,6 +133,8 @@ class ReceiptSigner:
                   attributes: list[str] | None = None) -> list[str]:
         """``sign`` for rows ``0..n-1`` of one request (ids ``request_id-j``): the shared parts built once,
         the payloads padded to one length, every row's payload and tag encoded together."""
+        if not classes:
+            return []
         if not _PLAIN_ID.fullmatch(request_id):
             return [self.sign(Receipt(f"{request_id}-{j}", c, self.model_sha256, s, issued_at,
                                       attributes[j] if attributes else ""))
@@ -198,7 +200,7 @@ class ReceiptSigner:
         if not isinstance(sha, str):
             raise bad("model hash")
         if not isinstance(signs, str) or set(signs) - {"+", "-"} or \
-                (self.n_concepts is not None and len(signs) != self.n_concepts):
+                (self.n_concepts is not None and len(signs) not in (0, self.n_concepts)):
             raise bad("concept signs")
         if type(issued) not in (int, float) or not math.isfinite(issued):  # type: ignore[arg-type]
             raise bad("issue time")

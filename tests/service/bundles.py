@@ -35,7 +35,7 @@ class TinyConceptNet(nn.Module):
     differences through the head, as the bundle contract allows).
     """
 
-    def __init__(self, seed: int, concepts: bool, eps: float = 1e-2) -> None:
+    def __init__(self, seed: int, concepts: bool, eps: float = 1e-2, n_concepts: int = len(CONCEPTS)) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.conv = nn.Conv2d(1, 6, 3, padding=1)
@@ -43,7 +43,7 @@ class TinyConceptNet(nn.Module):
         for p in self.parameters():
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.8)
-        v = torch.randn(len(CONCEPTS), 6, generator=g)
+        v = torch.randn(n_concepts, 6, generator=g)
         self.register_buffer("cavs", v / v.norm(dim=1, keepdim=True))
         self.register_buffer("mean", torch.full((6,), 0.3))
         self.concepts = concepts
@@ -64,16 +64,17 @@ class TinyConceptNet(nn.Module):
         return logits, scores, (plus - minus) / (2 * self.eps)
 
 
-def make_bundle(out: Path, concepts: bool = True, seed: int = 0, calibration: CalibrationSpec | None = None) -> Bundle:
+def make_bundle(out: Path, concepts: bool = True, seed: int = 0, calibration: CalibrationSpec | None = None,
+                concept_names: list[str] = CONCEPTS) -> Bundle:
     torch.manual_seed(seed)
-    model = TinyConceptNet(seed, concepts).eval()
+    model = TinyConceptNet(seed, concepts, n_concepts=len(concept_names)).eval()
     x_check = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(seed + 1))
     names = ["logits", "concept_scores", "concept_sensitivity"] if concepts else ["logits"]
     onnx_bytes, diff = export_checked(model, x_check, names)
-    k, m = len(CLASSES), len(CONCEPTS)
+    k, m = len(CLASSES), len(concept_names)
     shapes = {"logits": [None, k], "concept_scores": [None, m], "concept_sensitivity": [None, m, k]}
     specs = [ConceptSpec(name=c, layer="conv", cav_kind="signal", baseline_tcav={cls: 0.5 for cls in CLASSES},
-                         presence_threshold=0.0) for c in CONCEPTS] if concepts else []
+                         presence_threshold=0.0) for c in concept_names] if concepts else []
     manifest = Manifest(
         hansgate_version=hansgate.__version__, classes=CLASSES,
         input=InputSpec(channels=1, height=8, width=8, mean=[0.5], std=[0.25], color_mode="L"),

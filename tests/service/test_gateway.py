@@ -129,3 +129,23 @@ def test_attributes_and_non_finite_rows_in_one_batch(gateway_factory, concept_bu
     assert counted == 5
     with pytest.raises(RequestError):
         gw.store.lookup(f"{jobs[2].request_id}-0", gw.model_sha256, now=T + 1)
+
+
+@pytest.mark.parametrize("concepts", [["stamp"], ["stripes", "stamp"]])
+@pytest.mark.parametrize("monitoring", [True, False])
+def test_every_row_is_answered_with_a_receipt_that_verifies(gateway_factory, tmp_path, concepts, monitoring):
+    """With one concept and monitoring off the signs string is empty: rows were sliced out of it, so every reply
+    had no predictions at all (and, once receipts were padded, the batch failed)."""
+    from tests.service.bundles import make_bundle
+
+    gw = gateway_factory(make_bundle(tmp_path / "b", concept_names=concepts).path, monitoring=monitoring)
+    jobs = jobs_of([1, 3])
+    replies = gw._run_batch(jobs)
+    for job, raw in zip(jobs, replies):
+        predictions = json.loads(raw)["predictions"]
+        assert [p["request_id"] for p in predictions] == [f"{job.request_id}-{j}" for j in range(len(job.x))]
+        for p in predictions:
+            receipt = gw.signer.verify(p["receipt"])
+            assert receipt.class_index == p["class_index"]
+            assert len(receipt.concept_signs) == (len(concepts) if monitoring else 0)
+            assert gw.store.lookup(p["request_id"], gw.model_sha256).concept_signs == receipt.concept_signs

@@ -26,3 +26,56 @@ def test_install_serves_with_the_guarded_protocol(monkeypatch):
     except ImportError:
         pytest.skip("httptools is not installed: h11's protocol is the only one")
     assert chosen is protocol.GuardedHttpToolsProtocol
+
+
+@pytest.mark.skipif(protocol.GuardedHttpToolsProtocol is None, reason="httptools is not installed")
+def test_bodies_under_the_high_water_mark_never_pause_the_socket(monkeypatch):
+    """uvicorn paused reading at 64 KiB of buffered body (a 200 KB body: two epoll changes per request); the
+    gateway's protocol pauses only past ``body_high_water_bytes``, and bodies arrive whole either way."""
+    import asyncio
+    import hashlib
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    pauses: list[int] = []
+    original = FlowControl.pause_reading
+    monkeypatch.setattr(FlowControl, "pause_reading", lambda self: (pauses.append(1), original(self))[1])
+    monkeypatch.setattr(protocol.settings, "body_high_water_bytes", 1024 * 1024)
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(0.2)  # the body buffers in the protocol meanwhile
+        digest, more = hashlib.sha256(), True
+        while more:
+            message = await receive()
+            digest.update(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": digest.hexdigest().encode()})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol.GuardedHttpToolsProtocol,
+                                           lifespan="off", log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            small = bytes(range(256)) * 800  # 200 KB
+            for _ in range(5):
+                assert client.post("/", content=small).text == hashlib.sha256(small).hexdigest()
+            assert pauses == []  # uvicorn's own mark paused each of these
+            large = bytes(range(256)) * 16 * 1024  # 4 MiB: past the mark, the socket pauses as before
+            assert client.post("/", content=large).text == hashlib.sha256(large).hexdigest()
+            assert pauses
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
