@@ -19,6 +19,29 @@ def free_port() -> int:
 
 
 @contextmanager
+def serving_app(app, http) -> Iterator[int]:
+    """The port on which uvicorn serves a plain ASGI ``app`` with the protocol class ``http`` until the block
+    ends (bounded start and stop)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http, lifespan="off",
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@contextmanager
 def serving(gw, options=None, http=None) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` serving ``gw`` until the block ends (bounded start and stop); ``http``: the
     protocol class (default: the one the gateway serves with, ``protocol.guarded_protocol()``)."""

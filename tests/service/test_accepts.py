@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 
 from hansgate.service import accepts
 from hansgate.service.accepts import pause_s, spread_accepts
+from tests.service.live import serving_app
 
 
 @pytest.fixture(autouse=True)
@@ -160,36 +160,20 @@ def test_closing_the_server_during_a_pause_does_not_watch_the_closed_socket_agai
 
 def test_the_gateway_protocol_reports_the_connections_it_holds():
     """``held`` follows the guarded HTTP protocol's connections: three open, then none."""
-    import uvicorn
-
     from hansgate.service import protocol
 
     async def app(scope, receive, send):  # pragma: no cover - no request is sent
         raise AssertionError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol.guarded_protocol(),
-                                           lifespan="off", log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+    def wait_for(n: int) -> int:
+        end = time.monotonic() + 10
+        while accepts.held() != n and time.monotonic() < end:
+            time.sleep(0.01)
+        return accepts.held()
 
-        def wait_for(n: int) -> int:
-            end = time.monotonic() + 10
-            while accepts.held() != n and time.monotonic() < end:
-                time.sleep(0.01)
-            return accepts.held()
-
+    with serving_app(app, protocol.guarded_protocol()) as port:
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         assert wait_for(3) == 3
         for c in clients:
             c.close()
         assert wait_for(0) == 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)

@@ -34,13 +34,11 @@ def test_bodies_under_the_high_water_mark_never_pause_the_socket(monkeypatch):
     gateway's protocol pauses only past ``body_high_water_bytes``, and bodies arrive whole either way."""
     import asyncio
     import hashlib
-    import socket
-    import threading
-    import time
 
     import httpx
-    import uvicorn
     from uvicorn.protocols.http.flow_control import FlowControl
+
+    from tests.service.live import serving_app
 
     pauses: list[int] = []
     original = FlowControl.pause_reading
@@ -57,17 +55,7 @@ def test_bodies_under_the_high_water_mark_never_pause_the_socket(monkeypatch):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": digest.hexdigest().encode()})
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol.GuardedHttpToolsProtocol,
-                                           lifespan="off", log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with serving_app(app, protocol.GuardedHttpToolsProtocol) as port:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             small = bytes(range(256)) * 800  # 200 KB
             for _ in range(5):
@@ -76,6 +64,3 @@ def test_bodies_under_the_high_water_mark_never_pause_the_socket(monkeypatch):
             large = bytes(range(256)) * 16 * 1024  # 4 MiB: past the mark, the socket pauses as before
             assert client.post("/", content=large).text == hashlib.sha256(large).hexdigest()
             assert pauses
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
