@@ -7,8 +7,8 @@ the valid ones here.
 
 One inference thread per worker forms each batch at the moment it becomes free: it takes
 every request waiting (up to ``max_rows`` rows), waits at most ``max_wait_s`` for more while
-it has fewer than ``fill_rows`` rows, runs the batch (onnxruntime releases the GIL and parallelises inside a
-run) and hands each request its result on its event loop. Forming the batch in the thread
+it has fewer than ``fill_rows`` rows, runs the batch (onnxruntime releases the GIL and
+parallelises inside a run) and hands each request its result on its event loop. Forming the batch in the thread
 rather than on the event loop leaves no gap between runs under load (the next batch is
 whatever queued during the last one), and batches stay at one request when idle.
 

@@ -10,9 +10,10 @@ the prediction did. Each prediction therefore returns a **receipt**::
               followed by spaces, to a multiple of 3 bytes (the rows of one request to a common length)
 
 BLAKE2b's keyed mode is a MAC (RFC 7693); ``K`` is derived from the receipt key. Payloads a whole
-number of base64 groups long (and of one length within a request) and 30-byte tags let the receipts
-of a request's rows be encoded by one encoder call each, instead of three calls per row. Receipts ``v1`` (HMAC-SHA256, 32 bytes, unpadded
-payload), issued before this format, still verify until they expire.
+number of base64 groups long (and of one length within a request) and 30-byte tags let the
+receipts of a request's rows be encoded by one encoder call each, instead of three calls per
+row. Receipts ``v1`` (HMAC-SHA256, 32 bytes, unpadded payload), issued before this format,
+still verify until they expire.
 
 Any gateway holding the key verifies it without shared state. Feedback rules, in order:
 
@@ -22,8 +23,8 @@ Any gateway holding the key verifies it without shared state. Feedback rules, in
 * a verified receipt whose fields do not fit the model (class index outside ``[0, K)``,
   concept signs neither one ``+``/``-`` per concept nor empty (not computed: monitoring off),
   an issue time that is not finite or lies more than ``MAX_CLOCK_SKEW_S`` in the future, a
-  request id that is empty or over 128 characters) -> 403 ``forged_receipt``: only a leaked key produces one, and a future or NaN
-  time would otherwise never expire;
+  request id that is empty or over 128 characters) -> 403 ``forged_receipt``: only a leaked
+  key produces one, and a future or NaN time would otherwise never expire;
 * only a ``request_id``: looked up in the store of recent predictions of this machine
   (shared by its workers); not there (never issued here, evicted, or older than the TTL)
   -> 404 ``unknown_request``;
