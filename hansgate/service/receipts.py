@@ -3,22 +3,26 @@
 Feedback must know what was predicted, and it may reach another worker or replica than
 the prediction did. Each prediction therefore returns a **receipt**::
 
-    v2.<base64url(payload)>.<base64url(BLAKE2b-240(key=K, "v2." + base64url(payload)))>
-    payload = {"r": request id, "c": predicted class index, "m": model sha256,
+    v2.<base64url(payload)>.<base64url(BLAKE2b-240(key=K(receipt key, model sha256), payload))>
+    payload = {"r": request id, "c": predicted class index, "m": the model sha256's first 16 hex digits,
                "s": concept signs of the predicted class ("+"/"-" per concept), "t": issued (unix s),
                "a": subgroup attributes sent with the prediction, "name=value,..." (only when there are any)}
               followed by spaces, to a multiple of 3 bytes (the rows of one request to a common length)
 
-BLAKE2b's keyed mode is a MAC (RFC 7693); ``K`` is derived from the receipt key. Payloads a whole
-number of base64 groups long (and of one length within a request) and 30-byte tags let the
-receipts of a request's rows be encoded by one encoder call each, instead of three calls per
-row. Receipts ``v1`` (HMAC-SHA256, 32 bytes, unpadded payload), issued before this format,
-still verify until they expire.
+BLAKE2b's keyed mode is a MAC (RFC 7693). Its key ``K`` is derived from the receipt key and the
+model's full sha256, so a receipt vouches for the whole hash while carrying 16 digits of it (a
+payload under one 128-byte block: one compression per tag). Payloads a whole number of base64
+groups long (and of one length within a request) and 30-byte tags let the receipts of a request's
+rows be encoded by one encoder call each, instead of three calls per row. Receipts ``v1``
+(HMAC-SHA256 over ``"v1." + base64url(payload)``, the full hash in ``m``), issued before this
+format, still verify until they expire.
 
 Any gateway holding the key verifies it without shared state. Feedback rules, in order:
 
 * a receipt whose signature does not verify -> 403 ``forged_receipt``;
-* a receipt for another model (``m`` differs from the served bundle) -> 409 ``wrong_model``;
+* a receipt for another model (``m`` differs from the served bundle) -> 409 ``wrong_model``
+  (a v2 receipt of another model does not verify with this model's key: one whose ``m`` names
+  another model gets 409, not 403; neither is counted);
 * a receipt older than ``receipt_ttl_s`` -> 410 ``expired``;
 * a verified receipt whose fields do not fit the model (class index outside ``[0, K)``,
   concept signs neither one ``+``/``-`` per concept nor empty (not computed: monitoring off),
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -54,6 +59,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from hansgate.errors import RequestError
@@ -61,6 +67,7 @@ from hansgate.errors import RequestError
 __all__ = ["Receipt", "ReceiptSigner", "PredictionStore"]
 
 _TAG_BYTES = 30  # 240 bits; a multiple of 3: 40 base64 characters, no padding
+_MODEL_DIGITS = 16  # of the model's sha256 in a v2 payload (the tag's key covers all of it)
 #: how far in the future a receipt's issue time may lie (clock differences between replicas)
 MAX_CLOCK_SKEW_S = 300.0
 _PLAIN_ID = re.compile(r"[0-9a-zA-Z_-]+")  # ids the gateway mints: JSON needs no escaping for them
@@ -72,6 +79,16 @@ _URLSAFE = bytes.maketrans(b"+/", b"-_")
 def _b64_bytes(data: bytes) -> bytes:
     """base64url without padding (what ``base64.urlsafe_b64encode(...).rstrip(b"=")`` gives), in one C call each."""
     return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
+
+
+def _named_model(payload: bytes) -> str | None:
+    """The ``m`` an unverified payload names (``None`` when it names none): only to tell another model's
+    receipts from forgeries in the answer."""
+    try:
+        named = json.loads(payload).get("m")
+    except (ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) else None
 
 
 def _unb64(text: str) -> bytes:
@@ -105,14 +122,17 @@ class ReceiptSigner:
         self.n_classes = n_classes
         self.n_concepts = n_concepts
         self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # v1 receipts
-        # keyed once: a copy per tag skips hashing the key block again
-        self._blake = hashlib.blake2b(key=hashlib.blake2b(key, digest_size=64, person=b"hansgate-rcpt-v2").digest(),
-                                      digest_size=_TAG_BYTES)
+        self._blake = self._keyed(model_sha256)
 
-    def _mac(self, message: bytes) -> bytes:
-        """The v2 tag of ``message``."""
-        h = self._blake.copy()
-        h.update(message)
+    def _keyed(self, model_sha256: str) -> Any:
+        """BLAKE2b keyed with ``K(receipt key, model)``, once: a copy per tag skips the key block."""
+        k = hashlib.blake2b(self._key + b"\0" + model_sha256.encode(), digest_size=64, person=b"hansgate-rcpt-v2")
+        return hashlib.blake2b(key=k.digest(), digest_size=_TAG_BYTES)
+
+    def _mac(self, payload: bytes, model_sha256: str | None = None) -> bytes:
+        """The v2 tag of ``payload`` (padded) for this model, or for ``model_sha256``."""
+        h = (self._blake if model_sha256 in (None, self.model_sha256) else self._keyed(model_sha256)).copy()
+        h.update(payload)
         return h.digest()
 
     def _mac_v1(self, message: bytes) -> bytes:
@@ -124,11 +144,11 @@ class ReceiptSigner:
         # the same bytes json.dumps(separators=(",", ":")) writes; built directly on the hot path
         rid = r.request_id
         quoted = f'"{rid}"' if rid.isascii() and rid.isalnum() or _PLAIN_ID.fullmatch(rid) else json.dumps(rid)
-        payload = (f'{{"r":{quoted},"c":{int(r.class_index)},"m":"{r.model_sha256}",'
+        payload = (f'{{"r":{quoted},"c":{int(r.class_index)},"m":"{r.model_sha256[:_MODEL_DIGITS]}",'
                    f'"s":"{r.concept_signs}","t":{round(r.issued_at, 3)!r}'
                    + (f',"a":{json.dumps(r.attributes)}}}' if r.attributes else "}")).encode()
-        head = b"v2." + _b64_bytes(payload.ljust(-(-len(payload) // 3) * 3))
-        return (head + b"." + _b64_bytes(self._mac(head))).decode()
+        payload = payload.ljust(-(-len(payload) // 3) * 3)
+        return (b"v2." + _b64_bytes(payload) + b"." + _b64_bytes(self._mac(payload, r.model_sha256))).decode()
 
     def sign_rows(self, request_id: str, classes: list[int], signs: list[str], issued_at: float,
                   attributes: list[str] | None = None) -> list[str]:
@@ -141,44 +161,50 @@ class ReceiptSigner:
                                       attributes[j] if attributes else ""))
                     for j, (c, s) in enumerate(zip(classes, signs))]
         head = f'{{"r":"{request_id}-'
-        model = f',"m":"{self.model_sha256}","s":"'
+        model = f',"m":"{self.model_sha256[:_MODEL_DIGITS]}","s":"'
         tail = f'","t":{round(issued_at, 3)!r}'
         rests = [f',"a":{json.dumps(a)}}}' if a else "}" for a in attributes] if attributes else ["}"] * len(classes)
         payloads = [f'{head}{j}","c":{c}{model}{s}{tail}{rest}'
                     for j, c, s, rest in zip(range(len(classes)), classes, signs, rests)]  # ASCII: plain id, JSON
         width = -(-max(map(len, payloads)) // 3) * 3
-        text = binascii.b2a_base64("".join([p.ljust(width) for p in payloads]).encode(),
-                                   newline=False).translate(_URLSAFE)
-        step = width // 3 * 4
-        heads = [b"v2." + text[i:i + step] for i in range(0, len(text), step)]
+        raw = "".join([p.ljust(width) for p in payloads]).encode()
         copy, tags = self._blake.copy, []
-        for h in heads:
+        for i in range(0, len(raw), width):
             m = copy()
-            m.update(h)
+            m.update(raw[i:i + width])
             tags.append(m.digest())
+        text = binascii.b2a_base64(raw, newline=False).translate(_URLSAFE)
         encoded = binascii.b2a_base64(b"".join(tags), newline=False).translate(_URLSAFE)
-        step = _TAG_BYTES // 3 * 4
-        return [(h + b"." + encoded[i:i + step]).decode() for h, i in zip(heads, range(0, len(encoded), step))]
+        step, tag_step = width // 3 * 4, _TAG_BYTES // 3 * 4
+        return [(b"v2." + text[i:i + step] + b"." + encoded[k:k + tag_step]).decode()
+                for i, k in zip(range(0, len(text), step), range(0, len(encoded), tag_step))]
 
     def verify(self, token: str, now: float | None = None) -> Receipt:
         """The receipt's content, or a ``RequestError`` (forged, wrong model, expired)."""
         parts = token.split(".")
         if len(parts) != 3 or parts[0] not in ("v1", "v2"):
             raise RequestError("receipt is malformed", "forged_receipt")
-        head = f"{parts[0]}.{parts[1]}".encode()
         try:
-            sig = _unb64(parts[2])
+            sig, raw = _unb64(parts[2]), _unb64(parts[1])
         except (ValueError, TypeError):
             raise RequestError("receipt is malformed", "forged_receipt") from None
-        expected = self._mac(head) if parts[0] == "v2" else self._mac_v1(head)
+        v2 = parts[0] == "v2"
+        expected = self._mac(raw) if v2 else self._mac_v1(f"{parts[0]}.{parts[1]}".encode())
         if not hmac.compare_digest(sig, expected):
+            named = _named_model(raw) if v2 else None
+            if named is not None and named[:_MODEL_DIGITS] != self.model_sha256[:_MODEL_DIGITS]:
+                raise RequestError("receipt is for another model than the one served", "wrong_model")
             raise RequestError("receipt signature does not verify", "forged_receipt")
         try:
-            p = json.loads(_unb64(parts[1]))
+            p = json.loads(raw)
             fields = (p["r"], p["c"], p["m"], p["s"], p["t"], p.get("a", ""))
         except (ValueError, KeyError, TypeError):  # signed by us, so only a key compromise gets here
             raise RequestError("receipt payload is malformed", "forged_receipt") from None
         receipt = self._checked(*fields)
+        if v2:  # verified with this model's key: it vouches for this model's whole hash
+            if receipt.model_sha256 != self.model_sha256[:_MODEL_DIGITS]:
+                raise RequestError("receipt payload has an invalid model hash", "forged_receipt")
+            receipt = dataclasses.replace(receipt, model_sha256=self.model_sha256)
         if receipt.model_sha256 != self.model_sha256:
             raise RequestError("receipt is for another model than the one served", "wrong_model")
         now = time.time() if now is None else now

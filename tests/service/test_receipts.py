@@ -74,9 +74,12 @@ def _signed_payload(s: ReceiptSigner, payload: dict, version: str = "v2") -> str
     format before this one (HMAC-SHA256, unpadded)."""
     import json
 
-    head = f"{version}.{_b64(json.dumps(payload).encode())}"
-    tag = s._mac(head.encode()) if version == "v2" else s._mac_v1(head.encode())
-    return f"{head}.{_b64(tag)}"
+    raw = json.dumps(payload).encode()
+    if version == "v1":
+        head = f"v1.{_b64(raw)}"
+        return f"{head}.{_b64(s._mac_v1(head.encode()))}"
+    raw = raw.ljust(-(-len(raw) // 3) * 3)
+    return f"v2.{_b64(raw)}.{_b64(s._mac(raw))}"
 
 
 def test_receipts_issued_in_the_v1_format_still_verify_until_they_expire():
@@ -100,7 +103,7 @@ def test_receipts_issued_in_the_v1_format_still_verify_until_they_expire():
 def test_every_field_of_a_verified_receipt_is_checked(field, value):
     """Issue 13.10: class 99 gave 500, class -1 counted as the last class, a future/NaN time never expired."""
     s = ReceiptSigner(b"k" * 32, SHA, ttl_s=60, n_classes=3, n_concepts=2)
-    good = {"r": "abc-0", "c": 2, "m": SHA, "s": "+-", "t": 1000.0}
+    good = {"r": "abc-0", "c": 2, "m": SHA[:16], "s": "+-", "t": 1000.0}
     assert s.verify(_signed_payload(s, good), now=1001.0).class_index == 2
     assert reason(s.verify, _signed_payload(s, good | {field: value}), now=1001.0) == "forged_receipt"
 
@@ -115,7 +118,7 @@ def test_sign_writes_the_same_payload_as_json_dumps():
         assert "=" not in token and token.startswith("v2.") and len(token.split(".")[2]) == 40
         raw = base64.urlsafe_b64decode(token.split(".")[1])
         assert len(raw) % 3 == 0 and len(raw) - len(raw.rstrip(b" ")) <= 2  # padded with at most two spaces
-        assert raw.rstrip(b" ") == json.dumps({"r": rid, "c": 1, "m": SHA, "s": "+-", "t": round(t, 3)},
+        assert raw.rstrip(b" ") == json.dumps({"r": rid, "c": 1, "m": SHA[:16], "s": "+-", "t": round(t, 3)},
                                  separators=(",", ":")).encode()
 
 
