@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
     WRK_SCRIPT,
-    bare_onnxruntime,
+    bare_anchors,
     batch64_gap,
     median,
     npy_bytes,
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
             r: dict = {"batch64": {"gateway": wrk(server.base, body, args.seconds, args.connections, script,
                                                   warmup_s=2.0, cpu_root=server.proc.pid)}}
-            rows_s, cpu_ms = bare_onnxruntime(bundle.onnx_path, ROWS, args.seconds, args.workers)
-            r["bare_onnxruntime_batch64_rows_per_s"], r["bare_onnxruntime_cpu_ms_per_batch64"] = rows_s, cpu_ms
-            r["bare_onnxruntime_gateway_options_cpu_ms_per_batch64"] = bare_onnxruntime(
-                bundle.onnx_path, ROWS, args.seconds, args.workers, memory_patterns=False)[1]
+            r.update(bare_anchors(bundle.onnx_path, args.seconds, args.workers))
             r["load_average_1m"] = os.getloadavg()[0]
             rounds.append(r)
     finally:

@@ -213,6 +213,16 @@ def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int,
     return float(sum(float(o[0]) for o in outs)), 1e3 * float(np.mean([float(o[1]) for o in outs]))
 
 
+def bare_anchors(onnx: Path, seconds: float, processes: int) -> dict[str, float]:
+    """One round's bare onnxruntime figures at batch 64, under the keys the results use: rows/s and CPU per
+    run with onnxruntime's defaults, and CPU per run with the gateway's session options (memory patterns
+    off), which says how much of a gap is that setting."""
+    rows_s, cpu_ms = bare_onnxruntime(onnx, 64, seconds, processes)
+    return {"bare_onnxruntime_batch64_rows_per_s": rows_s, "bare_onnxruntime_cpu_ms_per_batch64": cpu_ms,
+            "bare_onnxruntime_gateway_options_cpu_ms_per_batch64":
+                bare_onnxruntime(onnx, 64, seconds, processes, memory_patterns=False)[1]}
+
+
 def median(xs: list[float]) -> float:
     return float(np.median(xs))
 

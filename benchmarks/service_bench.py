@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
     WRK_SCRIPT,
     Server,
-    bare_onnxruntime,
+    bare_anchors,
     base_env,
     batch64_gap,
     free_port,
@@ -196,12 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("gateway", "gateway_monitoring_off"):
                 r["batch64"][name] = wrk(servers[name].base, batch64, args.seconds, 8, script,
                                          cpu_root=servers[name].proc.pid)
-            rows_s, cpu_ms = bare_onnxruntime(bundle.onnx_path, 64, args.seconds, args.workers)
-            r["bare_onnxruntime_batch64_rows_per_s"] = rows_s
-            r["bare_onnxruntime_cpu_ms_per_batch64"] = cpu_ms
-            # the same loop with the gateway's session options: how much of the gap is onnxruntime's setting
-            r["bare_onnxruntime_gateway_options_cpu_ms_per_batch64"] = bare_onnxruntime(
-                bundle.onnx_path, 64, args.seconds, args.workers, memory_patterns=False)[1]
+            r.update(bare_anchors(bundle.onnx_path, args.seconds, args.workers))
             r["load_average_1m"] = os.getloadavg()[0]
             rounds.append(r)
         sat = median([r["single_row"]["gateway"]["requests_per_s"] for r in rounds])
