@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
