@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,7 +39,7 @@ from hansgate.service.fairness import (
 )
 from hansgate.service.inputs import Preprocessor
 from hansgate.service.metrics import GatewayMetrics, batch_stats
-from hansgate.service.receipts import PredictionStore, ReceiptSigner
+from hansgate.service.receipts import PredictionStore, ReceiptSigner, new_request_id
 from hansgate.service.runtime import OnnxRuntime
 from hansgate.service.schemas import FeedbackRequest
 from hansgate.service.threads import name_os_thread
@@ -152,7 +151,7 @@ class Gateway:
         row (``fairness.row_attributes``); counted per subgroup and signed into each row's receipt.
         """
         rows = row_attributes(attributes, len(x), self.declared) if attributes is not None else None
-        out = await self.batcher.submit(_Job(x, uuid.uuid4().hex, rows), len(x))
+        out = await self.batcher.submit(_Job(x, new_request_id(), rows), len(x))
         if isinstance(out, RequestError):  # the batcher raises these; this is for the type checker
             raise out
         return out

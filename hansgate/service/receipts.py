@@ -53,18 +53,19 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import re
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from hansgate.errors import RequestError
 
-__all__ = ["Receipt", "ReceiptSigner", "PredictionStore"]
+__all__ = ["Receipt", "ReceiptSigner", "PredictionStore", "new_request_id"]
 
 _TAG_BYTES = 30  # 240 bits; a multiple of 3: 40 base64 characters, no padding
 _MODEL_DIGITS = 16  # of the model's sha256 in a v2 payload (the tag's key covers all of it)
@@ -236,6 +237,16 @@ class ReceiptSigner:
         return Receipt(rid, cls, sha, signs, float(issued), attributes)  # type: ignore[arg-type]
 
 
+def new_request_id() -> str:
+    """A fresh request id: a UUIDv7 (RFC 9562, section 5.7) in hex, 48 bits of unix milliseconds, then 74
+    random bits. Ids that grow with time keep the store's id index appending at one end, where random
+    ids would touch a random page of it on every insert and every eviction."""
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (time.time_ns() // 1_000_000 << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62
+             | rand & (1 << 62) - 1)
+    return f"{value:032x}"
+
+
 class PredictionStore:
     """Recent predictions and the ids that already took feedback, shared by a machine's workers.
 
@@ -258,8 +269,11 @@ class PredictionStore:
                          "signs TEXT NOT NULL, issued REAL NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS predictions_issued ON predictions (issued)")
         self._db.execute("CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, classes TEXT NOT NULL, "
-                         "signs TEXT NOT NULL, n INTEGER NOT NULL, issued REAL NOT NULL)")
+                         "signs TEXT NOT NULL, n INTEGER NOT NULL, issued REAL NOT NULL, "
+                         "rows_before INTEGER NOT NULL DEFAULT 0)")
+        self._add_rows_before()
         self._db.execute("CREATE INDEX IF NOT EXISTS requests_issued ON requests (issued)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS requests_rows_before ON requests (rows_before)")
         self._db.execute("CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, received REAL NOT NULL)")
         self._since_prune = 0
 
@@ -272,13 +286,27 @@ class PredictionStore:
         transaction; row ``j`` is looked up as ``f"{request_id}-{j}"``."""
         rows = [(rid, ",".join(map(str, classes)), "".join(signs), len(classes), issued)
                 for rid, classes, signs, issued in requests]
-        self._insert("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?)", rows, sum(r[3] for r in rows))
+        self._insert("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)", rows, sum(r[3] for r in rows),
+                     count_rows=True)
 
-    def _insert(self, sql: str, rows: Sequence[tuple[object, ...]], predictions: int) -> None:
-        """``rows`` in one transaction; prune once every ``_PRUNE_EVERY`` predictions."""
+    def _rows_issued(self) -> int:
+        """The running count after the newest request (``rows_before + n``; 0 when empty): one index seek."""
+        row = self._db.execute("SELECT rows_before + n FROM requests ORDER BY rows_before DESC LIMIT 1").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _insert(self, sql: str, rows: Sequence[tuple[object, ...]], predictions: int, count_rows: bool = False) -> None:
+        """``rows`` in one transaction; prune once every ``_PRUNE_EVERY`` predictions. ``count_rows``: append
+        each request's ``rows_before`` (the running count of rows, read under the write lock)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if count_rows:
+                    before = self._rows_issued()
+                    counted = []
+                    for r in rows:
+                        counted.append((*r, before))
+                        before += int(r[3])  # type: ignore[call-overload]
+                    rows = counted
                 self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -298,22 +326,30 @@ class PredictionStore:
             db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
             db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
                        "LIMIT -1 OFFSET ?)", (self.max_size,))
+            # whole requests among the last max_size rows issued stay: a request goes when it and the
+            # requests after it hold more (an index range over the oldest, not a walk over the table)
+            db.execute("DELETE FROM requests WHERE rows_before < ?", (self._rows_issued() - self.max_size,))
             db.execute("DELETE FROM requests WHERE issued < ?", (cutoff,))
-            # newest first, keep whole requests while their rows fit in max_size: walked from the oldest
-            # end, a request goes while the rows it and all newer ones hold are over max_size (usually a
-            # few requests: no window over the whole table)
-            kept = int(db.execute("SELECT coalesce(sum(n), 0) FROM requests").fetchone()[0])
-            doomed: list[tuple[int]] = []
-            if kept > self.max_size:
-                cursor = db.execute("SELECT rowid, n FROM requests ORDER BY issued, rowid")
-                for rowid, n in cursor:
-                    if kept <= self.max_size:
-                        break
-                    doomed.append((rowid,))
-                    kept -= n
-                cursor.close()
-            db.executemany("DELETE FROM requests WHERE rowid = ?", doomed)
             db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _add_rows_before(self) -> None:
+        """Give a store written before ``rows_before`` existed that column, counted in issue order."""
+        db = self._db
+        if "rows_before" in {col[1] for col in db.execute("PRAGMA table_info(requests)")}:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if "rows_before" not in {col[1] for col in db.execute("PRAGMA table_info(requests)")}:
+                db.execute("ALTER TABLE requests ADD COLUMN rows_before INTEGER NOT NULL DEFAULT 0")
+                counted, before = [], 0
+                for rowid, n in db.execute("SELECT rowid, n FROM requests ORDER BY issued, rowid").fetchall():
+                    counted.append((before, rowid))
+                    before += n
+                db.executemany("UPDATE requests SET rows_before = ? WHERE rowid = ?", counted)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -143,24 +143,61 @@ def test_sign_rows_equals_sign_per_row(rid, rows, t):
 @given(st.lists(st.tuples(st.integers(1, 6), st.sampled_from([1000.0, 1001.0, 1002.0, 1050.0])), max_size=12),
        st.integers(1, 20))
 def test_prune_keeps_the_newest_whole_requests_that_fit(tmp_path_factory, requests, max_size):
-    """Eviction keeps, newest first (issue time, then insertion), whole requests while their rows fit in
-    ``max_size``, and drops every request past the TTL: the rule written out over the store's rows."""
+    """Eviction keeps whole requests among the last ``max_size`` rows stored (in insertion order, one
+    transaction or several), and drops every request past the TTL: the rule written out over the rows."""
     store = PredictionStore(tmp_path_factory.mktemp("s") / "s.sqlite", max_size=max_size, ttl_s=100)
     store._PRUNE_EVERY = 10**9  # only the explicit prune below
     rows = [(f"r{i}", [1] * n, ["+"] * n, t) for i, (n, t) in enumerate(requests)]
-    store.add_requests(rows)
+    store.add_requests(rows[:3])
+    store.add_requests(rows[3:])
     store.prune(now=1101.5)  # 1000.0 and 1001.0 are past the TTL
-    expected, kept = set(), 0
-    for i, (n, t) in sorted(enumerate(requests), key=lambda it: (it[1][1], it[0]), reverse=True):
-        if t < 1001.5:
-            continue
-        kept += n
-        if kept <= max_size:
+    expected, after = set(), 0
+    for i in reversed(range(len(requests))):
+        n, t = requests[i]
+        after += n  # rows of this request and of every later one
+        if t >= 1001.5 and after <= max_size:
             expected.add(f"r{i}")
     held = {rid for (rid,) in store._db.execute("SELECT id FROM requests")}
     assert held == expected
     assert store.size() == sum(n for i, (n, _) in enumerate(requests) if f"r{i}" in expected)
     store.close()
+
+
+def test_a_store_written_before_rows_were_counted_is_counted_in_issue_order(tmp_path):
+    """Stores from before ``rows_before`` (one column fewer) open, count their rows by issue time and prune."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "s.sqlite")
+    db.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, classes TEXT NOT NULL, signs TEXT NOT NULL, "
+               "n INTEGER NOT NULL, issued REAL NOT NULL)")
+    db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                   [("b", "1,2", "++", 2, 1001.0), ("a", "3,4,5", "+++", 3, 1000.0), ("c", "6", "+", 1, 1002.0)])
+    db.commit()
+    db.close()
+    store = PredictionStore(tmp_path / "s.sqlite", max_size=4, ttl_s=100)
+    assert dict(store._db.execute("SELECT id, rows_before FROM requests")) == {"a": 0, "b": 3, "c": 5}
+    assert store.lookup("a-2", SHA, now=1003).class_index == 5
+    store.add_requests([("d", [7], ["-"], 1003.0)])  # counted after the old rows
+    store.prune(now=1004)  # 7 rows > 4: "a" goes, "b", "c" and "d" hold 4
+    assert {rid for (rid,) in store._db.execute("SELECT id FROM requests")} == {"b", "c", "d"}
+    store.close()
+    PredictionStore(tmp_path / "s.sqlite", max_size=4, ttl_s=100).close()  # opens again without counting anew
+
+
+def test_request_ids_are_uuid7_in_time_order():
+    """Ids grow with time (the store's id index appends at one end) and are RFC 9562 version 7 UUIDs."""
+    import time
+    import uuid
+
+    from hansgate.service.receipts import new_request_id
+
+    first = new_request_id()
+    time.sleep(0.002)
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(first < i for i in ids)
+    parsed = uuid.UUID(hex=first)
+    assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122) and len(first) == 32
+    assert abs(int(first[:12], 16) / 1000 - time.time()) < 60
 
 
 def test_store_packs_a_request_into_one_row(tmp_path):
