@@ -9,8 +9,9 @@ bundle (for instance a torchvision model at 224 px kept by ``models_bench.py --k
 measures the same comparison on it, with the same tools: the gateway (``hansgate serve``,
 monitoring on, ``--workers`` workers, one onnxruntime thread each, micro-batches of 64 rows) under
 wrk posting 64-row ``.npy`` bodies (uniform random pixels in the manifest's value range), and
-``--workers`` bare onnxruntime loops at batch 64 with every graph output fetched, in interleaved
-rounds. It records rows/s, CPU per 64-row request (server process tree vs bare run), the CPU split by
+``--workers`` bare onnxruntime loops at batch 64 with every graph output fetched, in rounds where
+bare runs just before and just after the gateway's run (``load.bracketed``: the anchor is their
+mean). It records rows/s, CPU per 64-row request (server process tree vs bare run), the CPU split by
 thread and ``batch64_gap`` (``load.batch64_gap``). Every figure is measured in this run.
 """
 
@@ -32,8 +33,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
     WRK_SCRIPT,
-    bare_anchors,
     batch64_gap,
+    bracketed,
     median,
     npy_bytes,
     start_gateway,
@@ -86,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(args.rounds):
             print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
-            r: dict = {"batch64": {"gateway": wrk(server.base, body, args.seconds, args.connections, script,
-                                                  warmup_s=2.0, cpu_root=server.proc.pid)}}
-            r.update(bare_anchors(bundle.onnx_path, args.seconds, args.workers))
+            run, anchors = bracketed(bundle.onnx_path, args.seconds, args.workers,
+                                     lambda: wrk(server.base, body, args.seconds, args.connections, script,
+                                                 warmup_s=2.0, cpu_root=server.proc.pid))
+            r: dict = {"batch64": {"gateway": run}} | anchors
             r["load_average_1m"] = os.getloadavg()[0]
             rounds.append(r)
     finally:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -213,14 +214,20 @@ def bare_onnxruntime(onnx: Path, batch: int, seconds: float, processes: int,
     return float(sum(float(o[0]) for o in outs)), 1e3 * float(np.mean([float(o[1]) for o in outs]))
 
 
-def bare_anchors(onnx: Path, seconds: float, processes: int) -> dict[str, float]:
-    """One round's bare onnxruntime figures at batch 64, under the keys the results use: rows/s and CPU per
-    run with onnxruntime's defaults, and CPU per run with the gateway's session options (memory patterns
-    off), which says how much of a gap is that setting."""
-    rows_s, cpu_ms = bare_onnxruntime(onnx, 64, seconds, processes)
-    return {"bare_onnxruntime_batch64_rows_per_s": rows_s, "bare_onnxruntime_cpu_ms_per_batch64": cpu_ms,
-            "bare_onnxruntime_gateway_options_cpu_ms_per_batch64":
-                bare_onnxruntime(onnx, 64, seconds, processes, memory_patterns=False)[1]}
+def bracketed(onnx: Path, seconds: float, processes: int, measure: Callable[[], dict]) -> tuple[dict, dict[str, float]]:
+    """``measure()`` (a gateway's 64-row run) between two bare onnxruntime runs at batch 64: its result, and the
+    anchors under the keys the results use. Rows/s and CPU per run are the means of the run before and the run
+    after (a shared machine's speed drifts within a round; a drift linear in time cancels), both kept; CPU per run
+    with the gateway's session options (memory patterns off), run last, says how much of a gap is that setting."""
+    before = bare_onnxruntime(onnx, 64, seconds, processes)
+    result = measure()
+    after = bare_onnxruntime(onnx, 64, seconds, processes)
+    return result, {"bare_onnxruntime_batch64_rows_per_s": (before[0] + after[0]) / 2,
+                    "bare_onnxruntime_cpu_ms_per_batch64": (before[1] + after[1]) / 2,
+                    "bare_onnxruntime_rows_per_s_before_after": [before[0], after[0]],
+                    "bare_onnxruntime_cpu_ms_before_after": [before[1], after[1]],
+                    "bare_onnxruntime_gateway_options_cpu_ms_per_batch64":
+                        bare_onnxruntime(onnx, 64, seconds, processes, memory_patterns=False)[1]}
 
 
 def median(xs: list[float]) -> float:

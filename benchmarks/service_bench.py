@@ -14,7 +14,9 @@ one onnxruntime thread per worker:
 * **bare onnxruntime**: the bundle's graph in a loop at batch 64, one process per worker, all
   running at once. It fetches every output (``logits``, ``concept_scores``,
   ``concept_sensitivity``), exactly what the monitoring gateway runs and fetches, so the batch-64
-  bar compares like with like; it has no HTTP, decoding, receipts, store or metrics at all.
+  bar compares like with like; it has no HTTP, decoding, receipts, store or metrics at all. It runs
+  just before and just after the gateway's 64-row run in each round, and the anchor is the mean of
+  the two (``load.bracketed``): this machine's speed drifts by several per cent within a round.
   (The monitoring-off gateway runs a graph cut to ``logits``: cheaper than this anchor.)
 
 The load generator is wrk (C, one thread, 64 connections, keep-alive): single-row
@@ -55,9 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import (  # noqa: E402  (benchmarks/load.py, beside this script)
     WRK_SCRIPT,
     Server,
-    bare_anchors,
     base_env,
     batch64_gap,
+    bracketed,
     free_port,
     median,
     npy_bytes,
@@ -193,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("gateway", "naive", "bentoml_echo", "gateway_monitoring_off"):
                 r["single_row"][name] = wrk(servers[name].base, single, args.seconds, args.connections, script,
                                             cpu_root=servers[name].proc.pid)
-            for name in ("gateway", "gateway_monitoring_off"):
-                r["batch64"][name] = wrk(servers[name].base, batch64, args.seconds, 8, script,
-                                         cpu_root=servers[name].proc.pid)
-            r.update(bare_anchors(bundle.onnx_path, args.seconds, args.workers))
+            def batch64_run(name: str) -> dict:
+                return wrk(servers[name].base, batch64, args.seconds, 8, script, cpu_root=servers[name].proc.pid)
+
+            r["batch64"]["gateway"], anchors = bracketed(bundle.onnx_path, args.seconds, args.workers,
+                                                         lambda: batch64_run("gateway"))
+            r["batch64"]["gateway_monitoring_off"] = batch64_run("gateway_monitoring_off")
+            r.update(anchors)
             r["load_average_1m"] = os.getloadavg()[0]
             rounds.append(r)
         sat = median([r["single_row"]["gateway"]["requests_per_s"] for r in rounds])
