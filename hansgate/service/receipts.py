@@ -36,10 +36,12 @@ Any gateway holding the key verifies it without shared state. Feedback rules, in
   (the first label counts; later ones are refused, not overwritten).
 
 The store is an SQLite file in the state directory (WAL mode), bounded to ``store_size``
-predictions (oldest evicted first, checked every 1,000 insertions) and to the TTL. The gateway
-writes one row per request (``add_requests``: the rows' classes and signs packed, row ``j`` of
-request ``R`` answering to id ``R-j``), one transaction per micro-batch: a 64-row request costs
-one insert, not 64. Duplicate detection uses the same file;
+predictions (the whole requests among the last ``store_size`` rows stored; checked every 1,000
+insertions) and to the TTL. The gateway writes one row per request (``add_requests``: the rows'
+classes and signs packed, row ``j`` of request ``R`` answering to id ``R-j``), one transaction per
+micro-batch: a 64-row request costs one insert, not 64. Each row carries the running count of rows
+stored before it, so eviction deletes an index range; request ids are UUIDv7 (``new_request_id``),
+so inserts and evictions touch the ends of the id index. Duplicate detection uses the same file;
 it covers the workers of one machine. Across replicas a receipt could be replayed once per
 replica: put the replicas' ``HANSGATE_STATE_DIR`` on shared storage if that matters.
 """
@@ -275,6 +277,7 @@ class PredictionStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS requests_issued ON requests (issued)")
         self._db.execute("CREATE INDEX IF NOT EXISTS requests_rows_before ON requests (rows_before)")
         self._db.execute("CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, received REAL NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS feedback_received ON feedback (received)")
         self._since_prune = 0
 
     def add(self, rows: list[tuple[str, int, str, float]]) -> None:

@@ -163,6 +163,34 @@ def test_prune_keeps_the_newest_whole_requests_that_fit(tmp_path_factory, reques
     store.close()
 
 
+def test_a_prune_costs_what_it_evicts_not_what_the_store_holds(tmp_path):
+    """SQLite's VM steps for a prune that evicts the same 10 requests barely grow with the rows and labels
+    held: eviction reads index ranges. (It summed and walked every row: after single-row traffic had filled
+    the store, each 64-row request paid for a scan of 100,000 rows.)"""
+    def steps(held: int) -> int:
+        store = PredictionStore(tmp_path / f"{held}.sqlite", max_size=held, ttl_s=1e9)
+        store._PRUNE_EVERY = 10**9
+        store.add_requests([(f"r{i}", [1], ["+"], 1000.0 + i) for i in range(held)])
+        store.add_requests([(f"n{i}", [1], ["+"], 1e6) for i in range(10)])  # 10 rows over: 10 to evict
+        store._db.executemany("INSERT INTO feedback VALUES (?, ?)", [(f"r{i}-0", 1e6) for i in range(held)])
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        store._db.set_progress_handler(tick, 1)
+        store.prune(now=1e6)
+        store._db.set_progress_handler(None, 1)
+        assert store.size() == held
+        assert store._db.execute("SELECT count(*) FROM requests WHERE id LIKE 'r%'").fetchone()[0] == held - 10
+        store.close()
+        return count[0]
+
+    small, large = steps(500), steps(20_000)
+    assert large < 2 * small, (small, large)
+
+
 def test_a_store_written_before_rows_were_counted_is_counted_in_issue_order(tmp_path):
     """Stores from before ``rows_before`` (one column fewer) open, count their rows by issue time and prune."""
     import sqlite3
