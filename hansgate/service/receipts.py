@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -60,7 +61,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,50 +283,53 @@ class PredictionStore:
 
     def add(self, rows: list[tuple[str, int, str, float]]) -> None:
         """Remember ``(request_id, class_index, concept_signs, issued_at)`` rows."""
-        self._insert("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows, len(rows))
+        with self._lock:
+            with self._transaction() as db:
+                db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
+            self._inserted(len(rows))
 
     def add_requests(self, requests: list[tuple[str, list[int], list[str], float]]) -> None:
         """Remember whole requests ``(request_id, class per row, concept signs per row, issued_at)`` in one
-        transaction; row ``j`` is looked up as ``f"{request_id}-{j}"``."""
-        rows = [(rid, ",".join(map(str, classes)), "".join(signs), len(classes), issued)
-                for rid, classes, signs, issued in requests]
-        self._insert("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)", rows, sum(r[3] for r in rows),
-                     count_rows=True)
+        transaction; row ``j`` is looked up as ``f"{request_id}-{j}"``. Each row gets ``rows_before``, the
+        running count of rows, read under the write lock."""
+        packed = [(rid, ",".join(map(str, classes)), "".join(signs), len(classes), issued)
+                  for rid, classes, signs, issued in requests]
+        with self._lock:
+            with self._transaction() as db:
+                before, rows = self._rows_issued(), []
+                for row in packed:
+                    rows.append((*row, before))
+                    before += row[3]
+                db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._inserted(sum(row[3] for row in packed))
 
     def _rows_issued(self) -> int:
         """The running count after the newest request (``rows_before + n``; 0 when empty): one index seek."""
         row = self._db.execute("SELECT rows_before + n FROM requests ORDER BY rows_before DESC LIMIT 1").fetchone()
         return 0 if row is None else int(row[0])
 
-    def _insert(self, sql: str, rows: Sequence[tuple[object, ...]], predictions: int, count_rows: bool = False) -> None:
-        """``rows`` in one transaction; prune once every ``_PRUNE_EVERY`` predictions. ``count_rows``: append
-        each request's ``rows_before`` (the running count of rows, read under the write lock)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if count_rows:
-                    before = self._rows_issued()
-                    counted = []
-                    for r in rows:
-                        counted.append((*r, before))
-                        before += int(r[3])  # type: ignore[call-overload]
-                    rows = counted
-                self._db.executemany(sql, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._since_prune += predictions
-            if self._since_prune >= self._PRUNE_EVERY:
-                self._since_prune = 0
-                self._prune()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed or rolled back (``BEGIN IMMEDIATE``: the write lock first)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _inserted(self, predictions: int) -> None:
+        """Count insertions (under ``_lock``); prune once every ``_PRUNE_EVERY`` predictions."""
+        self._since_prune += predictions
+        if self._since_prune >= self._PRUNE_EVERY:
+            self._since_prune = 0
+            self._prune()
 
     def _prune(self, now: float | None = None) -> None:
         """Evict in one transaction: rows past the TTL, then the oldest beyond ``max_size``."""
         cutoff = (time.time() if now is None else now) - self.ttl_s
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             db.execute("DELETE FROM predictions WHERE issued < ?", (cutoff,))
             db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions ORDER BY issued DESC "
                        "LIMIT -1 OFFSET ?)", (self.max_size,))
@@ -334,29 +338,22 @@ class PredictionStore:
             db.execute("DELETE FROM requests WHERE rows_before < ?", (self._rows_issued() - self.max_size,))
             db.execute("DELETE FROM requests WHERE issued < ?", (cutoff,))
             db.execute("DELETE FROM feedback WHERE received < ?", (cutoff,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _add_rows_before(self) -> None:
         """Give a store written before ``rows_before`` existed that column, counted in issue order."""
-        db = self._db
-        if "rows_before" in {col[1] for col in db.execute("PRAGMA table_info(requests)")}:
+        def missing() -> bool:
+            return "rows_before" not in {col[1] for col in self._db.execute("PRAGMA table_info(requests)")}
+
+        if not missing():
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if "rows_before" not in {col[1] for col in db.execute("PRAGMA table_info(requests)")}:
+        with self._transaction() as db:
+            if missing():  # another worker may have added it meanwhile
                 db.execute("ALTER TABLE requests ADD COLUMN rows_before INTEGER NOT NULL DEFAULT 0")
                 counted, before = [], 0
                 for rowid, n in db.execute("SELECT rowid, n FROM requests ORDER BY issued, rowid").fetchall():
                     counted.append((before, rowid))
                     before += n
                 db.executemany("UPDATE requests SET rows_before = ? WHERE rowid = ?", counted)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def prune(self, now: float | None = None) -> None:
         """Evict now (normally every ``_PRUNE_EVERY`` insertions)."""
