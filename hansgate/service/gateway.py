@@ -40,7 +40,7 @@ from hansgate.service.fairness import (
 from hansgate.service.inputs import Preprocessor
 from hansgate.service.metrics import GatewayMetrics, batch_stats
 from hansgate.service.receipts import PredictionStore, ReceiptSigner, new_request_id
-from hansgate.service.runtime import OnnxRuntime
+from hansgate.service.runtime import OnnxRuntime, Outputs
 from hansgate.service.schemas import FeedbackRequest
 from hansgate.service.threads import name_os_thread
 
@@ -85,6 +85,29 @@ def _signs(sensitivity: np.ndarray, pred: np.ndarray) -> str:
     directional derivative of the predicted class's logit is positive (TCAV, Kim et al. 2018, Eq. 2)."""
     own = sensitivity[np.arange(len(pred)), :, pred]  # [N, M]
     return np.where(own > 0, ord("+"), ord("-")).astype(np.uint8).tobytes().decode("ascii")
+
+
+def _run_groups(sizes: list[int], fill_rows: int) -> list[tuple[int, int]]:
+    """The ranges of consecutive jobs that share one onnxruntime run. A job of ``fill_rows`` rows or more runs
+    on its own array; smaller jobs join a run until it has ``fill_rows`` rows. onnxruntime's cost per row stops
+    falling at about a full run, while copying full requests into a larger one costs time and memory (two
+    64-row requests at 224 px are 74 MiB)."""
+    groups: list[tuple[int, int]] = []
+    start, rows = 0, 0
+    for i, n in enumerate(sizes):
+        if n >= fill_rows:
+            if start < i:
+                groups.append((start, i))
+            groups.append((i, i + 1))
+            start, rows = i + 1, 0
+            continue
+        rows += n
+        if rows >= fill_rows:
+            groups.append((start, i + 1))
+            start, rows = i + 1, 0
+    if start < len(sizes):
+        groups.append((start, len(sizes)))
+    return groups
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -157,18 +180,21 @@ class Gateway:
         return out
 
     def _run_batch(self, jobs: Sequence[_Job]) -> list[bytes | RequestError]:
-        """Run the jobs as one batch; each job's JSON reply (or its ``RequestError``).
+        """Run the jobs as one micro-batch (in the onnxruntime runs ``_run_groups`` forms); each job's JSON
+        reply (or its ``RequestError``).
 
         Per row, only what must be per row runs in Python (its receipt's HMAC and one format of
         its reply); signs, concept objects and probabilities are built for the whole batch, the
         store takes one row per request in one transaction, metrics one increment per class.
         """
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        sizes = [len(j.x) for j in jobs]
+        n_rows = sum(sizes)
+        groups = _run_groups(sizes, self.cfg.microbatch_rows)
         t0 = time.perf_counter()
-        out = self.runtime.run(x)
+        out = Outputs.concatenate([self.runtime.run(jobs[a].x if b - a == 1 else
+                                                    np.concatenate([j.x for j in jobs[a:b]])) for a, b in groups])
         seconds = time.perf_counter() - t0
         logits, scores, sens = out.logits, out.concept_scores, out.concept_sensitivity
-        sizes = [len(j.x) for j in jobs]
         ok_job = [True] * len(jobs)
         # rows whose outputs are not all finite are refused (never counted, never answered with NaN)
         if not (np.isfinite(logits).all() and (scores is None or np.isfinite(scores).all())
@@ -177,7 +203,7 @@ class Gateway:
             if scores is not None:
                 finite &= np.isfinite(scores).all(1)
             if sens is not None:
-                finite &= np.isfinite(sens).reshape(len(x), -1).all(1)
+                finite &= np.isfinite(sens).reshape(n_rows, -1).all(1)
             bounds = [0, *itertools.accumulate(sizes)]
             ok_job = [bool(finite[a:b].all()) for a, b in zip(bounds[:-1], bounds[1:])]
             keep = np.repeat(np.asarray(ok_job), sizes)
@@ -190,7 +216,7 @@ class Gateway:
             if any(job.attributes is not None for job in jobs) else None
         if self.cfg.monitoring and len(logits):
             pred, stats = batch_stats(logits, scores, sens, self._presence)
-            self.metrics.observe_batch(stats, seconds, len(x))
+            self.metrics.observe_batch(stats, seconds, n_rows)
             if row_attrs is not None and any(row_attrs):
                 self._observe_fairness(logits, scores, pred, row_attrs)
         else:

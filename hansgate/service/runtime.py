@@ -23,7 +23,7 @@ import numpy as np
 from hansgate.bundle import Bundle
 from hansgate.errors import BundleError, ConfigError, ModelRunError
 
-__all__ = ["CPU", "CUDA", "cuda_device_count", "select_providers", "provider_in_use", "OnnxRuntime"]
+__all__ = ["CPU", "CUDA", "cuda_device_count", "select_providers", "provider_in_use", "Outputs", "OnnxRuntime"]
 
 log = logging.getLogger("hansgate.service")
 
@@ -95,6 +95,19 @@ class Outputs:
     logits: np.ndarray  # [N, K]
     concept_scores: np.ndarray | None  # [N, M]
     concept_sensitivity: np.ndarray | None  # [N, M, K]
+
+    @staticmethod
+    def concatenate(runs: list["Outputs"]) -> "Outputs":
+        """The outputs of consecutive runs as those of one run over all their rows."""
+        if len(runs) == 1:
+            return runs[0]
+
+        def joined(parts: list[np.ndarray | None]) -> np.ndarray | None:
+            present = [p for p in parts if p is not None]
+            return np.concatenate(present) if present else None
+
+        return Outputs(np.concatenate([r.logits for r in runs]), joined([r.concept_scores for r in runs]),
+                       joined([r.concept_sensitivity for r in runs]))
 
 
 class OnnxRuntime:

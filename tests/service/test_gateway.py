@@ -12,11 +12,14 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hansgate.errors import RequestError
 from hansgate.service import gateway as gateway_module
-from hansgate.service.gateway import _Job
+from hansgate.service.gateway import _Job, _run_groups
 from hansgate.service.receipts import Receipt
+from hansgate.service.runtime import Outputs
 
 T = 1_700_000_000.123456
 
@@ -63,20 +66,22 @@ def assert_same_reply(raw: bytes, expected: dict, signer) -> None:
 
 
 def run_recorded(gw, jobs, monkeypatch, poison_rows=()):
-    """``gw._run_batch(jobs)`` at time ``T``; returns (replies, the run's outputs)."""
+    """``gw._run_batch(jobs)`` at time ``T``; returns (replies, the outputs of its runs, joined)."""
     original = gw.runtime.run
-    seen = {}
+    runs = []
 
     def run(x):
-        out = original(x)
+        out, start = original(x), sum(len(r.logits) for r in runs)
         for r in poison_rows:
-            out.logits[r, 0] = np.nan
-        seen["out"] = out
+            if start <= r < start + len(x):
+                out.logits[r - start, 0] = np.nan
+        runs.append(out)
         return out
 
     monkeypatch.setattr(gw.runtime, "run", run)
     monkeypatch.setattr(gateway_module.time, "time", lambda: T)
-    return gw._run_batch(jobs), seen["out"]
+    replies = gw._run_batch(jobs)
+    return replies, Outputs.concatenate(runs)
 
 
 def jobs_of(sizes, attributes=None, seed=0):
@@ -149,3 +154,39 @@ def test_every_row_is_answered_with_a_receipt_that_verifies(gateway_factory, tmp
             assert receipt.class_index == p["class_index"]
             assert len(receipt.concept_signs) == (len(concepts) if monitoring else 0)
             assert gw.store.lookup(p["request_id"], gw.model_sha256).concept_signs == receipt.concept_signs
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(1, 128))
+def test_run_groups_copy_no_full_request_and_fill_the_others(sizes, fill):
+    """Runs cover the jobs in order; a job of ``fill`` rows or more runs alone; a run of smaller jobs has fewer
+    than ``fill`` rows without its last job, and reaches ``fill`` unless a full job or the end comes next."""
+    groups = _run_groups(sizes, fill)
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(sizes)))
+    for a, b in groups:
+        if any(n >= fill for n in sizes[a:b]):
+            assert b - a == 1
+            continue
+        assert sum(sizes[a:b - 1]) < fill
+        if sum(sizes[a:b]) < fill:
+            assert b == len(sizes) or sizes[b] >= fill
+
+
+def test_full_requests_run_on_their_own_arrays(gateway_factory, concept_bundle, monkeypatch):
+    """Two 64-row requests and a small one: onnxruntime gets each full request's own array (no copy into a
+    128-row batch) and the small one alone; replies and counts are those of one joined run."""
+    gw = gateway_factory(concept_bundle, microbatch_rows=64)
+    jobs = jobs_of([64, 64, 3], seed=2)
+    inputs = []
+    original = gw.runtime.run
+    monkeypatch.setattr(gw.runtime, "run", lambda x: inputs.append(x) or original(x))
+    replies, out = run_recorded(gw, jobs, monkeypatch)
+    assert [x is job.x for x, job in zip(inputs, jobs)] == [True, True, True] and len(inputs) == 3
+    for job, raw, rows in zip(jobs, replies, [slice(0, 64), slice(64, 128), slice(128, 131)]):
+        assert_same_reply(raw, reference(gw, job, out.logits[rows], out.concept_scores[rows],
+                                         out.concept_sensitivity[rows]), gw.signer)
+    joined = original(np.concatenate([j.x for j in jobs]))
+    np.testing.assert_allclose(out.logits, joined.logits, rtol=1e-5, atol=1e-5)
+    counted = sum(gw.metrics.registry.get_sample_value("hansgate_predictions_total", {"class": c})
+                  for c in gw.manifest.classes)
+    assert counted == 131
+    assert gw.metrics.registry.get_sample_value("hansgate_batch_rows_sum") == 131
