@@ -91,7 +91,8 @@ class GatewayConfig(BaseModel):
     or ``cpu``. ``max_batch``: rows one request may carry. ``microbatch_rows`` /
     ``microbatch_wait_ms``: adaptive batching across concurrent requests of a worker (a batch
     runs when it has this many rows or its first request waited this long; requests already
-    queued join it up to ``merge_rows``). ``monitoring``:
+    queued join it up to ``merge_rows``, each of at least this many rows in an onnxruntime run
+    of its own, not copied into a larger one). ``monitoring``:
     concept heads and metrics on (off only for the overhead benchmark).
     """
 
