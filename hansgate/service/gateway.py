@@ -95,12 +95,9 @@ def _run_groups(sizes: list[int], fill_rows: int) -> list[tuple[int, int]]:
     groups: list[tuple[int, int]] = []
     start, rows = 0, 0
     for i, n in enumerate(sizes):
-        if n >= fill_rows:
-            if start < i:
-                groups.append((start, i))
-            groups.append((i, i + 1))
-            start, rows = i + 1, 0
-            continue
+        if n >= fill_rows and start < i:  # the smaller jobs before a full one run without it
+            groups.append((start, i))
+            start, rows = i, 0
         rows += n
         if rows >= fill_rows:
             groups.append((start, i + 1))

@@ -12,7 +12,7 @@ score and presence rate can be summed over workers and replicas before dividing:
                                                        ``attribute="_all"`` counts every feedback
 ``hansgate_feedback_requests_total{result}``           accepted / refused feedback by reason
 ``hansgate_rejected_requests_total{route,reason}``     refused requests by reason
-``hansgate_inference_seconds`` (histogram)             one onnxruntime run (a micro-batch)
+``hansgate_inference_seconds`` (histogram)             onnxruntime time of a micro-batch (its runs)
 ``hansgate_batch_rows`` (histogram)                    rows per micro-batch
 ``hansgate_request_seconds{route}`` (histogram)        request handling time
 ``hansgate_model_info{...}`` (gauge = 1)               model hash, method, provider in use
